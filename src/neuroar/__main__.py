@@ -1,0 +1,3 @@
+from neuroar.cli import main
+
+raise SystemExit(main())

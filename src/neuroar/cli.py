@@ -1,0 +1,112 @@
+"""The `neuroar` command: a thin layer over the Python API.
+
+User errors (NeuroARError) print one paragraph and exit with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from neuroar import __version__
+from neuroar.errors import NeuroARError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+    try:
+        args.run(args)
+    except NeuroARError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and a re-run continues from it.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuroar", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"neuroar {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write a synthetic longitudinal cohort with ground truth")
+    synth.add_argument("--out", type=Path, required=True, help="output folder (BIDS-like)")
+    synth.add_argument("--subjects", type=int, default=40)
+    synth.add_argument("--visits", type=int, default=3)
+    synth.add_argument("--cohort", choices=["elderly", "adolescent"], default="elderly")
+    synth.add_argument("--spacing", type=int, choices=[1, 2], default=2, help="voxel size in mm")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--misregistration", action="store_true", help="small random rigid motion between visits")
+    synth.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU core)")
+    synth.set_defaults(run=_synth)
+
+    config_help = "key.sub=value settings that override the config file, e.g. data.spacing=1"
+    prep = commands.add_parser("preprocess", help="validate and preprocess scans into the cache")
+    prep.add_argument("input", type=Path, help="manifest CSV or BIDS folder")
+    prep.add_argument("--config", type=Path, default=Path("demo"), help="YAML file or shipped name (demo, paper)")
+    prep.add_argument("--out", type=Path, help="run folder for scans.csv, pairs.csv and config.yaml "
+                                               "(default: runs/<config name>)")
+    prep.add_argument("--seed", type=int, help="seed of the subject split (default: the config's)")
+    prep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
+    prep.set_defaults(run=_preprocess)
+
+    show = commands.add_parser("config", help="print the resolved config")
+    show.add_argument("--config", type=Path)
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
+    show.set_defaults(run=_show_config)
+
+    demo = commands.add_parser("demo", help="run the pipeline end to end on the synthetic cohort")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--quick", action="store_true", help="a smaller cohort, for a first look")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from neuroar.data.synth.cohort import SynthOptions, make_cohort
+
+    options = SynthOptions(subjects=args.subjects, visits=args.visits, cohort=args.cohort, spacing=args.spacing,
+                           seed=args.seed, misregistration=args.misregistration, workers=args.workers)
+    manifest = make_cohort(args.out, options)
+    print(f"wrote {len(manifest)} scans of {manifest['subject_id'].nunique()} subjects to {args.out} "
+          f"(manifest.csv, truth.csv, figures/)")
+
+
+def _preprocess(args: argparse.Namespace) -> None:
+    from neuroar.config import load_config
+    from neuroar.pipeline import prepare_dataset
+
+    config = load_config(args.config, args.overrides)
+    if args.seed is not None:
+        config.seed = args.seed
+    out = args.out or Path("runs") / config.name
+    dataset = prepare_dataset(args.input, config, out)
+    print(dataset.summary())
+
+
+def _show_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from neuroar.config import load_config
+
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from neuroar.pipeline import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

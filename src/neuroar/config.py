@@ -1,0 +1,252 @@
+"""Dataclass configs, loaded from YAML with `key.sub=value` overrides and validated on load.
+
+Every field has a type; loading checks each value against it and rejects unknown keys, naming the key
+and the file. Cross-field rules (a shape the tokenizer cannot divide, scales that do not end at the
+latent grid) are checked by `validate`, which every loader calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from neuroar.errors import ConfigError
+from neuroar.files import write_text
+
+Shape3 = tuple[int, int, int]
+
+
+@dataclass
+class DataConfig:
+    spacing: float = 2.0  # mm, isotropic
+    shape: Shape3 = (80, 96, 88)  # voxels after crop/pad, RAS order
+    # Intensities mapped to 0 and 1: a low percentile of all voxels (the background level) and a high
+    # percentile of the head's voxels (robust to bright vessels and fat).
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    register: bool = False  # affine registration to MNI152 first (needs the `register` extra)
+    cache_dir: str = "cache"  # preprocessed volumes, keyed by input content and this section
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train/val/test, by subject
+
+
+@dataclass
+class TokenizerConfig:
+    downsample: int = 8  # encoder stride: 8 at 2 mm, 16 at 1 mm
+    channels: int = 32  # width of the first encoder level, doubled at each downsampling
+    latent_dim: int = 32
+    codebook_size: int = 1024
+    scales: tuple[Shape3, ...] = ((1, 1, 1), (3, 4, 3), (5, 6, 6), (8, 9, 8), (10, 12, 11))
+
+
+@dataclass
+class TransformerConfig:
+    depth: int = 8  # number of blocks; the one knob that sizes the model
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+    @property
+    def latent_shape(self) -> Shape3:
+        d = self.tokenizer.downsample
+        return tuple(s // d for s in self.data.shape)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML file, or a shipped config by name ("demo", "paper"), or the defaults when None;
+    apply `key.sub=value` overrides; type-check; validate."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists() and path.parent == Path(".") and (CONFIG_DIR / f"{path}.yaml").is_file():
+            path = CONFIG_DIR / f"{path}.yaml"
+        source = str(path)
+        raw = _read_yaml(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(Config, raw, prefix="", source=source)
+    validate(config, source)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config, so that a run folder says exactly what it ran with."""
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def validate(config: Config, source: str = "config") -> None:
+    data, tok = config.data, config.tokenizer
+
+    def fail(key: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key}: {message}")
+
+    if not config.name or any(c in config.name for c in "/\\"):
+        fail("name", f"{config.name!r} must be a non-empty folder name without slashes.")
+    if data.spacing <= 0:
+        fail("data.spacing", f"must be positive (mm), got {data.spacing}.")
+    if min(data.shape) <= 0:
+        fail("data.shape", f"every size must be positive, got {data.shape}.")
+    lo, hi = data.intensity_percentiles
+    if not 0 <= lo < hi <= 100:
+        fail("data.intensity_percentiles", f"need 0 <= low < high <= 100, got {data.intensity_percentiles}.")
+    if any(f < 0 for f in data.split_fractions) or abs(sum(data.split_fractions) - 1) > 1e-6:
+        fail("data.split_fractions", f"train/val/test fractions must be >= 0 and sum to 1, "
+                                     f"got {data.split_fractions}.")
+    if tok.downsample < 1 or tok.downsample & (tok.downsample - 1):
+        fail("tokenizer.downsample", f"must be a power of two (8 at 2 mm, 16 at 1 mm), got {tok.downsample}.")
+    if any(s % tok.downsample for s in data.shape):
+        fail("data.shape", f"{data.shape} is not divisible by tokenizer.downsample={tok.downsample}; "
+                           f"pick a shape whose sizes are multiples of {tok.downsample}.")
+    if tok.channels <= 0 or tok.latent_dim <= 0:
+        fail("tokenizer.channels", "channels and latent_dim must be positive.")
+    if tok.codebook_size < 2:
+        fail("tokenizer.codebook_size", f"must be at least 2, got {tok.codebook_size}.")
+    if not tok.scales:
+        fail("tokenizer.scales", "needs at least one scale.")
+    latent = config.latent_shape
+    for k, scale in enumerate(tok.scales):
+        if min(scale) < 1 or any(s > m for s, m in zip(scale, latent)):
+            fail(f"tokenizer.scales[{k}]", f"{scale} must be between (1, 1, 1) and the latent grid {latent}.")
+        if k and any(s < p for s, p in zip(scale, tok.scales[k - 1])):
+            fail(f"tokenizer.scales[{k}]", f"{scale} is coarser than the scale before it; "
+                                           "scales go from coarse to fine.")
+    if tuple(tok.scales[-1]) != latent:
+        fail("tokenizer.scales", f"the last scale {tok.scales[-1]} must equal the latent grid {latent} "
+                                 f"(data.shape {data.shape} / tokenizer.downsample {tok.downsample}).")
+    if config.transformer.depth < 1:
+        fail("transformer.depth", f"must be at least 1, got {config.transformer.depth}.")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file or a shipped config name "
+                          f"({shipped}).")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (name:, data:, tokenizer:, ...), "
+                          f"not a {type(raw).__name__}.")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key.sub=value, e.g. data.spacing=1.")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parents[: i + 1])} is not a section.")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'. Valid keys here: {', '.join(names)}.{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def wrong(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}.")
+
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.", source)
+    if origin is Literal:
+        if value not in args:
+            wrong(f"one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        wrong(" or ".join(getattr(a, "__name__", str(a)) for a in args))
+    if tp is type(None):
+        if value is not None:
+            wrong("null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            wrong("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            wrong("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            wrong("a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            wrong("a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            wrong(f"a list ({_describe(tp)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            wrong(f"a list of {len(args)} values ({_describe(tp)})")
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")  # a bug in this module
+
+
+def _describe(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, recursively, so that the YAML a run writes can be read back by `load_config`."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,148 @@
+"""Preprocessing: RAS orientation, isotropic resampling, crop/pad, robust [0, 1] intensities; and back.
+
+The forward path uses MONAI transforms on a MetaTensor, which carries the affine through every step, so
+the preprocessed grid's affine is known in the input's world coordinates. Going back to the input's
+space is then one resampling from that grid onto the input's grid (nibabel), with the intensity scaling
+undone. Results are cached on disk, keyed by the input file's content and the preprocessing settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
+from nibabel.processing import resample_from_to
+from skimage.filters import threshold_otsu
+from tqdm.auto import tqdm
+
+from neuroar.config import DataConfig
+from neuroar.data.nifti import read_volume, write_volume
+from neuroar.errors import ImageError
+from neuroar.files import sha256_file, sha256_json, write_json
+
+# Bump when the preprocessing changes in a way that changes its output, so that caches are recomputed.
+PREPROCESS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreprocessRecord:
+    """What is needed to map a preprocessed volume back onto its input."""
+
+    affine: np.ndarray  # 4x4, preprocessed grid -> the input's world coordinates (mm)
+    source_shape: tuple[int, int, int]
+    source_affine: np.ndarray
+    intensity_range: tuple[float, float]  # input intensities that were mapped to 0 and 1
+
+    def to_json(self) -> dict:
+        return {"affine": self.affine.tolist(), "source_shape": list(self.source_shape),
+                "source_affine": self.source_affine.tolist(), "intensity_range": list(self.intensity_range)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> PreprocessRecord:
+        return cls(np.asarray(obj["affine"], dtype=float), tuple(obj["source_shape"]),
+                   np.asarray(obj["source_affine"], dtype=float), tuple(obj["intensity_range"]))
+
+
+def preprocess_image(img: nib.Nifti1Image, config: DataConfig) -> tuple[np.ndarray, PreprocessRecord]:
+    """Return the preprocessed volume (float32, config.shape, values in [0, 1]) and its record."""
+    source = img
+    if config.register:
+        from neuroar.data.registration import register_to_mni
+
+        img = register_to_mni(img)
+    data_DHW = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+    spacing = (config.spacing,) * 3
+    transform = Compose([
+        Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros"),
+        ResizeWithPadOrCrop(spatial_size=config.shape),
+    ])
+    image = transform(MetaTensor(torch.from_numpy(data_DHW[None]), affine=torch.as_tensor(img.affine)))
+    out_DHW = image[0].numpy().astype(np.float32)
+    low, high = _robust_range(out_DHW, config.intensity_percentiles)
+    scaled_DHW = np.clip((out_DHW - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    record = PreprocessRecord(affine=image.affine.numpy().astype(float), source_shape=tuple(source.shape[:3]),
+                              source_affine=source.affine.astype(float), intensity_range=(low, high))
+    return scaled_DHW, record
+
+
+def to_input_space(volume_DHW: np.ndarray, record: PreprocessRecord, order: int = 1,
+                   restore_intensity: bool = True) -> nib.Nifti1Image:
+    """Map a volume on the preprocessed grid (a prediction, an uncertainty map) onto the input's grid.
+
+    `order` is the spline order (0 for label maps). With `restore_intensity`, [0, 1] goes back to the
+    input's intensity range, so that a prediction looks like the input in any viewer.
+    """
+    volume = np.asarray(volume_DHW, dtype=np.float32)
+    if restore_intensity:
+        low, high = record.intensity_range
+        volume = volume * (high - low) + low
+    moved = resample_from_to(nib.Nifti1Image(volume, record.affine), (record.source_shape, record.source_affine),
+                             order=order, mode="constant", cval=0.0)
+    return nib.Nifti1Image(np.asarray(moved.dataobj, dtype=np.float32), record.source_affine)
+
+
+def _robust_range(volume: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The background level (low percentile of all voxels) and the bright end of the head (high
+    percentile of the voxels above an Otsu threshold, which separates air from head or brain).
+
+    Taking the low end from the background keeps air at 0 and makes the scaling invertible inside the
+    head; the high percentile ignores the few hyperintense voxels (vessels, fat) that a max would follow.
+    """
+    if float(volume.max()) <= float(volume.min()):
+        raise ImageError("the image is constant after resampling; it holds no anatomy to preprocess.")
+    head = volume[volume > threshold_otsu(volume)]
+    low = float(np.percentile(volume, percentiles[0]))
+    high = float(np.percentile(head, percentiles[1]))
+    if high <= low:
+        low, high = float(volume.min()), float(volume.max())
+    return low, high
+
+
+def cache_key(image_path: str | Path, config: DataConfig) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("cache_dir", "split_fractions")}
+    return sha256_json({"file": sha256_file(image_path), "settings": settings, "version": PREPROCESS_VERSION})
+
+
+def preprocess_file(image_path: str | Path, config: DataConfig) -> Path:
+    """Preprocess one file into the cache (if not there yet) and return the cached volume's path."""
+    key = cache_key(image_path, config)
+    out = Path(config.cache_dir) / key[:2] / f"{key}.nii"
+    sidecar = out.with_suffix(".json")
+    if sidecar.is_file() and out.is_file():  # the sidecar is written last, so its presence means complete
+        return out
+    volume, record = preprocess_image(read_volume(image_path), config)
+    write_volume(out, volume, record.affine)
+    write_json(sidecar, {"source": str(image_path), "version": PREPROCESS_VERSION, **record.to_json()})
+    return out
+
+
+def load_preprocessed(path: str | Path) -> tuple[np.ndarray, PreprocessRecord]:
+    path = Path(path)
+    record = PreprocessRecord.from_json(json.loads(path.with_suffix(".json").read_text()))
+    return np.asarray(nib.load(path).dataobj, dtype=np.float32), record
+
+
+def preprocess_scans(scans: pd.DataFrame, config: DataConfig, progress: bool = True) -> pd.DataFrame:
+    """Preprocess every scan of a manifest; returns it with a `preprocessed` column of cached paths.
+
+    All unreadable or invalid images are reported together, each with its manifest row.
+    """
+    paths, problems = [], []
+    for row in tqdm(scans.itertuples(), total=len(scans), desc="preprocess", unit="scan", disable=not progress):
+        try:
+            paths.append(str(preprocess_file(row.path, config)))
+        except ImageError as err:
+            problems.append(f"subject {row.subject_id} session {row.session_id}: {err}")
+            paths.append("")
+    if problems:
+        raise ImageError(f"{len(problems)} scan(s) could not be preprocessed:\n  " + "\n  ".join(problems[:20]))
+    return scans.assign(preprocessed=paths)
