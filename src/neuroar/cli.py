@@ -17,7 +17,12 @@ from neuroar.errors import NeuroARError
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides (key.sub=value) may come before or after options, so collect what argparse leaves over.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
     try:
         args.run(args)

@@ -78,7 +78,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     source = "defaults"
     if path is not None:
         path = Path(path)
-        if not path.exists() and path.parent == Path(".") and (CONFIG_DIR / f"{path}.yaml").is_file():
+        if not path.is_file() and path.parent == Path(".") and (CONFIG_DIR / f"{path}.yaml").is_file():
             path = CONFIG_DIR / f"{path}.yaml"
         source = str(path)
         raw = _read_yaml(path)

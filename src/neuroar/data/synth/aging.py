@@ -87,18 +87,16 @@ class SubjectAging:
 
     def log_change(self, age: float) -> np.ndarray:
         """Cumulative log-volume change of each of CLASSES from the reference age; csf is set by the flow."""
-        changes = []
-        for structure in CLASSES:
-            if structure == "csf":
-                changes.append(0.0)
-                continue
-            healthy = self._integral(self.cohort.healthy, structure, self.cohort.reference_age, age)
-            extra = 0.0
-            if age > self.onset_age:
-                extra = (self._integral(self.group, structure, self.onset_age, age)
-                         - self._integral(self.cohort.healthy, structure, self.onset_age, age))
-            changes.append(healthy + extra)
-        return np.asarray(changes)
+        return np.array([0.0 if name == "csf" else self.cumulative(name, age) for name in CLASSES])
+
+    def cumulative(self, structure: str, age: float) -> float:
+        """Log-volume change of a structure of CLASSES (csf excluded) or 'whole_brain' from the reference age."""
+        healthy = self.cohort.healthy
+        change = self._integral(healthy, structure, self.cohort.reference_age, age)
+        if age > self.onset_age:
+            change += (self._integral(self.group, structure, self.onset_age, age)
+                       - self._integral(healthy, structure, self.onset_age, age))
+        return change
 
     def _log_rate(self, group: str, structure: str) -> float:
         rates = self.cohort.groups[group][1]

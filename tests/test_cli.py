@@ -1,0 +1,69 @@
+"""The `neuroar` command: exit codes, messages, run folders, and the demo end to end."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import blob_volume, write_nifti
+from neuroar.cli import main
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "neuroar", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_user_errors_exit_2_with_one_message_and_no_traceback(tmp_path):
+    result = run("preprocess", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = run("--debug", "preprocess", str(tmp_path / "missing.csv"))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_config_command_prints_resolved_overrides(capsys):
+    assert main(["config", "--config", "paper", "data.spacing=1.5", "seed=4"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["spacing"] == 1.5 and resolved["seed"] == 4
+    assert resolved["tokenizer"]["codebook_size"] == 2048
+    assert main(["config", "data.spacng=2"]) == 2
+    assert "data.spacing" in capsys.readouterr().err
+
+
+def test_preprocess_writes_only_into_its_run_and_cache(tmp_path):
+    inputs = tmp_path / "inputs"
+    for subject in ("a", "b", "c"):
+        for session, age in (("1", 70.0), ("2", 71.5)):
+            write_nifti(inputs / f"{subject}{session}.nii.gz", blob_volume(seed=hash(subject) % 100))
+    rows = [f"{s},{v},{a},{s}{v}.nii.gz" for s in "abc" for v, a in (("1", 70), ("2", 71.5))]
+    (inputs / "manifest.csv").write_text("subject_id,session_id,age,path\n" + "\n".join(rows) + "\n")
+    before = sorted((p, p.stat().st_mtime_ns) for p in inputs.rglob("*"))
+    out = tmp_path / "run"
+    code = main(["preprocess", str(inputs / "manifest.csv"), "--out", str(out), "data.spacing=4",
+                 "data.shape=[40,48,40]", "tokenizer.scales=[[1,1,1],[5,6,5]]", f"data.cache_dir={tmp_path / 'c'}"])
+    assert code == 0
+    assert sorted((p, p.stat().st_mtime_ns) for p in inputs.rglob("*")) == before
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data"]["shape"] == [40, 48, 40] and config["data"]["spacing"] == 4.0
+    scans = pd.read_csv(out / "scans.csv")
+    assert len(scans) == 6 and scans["split"].notna().all() and scans["preprocessed"].str.startswith(str(tmp_path / "c")).all()
+    assert len(pd.read_csv(out / "pairs.csv")) == 3
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
+    first = run("demo", "--quick", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "demo"
+    for name in ("config.yaml", "scans.csv", "pairs.csv", "summary.md", "cohort/manifest.csv", "cohort/truth.csv",
+                 "cohort/figures/trajectories.png", "cohort/figures/montage.png"):
+        assert (out / name).is_file(), name
+    summary = (out / "summary.md").read_text()
+    assert "| train |" in summary and "(80, 96, 88)" in summary and "| AD |" in summary
+    scans = pd.read_csv(out / "scans.csv")
+    assert set(scans["split"]) == {"train", "val", "test"}
+    again = run("demo", "--quick", "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 0 and "up to date, skipped" in again.stdout

@@ -1,0 +1,110 @@
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from nilearn.datasets import load_mni152_template
+
+from conftest import blob_volume, write_nifti
+from neuroar.config import DataConfig
+from neuroar.data import preprocess
+from neuroar.data.nifti import read_volume
+from neuroar.data.preprocess import load_preprocessed, preprocess_image, preprocess_scans, to_input_space
+from neuroar.errors import ImageError
+
+SMALL = DataConfig(spacing=4.0, shape=(40, 48, 40))
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "reoriented_anat_moved.nii", "standard.nii.gz"])
+def test_third_party_files_preprocess_to_shape_range_and_ras(nibabel_data, name):
+    volume, record = preprocess_image(read_volume(nibabel_data / name), DataConfig())
+    assert volume.shape == (80, 96, 88) and volume.dtype == np.float32
+    assert volume.min() == 0.0 and volume.max() == 1.0
+    assert nib.aff2axcodes(record.affine) == ("R", "A", "S")
+    assert np.allclose(np.abs(np.diag(record.affine)[:3]), 2.0)
+
+
+def test_mni_template_at_paper_and_demo_shapes():
+    template = load_mni152_template(resolution=1)
+    for config in (DataConfig(spacing=1.0, shape=(160, 192, 176)), DataConfig()):
+        volume, record = preprocess_image(template, config)
+        assert volume.shape == config.shape
+        centre = np.array(config.shape) // 2
+        assert volume[tuple(centre)] > 0.3  # brain in the middle of the crop
+        assert volume[0, 0, 0] == 0.0  # air at the corner
+        assert np.allclose(np.diag(record.affine)[:3], config.spacing)
+
+
+def test_non_ras_input_lands_in_ras_with_the_marker_at_its_world_position(tmp_path):
+    shape = (30, 36, 26)
+    data = blob_volume(shape) * 0.5
+    marker = (6, 25, 17)
+    data[marker] = 1000.0
+    # Voxel axes run left (-x), inferior (-z) and anterior (+y): an "LIA" image with 1.5 mm voxels, shifted.
+    affine = np.array([[-1.5, 0, 0, 20.0], [0, 0, 1.5, -30.0], [0, -1.5, 0, 25.0], [0, 0, 0, 1]])
+    assert nib.aff2axcodes(affine) == ("L", "I", "A")
+    img = read_volume(write_nifti(tmp_path / "lia.nii.gz", data, affine))
+    volume, record = preprocess_image(img, DataConfig(spacing=1.5, shape=(40, 40, 40), intensity_percentiles=(0, 100)))
+    assert nib.aff2axcodes(record.affine) == ("R", "A", "S")
+    found = np.unravel_index(np.argmax(volume), volume.shape)
+    world_in = affine @ np.array([*marker, 1.0])
+    world_out = record.affine @ np.array([*found, 1.0])
+    assert np.allclose(world_in[:3], world_out[:3], atol=1e-3)
+
+
+def test_back_to_input_space_restores_grid_and_intensities(nibabel_data):
+    img = read_volume(nibabel_data / "anatomical.nii")
+    original = img.get_fdata()
+    # Without clipping, same spacing: the round trip is exact.
+    volume, record = preprocess_image(img, DataConfig(spacing=2.0, shape=(48, 48, 48), intensity_percentiles=(0, 100)))
+    back = to_input_space(volume, record)
+    assert back.shape == img.shape and np.allclose(back.affine, img.affine)
+    assert np.allclose(back.get_fdata(), original, rtol=1e-4, atol=1e-3 * original.max())
+    # With the default robust range only the clipped brightest voxels differ.
+    volume, record = preprocess_image(img, DataConfig(spacing=2.0, shape=(48, 48, 48)))
+    back = to_input_space(volume, record).get_fdata()
+    low, high = record.intensity_range
+    kept = (original >= low) & (original <= high)
+    assert np.allclose(back[kept], original[kept], rtol=1e-4, atol=1e-3 * high)
+    # Resampled to 1 mm and back, the volume stays close to the input.
+    volume, record = preprocess_image(img, DataConfig(spacing=1.0, shape=(96, 96, 96), intensity_percentiles=(0, 100)))
+    head = original > np.percentile(original, 50)
+    assert np.corrcoef(to_input_space(volume, record).get_fdata()[head], original[head])[0, 1] > 0.95
+
+
+def test_robust_range_ignores_a_few_bright_voxels(tmp_path):
+    data = blob_volume()
+    data[12, 14, 10] = 1e6
+    volume, record = preprocess_image(read_volume(write_nifti(tmp_path / "a.nii.gz", data)), SMALL)
+    assert record.intensity_range[1] < 200
+    assert np.median(volume[volume > 0]) > 0.5
+
+
+def test_cache_is_reused_and_keyed_by_content_and_settings(tmp_path, monkeypatch):
+    paths = [write_nifti(tmp_path / f"s{i}.nii.gz", blob_volume(seed=i)) for i in range(2)]
+    scans = pd.DataFrame({"subject_id": ["a", "b"], "session_id": ["1", "1"], "path": [str(p) for p in paths]})
+    config = DataConfig(spacing=4.0, shape=(40, 48, 40), cache_dir=str(tmp_path / "cache"))
+    first = preprocess_scans(scans, config, progress=False)
+    assert first["preprocessed"].nunique() == 2
+    volume, record = load_preprocessed(first["preprocessed"].iloc[0])
+    assert volume.shape == (40, 48, 40) and record.source_shape == (24, 28, 20)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed a cached volume")
+
+    monkeypatch.setattr(preprocess, "preprocess_image", fail)
+    again = preprocess_scans(scans, config, progress=False)
+    assert list(again["preprocessed"]) == list(first["preprocessed"])
+    monkeypatch.undo()
+    other = preprocess_scans(scans, DataConfig(spacing=2.0, shape=(40, 48, 40), cache_dir=config.cache_dir),
+                             progress=False)
+    assert set(other["preprocessed"]).isdisjoint(first["preprocessed"])
+
+
+def test_failed_scans_are_reported_with_their_rows(tmp_path):
+    data = blob_volume()
+    data[0, 0, 0] = np.nan
+    path = write_nifti(tmp_path / "nan.nii.gz", data)
+    scans = pd.DataFrame({"subject_id": ["a"], "session_id": ["2"], "path": [str(path)]})
+    with pytest.raises(ImageError, match="subject a session 2: .*NaN"):
+        preprocess_scans(scans, DataConfig(cache_dir=str(tmp_path / "cache")), progress=False)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.nii"))

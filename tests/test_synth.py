@@ -1,0 +1,149 @@
+"""The synthetic cohort: literature rates measured back from its label maps, truth, determinism, figures."""
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+from scipy import ndimage
+
+from neuroar.data.bids import discover_bids
+from neuroar.data.manifest import read_manifest
+from neuroar.data.synth.anatomy import CLASSES, load_anatomy
+from neuroar.data.synth.cohort import SynthOptions, _flow, make_cohort, plan_subjects, subject_aging
+
+OPTIONS = SynthOptions(subjects=15, visits=4, seed=3, workers=2)
+# Label ids of each measured structure, and the configured structure whose rate it should follow.
+LABELS = {"ventricles": [4], "hippocampus": [5, 6], "grey_matter": [2], "whole_brain": [2, 3, 5, 6]}
+STRUCTURES = {"ventricles": "ventricles", "hippocampus": "hippocampus_left", "grey_matter": "grey_matter",
+              "whole_brain": "whole_brain"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    make_cohort(root, OPTIONS, progress=False)
+    return root
+
+
+def label_volumes_ml(path):
+    """Independent of the generator: count voxels of the written label map."""
+    img = nib.load(path)
+    labels = np.asarray(img.dataobj)
+    voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000
+    return {name: np.isin(labels, ids).sum() * voxel_ml for name, ids in LABELS.items()}
+
+
+@pytest.fixture(scope="module")
+def annual_changes(cohort):
+    """Per subject, first to last visit: measured and configured annual log-volume change (%/yr) of each
+    structure, and the measured one adjusted to the pivot age (the age-acceleration divided out)."""
+    manifest = pd.read_csv(cohort / "manifest.csv")
+    plans = {p.subject_id: p for p in plan_subjects(OPTIONS)}
+    rows = []
+    for subject, visits in manifest.groupby("subject_id"):
+        plan = plans[subject]
+        aging = subject_aging(plan, OPTIONS, np.random.default_rng(plan.seed), _flow(OPTIONS.spacing).template_ml)
+        first, last = (label_volumes_ml(cohort / visits["path"].iloc[i].replace("_T1w", "_dseg")) for i in (0, -1))
+        start, end = visits["age"].iloc[0], visits["age"].iloc[-1]
+        acceleration = np.exp(aging.cohort.acceleration * ((start + end) / 2 - aging.cohort.pivot_age))
+        for name, structure in STRUCTURES.items():
+            measured = 100 * np.log(last[name] / first[name]) / (end - start)
+            configured = 100 * (aging.cumulative(structure, end) - aging.cumulative(structure, start)) / (end - start)
+            rows.append({"group": plan.group, "structure": name, "measured": measured, "configured": configured,
+                         "measured_at_pivot_age": measured / acceleration})
+    return pd.DataFrame(rows).groupby(["structure", "group"]).mean()
+
+
+def test_every_group_ages_at_its_configured_rates(annual_changes):
+    ratio = annual_changes["measured"] / annual_changes["configured"]
+    assert ((ratio > 0.7) & (ratio < 1.3)).all(), annual_changes.assign(ratio=ratio)
+
+
+def test_disease_groups_atrophy_faster_at_matched_age(annual_changes):
+    measured = annual_changes["measured_at_pivot_age"]
+    for name, sign in [("hippocampus", -1), ("whole_brain", -1), ("grey_matter", -1), ("ventricles", 1)]:
+        speed = sign * measured[name]
+        assert speed["AD"] > speed["MCI"] > speed["CN"] > 0, (name, speed)
+
+
+def test_truth_matches_the_label_maps(cohort):
+    truth = pd.read_csv(cohort / "truth.csv")
+    manifest = pd.read_csv(cohort / "manifest.csv")
+    assert list(truth["session_id"]) == list(manifest["session_id"])
+    for (_, row), path in zip(truth.iterrows(), manifest["path"]):
+        img = nib.load(cohort / path.replace("_T1w", "_dseg"))
+        labels = np.asarray(img.dataobj)
+        voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000
+        for k, name in enumerate(CLASSES, start=1):
+            assert row[name] == pytest.approx((labels == k).sum() * voxel_ml, abs=1e-3)
+        assert row["whole_brain"] == pytest.approx(np.isin(labels, [2, 3, 5, 6]).sum() * voxel_ml, abs=1e-3)
+        assert 900 < row["whole_brain"] < 2000 and 1 < row["hippocampus_left"] < 5
+
+
+def test_cohort_reads_as_a_manifest_and_as_bids(cohort):
+    manifest = read_manifest(cohort / "manifest.csv")
+    bids = discover_bids(cohort)
+    assert len(manifest) == OPTIONS.subjects * OPTIONS.visits
+    columns = ["subject_id", "session_id", "age", "path", "diagnosis", "sex"]
+    pd.testing.assert_frame_equal(manifest[columns], bids[columns])
+    assert set(manifest["diagnosis"]) == {"CN", "MCI", "AD"}
+    gaps = manifest.groupby("subject_id")["age"].diff().dropna()
+    assert gaps.between(0.5, 4.0).all() and manifest["age"].between(55, 90 + 8).all()
+
+
+def test_subjects_differ_more_than_visits_of_one_subject(cohort):
+    manifest = pd.read_csv(cohort / "manifest.csv")
+
+    def image(subject, visit):
+        path = manifest[manifest["subject_id"] == subject]["path"].iloc[visit]
+        return ndimage.gaussian_filter(nib.load(cohort / path).get_fdata(), 1.0)  # smooth the noise out
+
+    subjects = sorted(manifest["subject_id"].unique())[:4]
+    first = {s: image(s, 0) for s in subjects}
+    head = first[subjects[0]] > 200
+    within = [np.abs(first[s] - image(s, 1))[head].mean() for s in subjects]
+    between = [np.abs(first[a] - first[b])[head].mean() for a, b in zip(subjects, subjects[1:])]
+    assert min(between) > 2 * max(within) > 0
+
+
+def test_figures_are_written(cohort):
+    for name in ("trajectories.png", "montage.png"):
+        picture = imread(cohort / "figures" / name)
+        assert picture.shape[0] > 300 and picture.shape[1] > 300
+        assert picture[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_same_seed_gives_identical_files_whatever_the_worker_count(tmp_path):
+    options = SynthOptions(subjects=2, visits=2, seed=11, workers=1)
+    make_cohort(tmp_path / "one", options, progress=False)
+    make_cohort(tmp_path / "two", SynthOptions(subjects=2, visits=2, seed=11, workers=2), progress=False)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")
+                   if p.is_file() and p.suffix != ".png" and p.name != "synth.json")
+    assert len(files) > 10
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    make_cohort(tmp_path / "other", SynthOptions(subjects=2, visits=2, seed=12, workers=1), progress=False)
+    assert (tmp_path / "other" / "truth.csv").read_bytes() != (tmp_path / "one" / "truth.csv").read_bytes()
+
+
+def test_adolescents_lose_grey_matter_and_gain_white_matter(tmp_path):
+    make_cohort(tmp_path, SynthOptions(subjects=2, visits=2, cohort="adolescent", workers=1), progress=False)
+    truth = pd.read_csv(tmp_path / "truth.csv").sort_values(["subject_id", "age"])
+    change = truth.groupby("subject_id")[["grey_matter", "white_matter"]].agg(lambda v: v.iloc[-1] / v.iloc[0] - 1)
+    assert (change["grey_matter"] < 0).all() and (change["white_matter"] > 0).all()
+    assert pd.read_csv(tmp_path / "manifest.csv")["age"].between(9, 21).all()
+
+
+def test_template_structures_are_where_anatomy_puts_them():
+    anatomy = load_anatomy(2)
+    volumes = anatomy.volumes_ml()
+    assert 10 < volumes["ventricles"] < 30
+    assert 2 < volumes["hippocampus_left"] < 5 and volumes["hippocampus_left"] == pytest.approx(
+        volumes["hippocampus_right"], rel=0.05)
+    ijk = np.array(np.nonzero(anatomy.probabilities[CLASSES.index("hippocampus_left")] > 0.5))
+    x, y, z = (anatomy.affine[:3, :3] @ ijk + anatomy.affine[:3, 3:]).mean(axis=1)
+    assert -35 < x < -18 and -35 < y < -10 and -25 < z < 0  # left medial temporal lobe, MNI mm
+    assert np.allclose(anatomy.probabilities.sum(axis=0)[anatomy.t1 > 0.2], 1.0, atol=1e-4)
+
+
