@@ -139,7 +139,8 @@ def test_bids_discovery_reads_ages_from_sessions_and_participants(tmp_path):
         write_nifti(tmp_path / "sub-01" / ses / "anat" / f"sub-01_{ses}_T1w.nii.gz", blob_volume())
     write_nifti(tmp_path / "sub-02" / "anat" / "sub-02_T1w.nii.gz", blob_volume())
     write_nifti(tmp_path / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz", blob_volume())
-    (tmp_path / "participants.tsv").write_text("participant_id\tage\tsex\tgroup\nsub-01\t70\tF\tAD\nsub-02\t64\tM\tCN\n")
+    (tmp_path / "participants.tsv").write_text(
+        "participant_id\tage\tsex\tgroup\nsub-01\t70\tF\tAD\nsub-02\t64\tM\tCN\n")
     (tmp_path / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-01\t70.5\nses-02\t72.25\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sub-02 has a single scan
