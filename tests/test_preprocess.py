@@ -9,7 +9,7 @@ from neuroar.config import DataConfig
 from neuroar.data import preprocess
 from neuroar.data.nifti import read_volume
 from neuroar.data.preprocess import load_preprocessed, preprocess_image, preprocess_scans, to_input_space
-from neuroar.errors import ImageError
+from neuroar.errors import ConfigError, ImageError
 
 SMALL = DataConfig(spacing=4.0, shape=(40, 48, 40))
 
@@ -108,3 +108,29 @@ def test_failed_scans_are_reported_with_their_rows(tmp_path):
     with pytest.raises(ImageError, match="subject a session 2: .*NaN"):
         preprocess_scans(scans, DataConfig(cache_dir=str(tmp_path / "cache")), progress=False)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.nii"))
+
+
+def test_registration_recovers_a_known_transform_and_maps_back():
+    pytest.importorskip("ants")
+    template = load_mni152_template(resolution=2)
+    angle = np.deg2rad(8)
+    moved = np.eye(4)
+    moved[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    moved[:3, 3] = [12.0, -7.0, 5.0]
+    # The same voxels with a header moved by a known rigid transform: MNI world p is input world moved @ p.
+    img = nib.Nifti1Image(template.get_fdata(dtype=np.float32), moved @ template.affine)
+    from neuroar.data.registration import mni_to_input_affine
+
+    assert np.allclose(mni_to_input_affine(img), moved, atol=0.05)
+    volume, record = preprocess_image(img, DataConfig(register=True))
+    reference, _ = preprocess_image(template, DataConfig())
+    assert np.corrcoef(volume.ravel(), reference.ravel())[0, 1] > 0.98
+    back = to_input_space(volume, record)
+    assert back.shape == img.shape and np.allclose(back.affine, img.affine)
+    assert np.corrcoef(back.get_fdata().ravel(), img.get_fdata().ravel())[0, 1] > 0.98
+
+
+def test_registration_without_ants_says_how_to_install(monkeypatch, nibabel_data):
+    monkeypatch.setitem(__import__("sys").modules, "ants", None)
+    with pytest.raises(ConfigError, match=r"neuroar\[register\]"):
+        preprocess_image(read_volume(nibabel_data / "anatomical.nii"), DataConfig(register=True))

@@ -147,3 +147,14 @@ def test_template_structures_are_where_anatomy_puts_them():
     assert np.allclose(anatomy.probabilities.sum(axis=0)[anatomy.t1 > 0.2], 1.0, atol=1e-4)
 
 
+
+
+@pytest.mark.slow
+def test_one_millimetre_cohort(tmp_path):
+    make_cohort(tmp_path, SynthOptions(subjects=1, visits=2, spacing=1, workers=1), progress=False)
+    path = pd.read_csv(tmp_path / "manifest.csv")["path"].iloc[0]
+    img = nib.load(tmp_path / path)
+    assert img.shape == (197, 233, 189) and np.allclose(img.header.get_zooms(), 1.0)
+    truth = pd.read_csv(tmp_path / "truth.csv")
+    assert truth["ventricles"].iloc[1] > truth["ventricles"].iloc[0]
+    assert truth["whole_brain"].iloc[1] < truth["whole_brain"].iloc[0]
