@@ -14,10 +14,12 @@ extra-ventricular CSF fills what the brain loses, so the intracranial volume nev
 
 The flow: tissue moves with a velocity whose divergence is each tissue's log-rate, recomputed from the
 deformed tissue maps at every step (the rate moves with the tissue it belongs to). The velocity is the
-gradient of a potential solved by FFT (div grad phi = L). Because the flow runs on a 4 mm grid, where
-thin structures blur into their neighbours, the per-tissue sources are obtained by inverting the
-matrix of overlaps between fine tissue maps and coarse ones, so that each fine tissue map gains exactly
-its target volume to first order.
+gradient of a potential solved by FFT (div grad phi = L), with central-difference operators because
+the warp's linear interpolation changes volumes by the finite-difference divergence. The flow runs on a
+4 mm grid, where thin structures blur into their neighbours; the per-tissue sources are therefore found by
+inverting the matrix of overlaps between fine tissue maps and coarse ones, so that each fine tissue map
+changes by its target to first order. What first order misses as shapes change over decades is corrected
+by the cohort, which measures each visit's volumes and rescales the next request (cohort.py).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class GroupRates:
 
 @dataclass(frozen=True)
 class CohortSpec:
-    ages: tuple[float, float]  # range of first-visit ages
+    ages: tuple[float, float]  # every visit falls in this age range
     reference_age: float  # the template is a subject of this age
     pivot_age: float  # the age the rates are given at
     acceleration: float  # per year
@@ -59,13 +61,13 @@ class CohortSpec:
 
 COHORTS: dict[str, CohortSpec] = {
     "elderly": CohortSpec(
-        ages=(55.0, 86.0), reference_age=50.0, pivot_age=70.0, acceleration=0.03, healthy="CN",
+        ages=(55.0, 90.0), reference_age=50.0, pivot_age=70.0, acceleration=0.03, healthy="CN",
         groups={"CN": (0.4, GroupRates(ventricles=3.0, hippocampus=-1.4, grey_matter=-0.5, whole_brain=-0.45)),
                 "MCI": (0.3, GroupRates(ventricles=4.5, hippocampus=-2.8, grey_matter=-0.8, whole_brain=-0.7)),
                 "AD": (0.3, GroupRates(ventricles=6.0, hippocampus=-4.7, grey_matter=-1.2, whole_brain=-1.0))},
         contrast_decline=0.002),
     "adolescent": CohortSpec(
-        ages=(9.0, 13.0), reference_age=8.0, pivot_age=12.0, acceleration=0.0, healthy="TD",
+        ages=(9.0, 16.0), reference_age=8.0, pivot_age=12.0, acceleration=0.0, healthy="TD",
         groups={"TD": (1.0, GroupRates(ventricles=1.0, hippocampus=0.3, grey_matter=-1.2, whole_brain=-0.2))}),
 }
 
@@ -81,16 +83,16 @@ class SubjectAging:
     template_ml: dict[str, float] = field(repr=False)
 
     def annual_rate(self, structure: str, age: float) -> float:
-        """Configured annual % change of a structure of CLASSES (csf excluded) or 'whole_brain' at `age`."""
-        group = self.group if age >= self.onset_age else self.cohort.healthy
-        return 100.0 * math.expm1(self._log_rate(group, structure) * self._acceleration(age))
+        """Annual % change at `age` of a structure of CLASSES (csf excluded), 'hippocampus' or 'whole_brain',
+        at the subject's own group rates (those after any disease onset)."""
+        return 100.0 * math.expm1(self._log_rate(self.group, structure) * self._acceleration(age))
 
     def log_change(self, age: float) -> np.ndarray:
         """Cumulative log-volume change of each of CLASSES from the reference age; csf is set by the flow."""
         return np.array([0.0 if name == "csf" else self.cumulative(name, age) for name in CLASSES])
 
     def cumulative(self, structure: str, age: float) -> float:
-        """Log-volume change of a structure of CLASSES (csf excluded) or 'whole_brain' from the reference age."""
+        """Log-volume change of a structure (as for `annual_rate`) from the reference age."""
         healthy = self.cohort.healthy
         change = self._integral(healthy, structure, self.cohort.reference_age, age)
         if age > self.onset_age:
@@ -155,7 +157,6 @@ class AgingFlow:
         laplacian = sum(d**2 for d in self.derivative)
         self.inverse_laplacian = np.divide(1.0, laplacian, out=np.zeros_like(laplacian), where=laplacian > 1e-9)
         self.padded = padded
-
         self.grid = np.indices(self.shape, dtype=np.float32)
 
     def identity(self) -> np.ndarray:

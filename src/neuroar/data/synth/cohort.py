@@ -42,10 +42,10 @@ from neuroar.data.nifti import write_volume
 from neuroar.data.synth.aging import COHORTS, AgingFlow, GroupRates, SubjectAging
 from neuroar.data.synth.anatomy import CLASSES, load_anatomy
 from neuroar.errors import NeuroARError
-from neuroar.files import atomic_path, write_json, write_text
+from neuroar.files import atomic_path, write_json
 
 WHITE_MATTER_SIGNAL = 1000.0  # stored intensity of white matter (int16 images, like scanners write)
-VISIT_GAP_YEARS = (0.5, 4.0)
+VISIT_GAP_YEARS = (0.5, 4.0)  # irregular follow-up
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,12 @@ def plan_subjects(options: SynthOptions) -> list[SubjectPlan]:
     rng.shuffle(groups)
     plans = []
     for k, (group, seed) in enumerate(zip(groups, root.spawn(options.subjects + 1)[1:])):
-        first = rng.uniform(*cohort.ages)
-        ages = first + np.concatenate([[0.0], np.cumsum(rng.uniform(*VISIT_GAP_YEARS, options.visits - 1))])
+        gaps = rng.uniform(*VISIT_GAP_YEARS, options.visits - 1)
+        youngest, oldest = cohort.ages
+        if gaps.sum() > oldest - youngest:  # many visits: squeeze them into the cohort's age range
+            gaps *= (oldest - youngest) / gaps.sum()
+        first = rng.uniform(youngest, oldest - gaps.sum())
+        ages = first + np.concatenate([[0.0], np.cumsum(gaps)])
         onset = cohort.reference_age if group == cohort.healthy else first - rng.uniform(*cohort.onset_years)
         plans.append(SubjectPlan(subject_id=f"sub-{k + 1:03d}", group=str(group), sex=str(rng.choice(["F", "M"])),
                                  ages=tuple(float(round(a, 2)) for a in ages), onset_age=float(round(onset, 2)),
@@ -272,8 +276,8 @@ def _subject_row(plan: SubjectPlan, options: SynthOptions) -> dict:
     rng = np.random.default_rng(plan.seed)
     aging = subject_aging(plan, options, rng, _flow(options.spacing).template_ml)
     pivot = aging.cohort.pivot_age
-    rates = {f"{name}_rate_at_{pivot:g}": round(aging.annual_rate(name, max(pivot, plan.onset_age)), 3)
-             for name in ("ventricles", "hippocampus_left", "grey_matter", "white_matter", "whole_brain")}
+    rates = {f"{name}_rate_at_{pivot:g}": round(aging.annual_rate(name, pivot), 3)
+             for name in ("ventricles", "hippocampus", "grey_matter", "white_matter", "whole_brain")}
     return {"subject_id": plan.subject_id, "diagnosis": plan.group, "sex": plan.sex, "onset_age": plan.onset_age,
             **{f"factor_{k}": round(v, 4) for k, v in aging.factors.items()}, **rates}
 
@@ -284,9 +288,8 @@ def _write_bids_tables(manifest: pd.DataFrame, out_dir: Path) -> None:
     _write_csv(participants, out_dir / "participants.tsv", sep="\t")
     for subject, visits in manifest.groupby("subject_id"):
         _write_csv(visits[["session_id", "age"]], out_dir / subject / f"{subject}_sessions.tsv", sep="\t")
-    write_text(out_dir / "dataset_description.json",
-               '{\n  "Name": "neuroar synthetic longitudinal cohort",\n  "BIDSVersion": "1.9.0",\n'
-               '  "DatasetType": "raw"\n}\n')
+    write_json(out_dir / "dataset_description.json",
+               {"Name": "neuroar synthetic longitudinal cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw"})
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, sep: str = ",") -> None:
