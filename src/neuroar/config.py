@@ -40,10 +40,18 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     downsample: int = 8  # encoder stride: 8 at 2 mm, 16 at 1 mm
-    channels: int = 32  # width of the first encoder level, doubled at each downsampling
-    latent_dim: int = 32
+    channels: int = 32  # width of the first encoder level, doubled at each downsampling up to 4x
+    res_blocks: int = 1  # residual blocks per level
+    norm_groups: int = 8  # GroupNorm groups; must divide every level's width
+    latent_dim: int = 32  # channels of the latent grid = codebook vector size
     codebook_size: int = 1024
     scales: tuple[Shape3, ...] = ((1, 1, 1), (3, 4, 3), (5, 6, 6), (8, 9, 8), (10, 12, 11))
+    beta: float = 0.25  # commitment loss weight
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        levels = self.downsample.bit_length()  # log2(downsample) + 1
+        return tuple(self.channels * min(2**i, 4) for i in range(levels))
 
 
 @dataclass
@@ -117,8 +125,10 @@ def validate(config: Config, source: str = "config") -> None:
     if any(s % tok.downsample for s in data.shape):
         fail("data.shape", f"{data.shape} is not divisible by tokenizer.downsample={tok.downsample}; "
                            f"pick a shape whose sizes are multiples of {tok.downsample}.")
-    if tok.channels <= 0 or tok.latent_dim <= 0:
-        fail("tokenizer.channels", "channels and latent_dim must be positive.")
+    if tok.channels <= 0 or tok.latent_dim <= 0 or tok.res_blocks < 1:
+        fail("tokenizer.channels", "channels, latent_dim and res_blocks must be positive.")
+    if tok.norm_groups < 1 or any(c % tok.norm_groups for c in tok.level_channels):
+        fail("tokenizer.norm_groups", f"{tok.norm_groups} must divide every level's width {tok.level_channels}.")
     if tok.codebook_size < 2:
         fail("tokenizer.codebook_size", f"must be at least 2, got {tok.codebook_size}.")
     if not tok.scales:

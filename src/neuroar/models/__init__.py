@@ -1,0 +1,1 @@
+"""Networks: the multi-scale tokenizer and its quantizer (later: the NeuroAR transformer, baselines)."""

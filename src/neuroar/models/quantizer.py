@@ -1,0 +1,148 @@
+"""The multi-scale residual quantizer (VAR's next-scale tokenization, in 3D with (d, h, w) scales).
+
+    f_rest = f; f_hat = 0
+    for k, scale in enumerate(scales):
+        z   = area_down(f_rest, scale)                       # identity at the last scale
+        idx = nearest code of z in the shared codebook
+        h   = phi_k(trilinear_up(codebook[idx], latent))      # per-scale 3x3x3 refinement
+        f_hat += h; f_rest -= h
+
+Its users need exactly four conversions, all built on `add_scale`, the one step that turns a scale's
+tokens into the next f_hat and the next scale's transformer input:
+features -> tokens (`encode`), tokens -> f_hat (`tokens_to_fhat`), tokens -> teacher-forcing inputs
+(`teacher_forcing_inputs`), and the sampling step (`add_scale` itself). Training and sampling therefore
+build the transformer's inputs with the same code.
+
+Codebook health: Euclidean lookup with a commitment loss, an EMA of each code's use, and restarts of codes
+that fell out of use (replaced by features the encoder currently produces).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Shape3 = tuple[int, int, int]
+
+
+class MultiScaleQuantizer(nn.Module):
+    def __init__(self, codebook_size: int, dim: int, scales: tuple[Shape3, ...], beta: float = 0.25,
+                 phi_mix: float = 0.5, usage_decay: float = 0.99, dead_usage: float = 0.03):
+        super().__init__()
+        self.scales = tuple(tuple(s) for s in scales)
+        self.latent = self.scales[-1]
+        self.beta = beta
+        self.phi_mix = phi_mix  # h = (1 - mix) h + mix conv(h): the refinement starts near the identity
+        self.codebook = nn.Embedding(codebook_size, dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        self.phis = nn.ModuleList(nn.Conv3d(dim, dim, 3, padding=1) for _ in self.scales)
+        self.usage_decay, self.dead_usage = usage_decay, dead_usage
+        # EMA of each code's share of use, relative to uniform use (1.0 = used as often as 1/V of tokens).
+        self.register_buffer("usage", torch.ones(codebook_size))
+
+    @property
+    def tokens_per_scale(self) -> list[int]:
+        return [d * h * w for d, h, w in self.scales]
+
+    def forward(self, f_BCdhw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, dict]:
+        """Quantize; returns (f_hat with a straight-through gradient to f, tokens per scale, vq loss, stats)."""
+        f_detached = f_BCdhw.detach()
+        f_rest = f_detached.clone()
+        f_hat = torch.zeros_like(f_detached)
+        tokens, residuals = [], []
+        loss = f_BCdhw.new_zeros(())
+        for k in range(len(self.scales)):
+            z_BCdhw = _area_down(f_rest, self.scales[k])
+            idx_Bdhw = self._nearest(z_BCdhw)
+            f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
+            f_rest = f_detached - f_hat.detach()
+            tokens.append(idx_Bdhw)
+            residuals.append(z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, z_BCdhw.shape[1]))
+            # Codebook and refinements move toward the features; the encoder commits to the quantization.
+            loss = loss + F.mse_loss(f_hat, f_detached) + self.beta * F.mse_loss(f_hat.detach(), f_BCdhw)
+        loss = loss / len(self.scales)
+        stats = self.usage_stats(tokens)
+        if self.training:
+            self._update_usage(tokens, torch.cat(residuals))
+        # Straight-through: the decoder sees f_hat, its gradient reaches the encoder as if quantization were
+        # the identity; codebook and refinements learn from the vq loss alone.
+        f_hat_ste = f_BCdhw + (f_hat - f_BCdhw).detach()
+        return f_hat_ste, tokens, loss, stats
+
+    @torch.no_grad()
+    def encode(self, f_BCdhw: torch.Tensor) -> list[torch.Tensor]:
+        """Token maps, coarse to fine: a list of (B, d, h, w) integer tensors."""
+        f_rest = f_BCdhw.clone()
+        f_hat = torch.zeros_like(f_BCdhw)
+        tokens = []
+        for k in range(len(self.scales)):
+            idx_Bdhw = self._nearest(_area_down(f_rest, self.scales[k]))
+            f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
+            f_rest = f_BCdhw - f_hat
+            tokens.append(idx_Bdhw)
+        return tokens
+
+    def tokens_to_fhat(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        f_hat = None
+        for k, idx_Bdhw in enumerate(tokens):
+            f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
+        return f_hat
+
+    def teacher_forcing_inputs(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The transformer's inputs for scales 1..K-1: the cumulative f_hat of coarser scales, area-downsampled
+        to each next scale, as (B, C, d, h, w) tensors."""
+        f_hat, inputs = None, []
+        for k, idx_Bdhw in enumerate(tokens[:-1]):
+            f_hat, next_BCdhw = self.add_scale(k, f_hat, idx_Bdhw)
+            inputs.append(next_BCdhw)
+        return inputs
+
+    def add_scale(self, k: int, f_hat: torch.Tensor | None, idx_Bdhw: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Add scale k's tokens to f_hat; return the new f_hat and the input for scale k + 1 (None after the
+        last scale). The one step shared by encoding, decoding, teacher forcing and sampling."""
+        h_BCdhw = self.codebook(idx_Bdhw).permute(0, 4, 1, 2, 3)
+        if tuple(h_BCdhw.shape[2:]) != self.latent:
+            h_BCdhw = F.interpolate(h_BCdhw, size=self.latent, mode="trilinear", align_corners=False)
+        h_BCdhw = (1 - self.phi_mix) * h_BCdhw + self.phi_mix * self.phis[k](h_BCdhw)
+        f_hat = h_BCdhw if f_hat is None else f_hat + h_BCdhw
+        if k + 1 == len(self.scales):
+            return f_hat, None
+        return f_hat, _area_down(f_hat, self.scales[k + 1])
+
+    def usage_stats(self, tokens: list[torch.Tensor]) -> dict[str, float]:
+        """Per scale: the share of the codebook used in this batch, and the perplexity of the code histogram."""
+        stats = {}
+        size = self.codebook.num_embeddings
+        for k, idx in enumerate(tokens):
+            counts = torch.bincount(idx.flatten(), minlength=size).float()
+            p = counts / counts.sum()
+            stats[f"scale{k}_used"] = float((counts > 0).float().mean())
+            stats[f"scale{k}_perplexity"] = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+        return stats
+
+    def _nearest(self, z_BCdhw: torch.Tensor) -> torch.Tensor:
+        B, C, d, h, w = z_BCdhw.shape
+        z_NC = z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, C)
+        codes_VC = self.codebook.weight
+        distance_NV = (z_NC.square().sum(1, keepdim=True) - 2 * z_NC @ codes_VC.T + codes_VC.square().sum(1))
+        return distance_NV.argmin(dim=1).view(B, d, h, w)
+
+    @torch.no_grad()
+    def _update_usage(self, tokens: list[torch.Tensor], residuals_NC: torch.Tensor) -> None:
+        size = self.codebook.num_embeddings
+        counts = sum(torch.bincount(idx.flatten(), minlength=size).float() for idx in tokens)
+        self.usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * counts * size / counts.sum())
+        dead = (self.usage < self.dead_usage).nonzero().flatten()
+        if len(dead):
+            # Restart dead codes on features the encoder produces now, so they can be picked again.
+            pick = torch.randint(len(residuals_NC), (len(dead),), device=residuals_NC.device)
+            self.codebook.weight.data[dead] = residuals_NC[pick].to(self.codebook.weight.dtype)
+            self.usage[dead] = 1.0
+
+
+def _area_down(f_BCdhw: torch.Tensor, size: Shape3) -> torch.Tensor:
+    if tuple(f_BCdhw.shape[2:]) == tuple(size):
+        return f_BCdhw
+    return F.adaptive_avg_pool3d(f_BCdhw, size)

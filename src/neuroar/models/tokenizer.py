@@ -1,0 +1,51 @@
+"""MS-VQVAE: MONAI's 3D convolutional encoder/decoder around the multi-scale residual quantizer.
+
+The encoder and decoder are MONAI's (residual blocks, GroupNorm, SiLU, one self-attention block at the
+bottleneck computed with `scaled_dot_product_attention`); a 1x1x1 convolution on each side of the
+quantizer separates the encoder's output space from the codebook's.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets.autoencoderkl import Decoder, Encoder
+from torch import nn
+
+from neuroar.config import TokenizerConfig
+from neuroar.models.quantizer import MultiScaleQuantizer
+
+
+class MSVQVAE(nn.Module):
+    def __init__(self, config: TokenizerConfig, in_channels: int = 1):
+        super().__init__()
+        self.config = config
+        channels = config.level_channels
+        levels = len(channels)
+        common = dict(spatial_dims=3, channels=channels, num_res_blocks=[config.res_blocks] * levels,
+                      norm_num_groups=config.norm_groups, norm_eps=1e-6, attention_levels=[False] * levels,
+                      with_nonlocal_attn=True, use_flash_attention=True)
+        self.encoder = Encoder(in_channels=in_channels, out_channels=config.latent_dim, **common)
+        self.decoder = Decoder(in_channels=config.latent_dim, out_channels=in_channels, **common)
+        self.quant_conv = nn.Conv3d(config.latent_dim, config.latent_dim, 1)
+        self.post_quant_conv = nn.Conv3d(config.latent_dim, config.latent_dim, 1)
+        self.quantizer = MultiScaleQuantizer(config.codebook_size, config.latent_dim, config.scales, beta=config.beta)
+
+    def features(self, x_B1DHW: torch.Tensor) -> torch.Tensor:
+        """The continuous latent grid f (B, C, d, h, w) that the quantizer tokenizes."""
+        return self.quant_conv(self.encoder(x_B1DHW))
+
+    def forward(self, x_B1DHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Reconstruction, vq loss and codebook statistics."""
+        f_hat, _, vq_loss, stats = self.quantizer(self.features(x_B1DHW))
+        return self.decode(f_hat), vq_loss, stats
+
+    @torch.no_grad()
+    def tokenize(self, x_B1DHW: torch.Tensor) -> list[torch.Tensor]:
+        return self.quantizer.encode(self.features(x_B1DHW))
+
+    def decode(self, f_hat_BCdhw: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(f_hat_BCdhw))
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        return self.decode(self.quantizer.tokens_to_fhat(tokens))

@@ -1,0 +1,141 @@
+"""The multi-scale quantizer's exact invariants and the MS-VQVAE's shapes and training signal."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuroar.config import TokenizerConfig, load_config
+from neuroar.models.quantizer import MultiScaleQuantizer
+from neuroar.models.tokenizer import MSVQVAE
+
+SCALES = ((1, 1, 1), (2, 3, 2), (3, 4, 4), (4, 5, 4))
+
+
+@pytest.fixture
+def quantizer():
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(codebook_size=64, dim=8, scales=SCALES)
+    torch.nn.init.normal_(q.codebook.weight)  # spread codes so that many are used
+    return q.eval()
+
+
+def test_tokens_have_the_scale_shapes_and_rebuild_the_encoding_fhat(quantizer):
+    f = torch.randn(2, 8, 4, 5, 4)
+    f_hat, tokens, _, _ = quantizer(f)
+    assert [tuple(t.shape) for t in tokens] == [(2, *s) for s in SCALES]
+    assert all(t.dtype == torch.int64 and int(t.max()) < 64 for t in tokens)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, quantizer.encode(f)))
+    assert torch.allclose(quantizer.tokens_to_fhat(tokens), f_hat, atol=1e-6)
+
+
+def test_teacher_forcing_inputs_equal_the_sampling_steps(quantizer):
+    tokens = quantizer.encode(torch.randn(2, 8, 4, 5, 4))
+    inputs = quantizer.teacher_forcing_inputs(tokens)
+    assert len(inputs) == len(SCALES) - 1
+    for k, input_BCdhw in enumerate(inputs):
+        # Independently: decode the prefix of scales 0..k, then area-downsample to scale k + 1.
+        expected = F.adaptive_avg_pool3d(quantizer.tokens_to_fhat(tokens[: k + 1]), SCALES[k + 1])
+        assert torch.allclose(input_BCdhw, expected, atol=1e-6)
+    # Sampling: one `add_scale` per predicted scale, from nothing.
+    f_hat = None
+    for k, idx in enumerate(tokens):
+        f_hat, next_input = quantizer.add_scale(k, f_hat, idx)
+        if next_input is not None:
+            assert torch.equal(next_input, inputs[k])
+    assert torch.allclose(f_hat, quantizer.tokens_to_fhat(tokens))
+
+
+def test_finer_scales_shrink_the_residual(quantizer):
+    f = torch.randn(1, 8, 4, 5, 4)
+    tokens = quantizer.encode(f)
+    with torch.no_grad():
+        errors = [float((quantizer.tokens_to_fhat(tokens[: k + 1]) - f).square().mean()) for k in range(len(SCALES))]
+    assert errors[-1] < errors[0]
+
+
+def test_straight_through_gradient_reaches_encoder_and_vq_loss_reaches_codebook(quantizer):
+    quantizer.train()
+    f = torch.randn(2, 8, 4, 5, 4, requires_grad=True)
+    f_hat, _, vq_loss, _ = quantizer(f)
+    f_hat.sum().backward(retain_graph=True)
+    assert torch.allclose(f.grad, torch.ones_like(f))  # identity through the quantization
+    assert quantizer.codebook.weight.grad is None
+    vq_loss.backward()
+    assert quantizer.codebook.weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in quantizer.phis.parameters())
+
+
+def test_dead_codes_are_restarted_on_current_features():
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(codebook_size=32, dim=4, scales=((1, 1, 1), (2, 2, 2)), usage_decay=0.0, dead_usage=0.5)
+    q.codebook.weight.data.zero_()
+    q.codebook.weight.data[0] = 1.0  # every feature maps to one of two identical regions
+    q.train()
+    f = torch.randn(8, 4, 2, 2, 2) * 5
+    q(f)
+    assert q.codebook.weight.data.abs().sum(1).gt(0).sum() > 2  # dead codes now hold features
+    stats = q.usage_stats(q.encode(f))
+    assert stats["scale1_used"] > 1 / 32 and stats["scale1_perplexity"] > 1.0
+
+
+@pytest.mark.parametrize("name", ["demo", "paper"])
+def test_configs_give_the_latent_grid_and_token_counts(name):
+    config = load_config(name)
+    q = MultiScaleQuantizer(config.tokenizer.codebook_size, config.tokenizer.latent_dim, config.tokenizer.scales)
+    assert q.latent == config.latent_shape == (10, 12, 11)
+    assert q.tokens_per_scale == [1, 36, 180, 576, 1320] and sum(q.tokens_per_scale) == 2113
+
+
+def tiny_config():
+    return TokenizerConfig(downsample=4, channels=8, norm_groups=4, latent_dim=8, codebook_size=32,
+                           scales=((1, 1, 1), (2, 2, 2), (4, 4, 4)))
+
+
+def test_tokenizer_shapes_and_token_roundtrip():
+    torch.manual_seed(0)
+    model = MSVQVAE(tiny_config()).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    reconstruction, vq_loss, stats = model(x)
+    assert reconstruction.shape == x.shape and vq_loss.ndim == 0 and "scale2_perplexity" in stats
+    tokens = model.tokenize(x)
+    assert [tuple(t.shape[1:]) for t in tokens] == [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
+    assert torch.allclose(model.decode_tokens(tokens), reconstruction, atol=1e-5)
+
+
+def test_reconstruction_loss_falls_on_a_tiny_training_run():
+    torch.manual_seed(0)
+    model = MSVQVAE(tiny_config())
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 16)] * 3, indexing="ij"))
+    volumes = torch.stack([((grid - c.view(3, 1, 1, 1)).square().sum(0) < 0.5).float()[None]
+                           for c in torch.rand(8, 3) * 0.6 - 0.3])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(60):
+        reconstruction, vq_loss, _ = model(volumes)
+        l1 = (reconstruction - volumes).abs().mean()
+        optimizer.zero_grad()
+        (l1 + vq_loss).backward()
+        optimizer.step()
+        losses.append(float(l1))
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_paper_tokenizer_builds_and_takes_a_training_step():
+    """The paper's network (every weight at its paper shape) on a small volume: a full 160x192x176 step needs
+    more than this machine's 24 GB, so the full shape is left to GPUs."""
+    config = load_config("paper").tokenizer
+    model = MSVQVAE(config)
+    assert 20e6 < sum(p.numel() for p in model.parameters()) < 100e6
+    small = MSVQVAE(dataclasses.replace(config, scales=((1, 1, 1), (2, 2, 2))))
+    assert [p.shape for p in small.encoder.parameters()] == [p.shape for p in model.encoder.parameters()]
+    x = torch.rand(1, 1, 32, 32, 32)
+    optimizer = torch.optim.SGD(small.parameters(), lr=1e-3)
+    reconstruction, vq_loss, _ = small(x)
+    assert reconstruction.shape == x.shape
+    before = [p.detach().clone() for p in small.decoder.parameters()]
+    ((reconstruction - x).abs().mean() + vq_loss).backward()
+    optimizer.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in small.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, small.decoder.parameters()))
