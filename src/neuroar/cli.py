@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
     try:
-        args.run(args)
+        args.handler(args)
     except NeuroARError as err:
         if args.debug:
             raise
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--misregistration", action="store_true", help="small random rigid motion between visits")
     synth.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU core)")
-    synth.set_defaults(run=_synth)
+    synth.set_defaults(handler=_synth)
 
     config_help = "key.sub=value settings that override the config file, e.g. data.spacing=1"
     prep = commands.add_parser("preprocess", help="validate and preprocess scans into the cache")
@@ -62,18 +62,29 @@ def _parser() -> argparse.ArgumentParser:
                                                "(default: runs/<config name>)")
     prep.add_argument("--seed", type=int, help="seed of the subject split (default: the config's)")
     prep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
-    prep.set_defaults(run=_preprocess)
+    prep.set_defaults(handler=_preprocess)
+
+    train = commands.add_parser("train-tokenizer", help="train (or resume) the MS-VQVAE of a preprocessed run")
+    train.add_argument("--run", type=Path, required=True, help="run folder made by `neuroar preprocess`")
+    train.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
+    train.set_defaults(handler=_train_tokenizer)
+
+    tokenize = commands.add_parser("tokenize", help="encode every scan of a run into cached token maps")
+    tokenize.add_argument("--run", type=Path, required=True)
+    tokenize.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
+    tokenize.set_defaults(handler=_tokenize)
 
     show = commands.add_parser("config", help="print the resolved config")
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
-    show.set_defaults(run=_show_config)
+    show.set_defaults(handler=_show_config)
 
     demo = commands.add_parser("demo", help="run the pipeline end to end on the synthetic cohort")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--quick", action="store_true", help="a smaller cohort, for a first look")
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(handler=_demo)
     return parser
 
 
@@ -97,6 +108,29 @@ def _preprocess(args: argparse.Namespace) -> None:
     out = args.out or Path("runs") / config.name
     dataset = prepare_dataset(args.input, config, out)
     print(dataset.summary())
+
+
+def _run_config(run: Path, config_path: Path | None, overrides: list[str]):
+    from neuroar.config import load_config
+    from neuroar.errors import NeuroARError
+
+    path = config_path or run / "config.yaml"
+    if not path.is_file():
+        raise NeuroARError(f"{path} not found; run `neuroar preprocess MANIFEST --out {run}` first.")
+    return load_config(path, overrides)
+
+
+def _train_tokenizer(args: argparse.Namespace) -> None:
+    from neuroar.train.tokenizer import train_tokenizer
+
+    metrics = train_tokenizer(args.run, _run_config(args.run, args.config, args.overrides))
+    print("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    from neuroar.data.tokens import tokenize_run
+
+    print(f"tokens: {tokenize_run(args.run, _run_config(args.run, None, args.overrides))}")
 
 
 def _show_config(args: argparse.Namespace) -> None:

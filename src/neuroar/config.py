@@ -55,6 +55,20 @@ class TokenizerConfig:
 
 
 @dataclass
+class TokenizerTrainingConfig:
+    steps: int = 2000
+    batch_size: int = 2
+    lr: float = 2e-4
+    adversarial_weight: float = 0.1  # times the adaptive weight (reconstruction / adversarial gradient norms)
+    adversarial_start: int = 1000  # step at which the patch discriminator joins
+    discriminator_channels: int = 16
+    head_weight: float = 0.0  # extra L1 weight on voxels inside the head (intensity > 0.05); 0 = uniform
+    log_every: int = 10
+    val_every: int = 250
+    checkpoint_every: int = 250
+
+
+@dataclass
 class TransformerConfig:
     depth: int = 8  # number of blocks; the one knob that sizes the model
 
@@ -65,6 +79,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train_tokenizer: TokenizerTrainingConfig = field(default_factory=TokenizerTrainingConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
     @property
@@ -143,6 +158,12 @@ def validate(config: Config, source: str = "config") -> None:
     if tuple(tok.scales[-1]) != latent:
         fail("tokenizer.scales", f"the last scale {tok.scales[-1]} must equal the latent grid {latent} "
                                  f"(data.shape {data.shape} / tokenizer.downsample {tok.downsample}).")
+    train = config.train_tokenizer
+    for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "discriminator_channels"):
+        if getattr(train, key) < 1:
+            fail(f"train_tokenizer.{key}", f"must be at least 1, got {getattr(train, key)}.")
+    if train.lr <= 0 or train.adversarial_weight < 0 or train.head_weight < 0 or train.adversarial_start < 0:
+        fail("train_tokenizer", "lr must be positive; adversarial_weight, head_weight, adversarial_start >= 0.")
     if config.transformer.depth < 1:
         fail("transformer.depth", f"must be at least 1, got {config.transformer.depth}.")
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from neuroar.files import atomic_path  # noqa: E402
+from neuroar.files import atomic_path
 
 _PANELS = {"ventricles": "Lateral ventricles", "hippocampus": "Hippocampus (L + R)",
            "grey_matter": "Grey matter", "whole_brain": "Whole brain"}
@@ -23,8 +21,9 @@ def plot_trajectories(truth: pd.DataFrame, path: Path) -> None:
     truth = truth.assign(hippocampus=truth["hippocampus_left"] + truth["hippocampus_right"])
     groups = sorted(truth["diagnosis"].unique(), key=lambda g: ["CN", "MCI", "AD"].index(g) if g in
                     ("CN", "MCI", "AD") else 9)
-    colours = dict(zip(groups, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(1, len(_PANELS), figsize=(4 * len(_PANELS), 3.4), constrained_layout=True)
+    colours = dict(zip(groups, colormaps["tab10"].colors))
+    fig = Figure(figsize=(4 * len(_PANELS), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(_PANELS))
     for ax, (column, title) in zip(axes, _PANELS.items()):
         for (_, group), visits in truth.groupby(["subject_id", "diagnosis"]):
             ax.plot(visits["age"], visits[column], "-o", ms=3, lw=1, color=colours[group], alpha=0.7)
@@ -46,7 +45,8 @@ def plot_montage(manifest: pd.DataFrame, root: Path, path: Path) -> None:
     ijk = np.linalg.inv(affine) @ np.array([0.0, -20.0, 12.0, 1.0])  # through ventricles and hippocampi
     x, y, z = (int(round(v)) for v in ijk[:3])
     vmax = float(np.percentile(images[0], 99.5))
-    fig, axes = plt.subplots(3, len(images), figsize=(2.6 * len(images), 8), squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(2.6 * len(images), 8), layout="constrained")
+    axes = fig.subplots(3, len(images), squeeze=False)
     for k, (image, label, age) in enumerate(zip(images, labels, visits["age"])):
         axes[0, k].imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0, vmax=vmax)
         axes[0, k].contour(label[:, :, z].T == 4, levels=[0.5], colors="tab:orange", linewidths=0.7)
@@ -65,7 +65,6 @@ def plot_montage(manifest: pd.DataFrame, root: Path, path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)

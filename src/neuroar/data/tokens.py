@@ -1,0 +1,77 @@
+"""Cached token maps: every preprocessed scan of a run encoded once by the trained tokenizer.
+
+One safetensors file per dataset (RUN/tokens/KEY.safetensors: "scale0".."scaleK-1", each (N, d, h, w)
+int16) beside a JSON file listing the scans in order. KEY hashes the tokenizer's weights and the scans, so
+re-running after either changed writes a new file and re-running unchanged does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from neuroar.config import Config
+from neuroar.data.preprocess import load_preprocessed
+from neuroar.errors import NeuroARError
+from neuroar.files import atomic_path, sha256_file, sha256_json, write_json
+from neuroar.models.tokenizer import MSVQVAE
+from neuroar.train.checkpoint import load_checkpoint
+from neuroar.train.tokenizer import tokenizer_checkpoint
+
+SCAN_COLUMNS = ["subject_id", "session_id", "age", "split", "preprocessed"]
+
+
+def load_tokenizer(run_dir: str | Path, config: Config) -> MSVQVAE:
+    checkpoint = tokenizer_checkpoint(run_dir)
+    if not checkpoint.with_suffix(".json").is_file():
+        raise NeuroARError(f"no trained tokenizer in {run_dir}; run `neuroar train-tokenizer --run {run_dir}`.")
+    model = MSVQVAE(config.tokenizer)
+    load_checkpoint(checkpoint, {"model": model})
+    return model.eval()
+
+
+def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> Path:
+    """Encode every scan of the run (once) and return the token file."""
+    run_dir = Path(run_dir)
+    scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
+    path = _token_path(run_dir, scans)
+    if path.with_suffix(".json").is_file():
+        return path
+    model = load_tokenizer(run_dir, config)
+    per_scale: list[list[torch.Tensor]] = [[] for _ in config.tokenizer.scales]
+    for preprocessed in tqdm(scans["preprocessed"], desc="tokenize", unit="scan", disable=not progress):
+        volume = torch.from_numpy(load_preprocessed(preprocessed)[0])[None, None]
+        for k, idx in enumerate(model.tokenize(volume)):
+            per_scale[k].append(idx[0].to(torch.int16))
+    tensors = {f"scale{k}": torch.stack(maps) for k, maps in enumerate(per_scale)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(path.with_suffix(".json"), {"scans": scans[SCAN_COLUMNS].to_dict("records"),
+                                           "scales": [list(s) for s in config.tokenizer.scales]})
+    return path
+
+
+def load_tokens(run_dir: str | Path) -> tuple[list[torch.Tensor], pd.DataFrame]:
+    """Token maps per scale, (N, d, h, w) int64, and the table of the N scans they belong to."""
+    run_dir = Path(run_dir)
+    scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
+    path = _token_path(run_dir, scans)
+    if not path.with_suffix(".json").is_file():
+        raise NeuroARError(f"no tokens for the current tokenizer and scans of {run_dir}; run "
+                           f"`neuroar tokenize --run {run_dir}`.")
+    tensors = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return [tensors[f"scale{k}"].long() for k in range(len(meta["scales"]))], pd.DataFrame(meta["scans"])
+
+
+def _token_path(run_dir: Path, scans: pd.DataFrame) -> Path:
+    weights = tokenizer_checkpoint(run_dir).with_suffix(".safetensors")
+    if not weights.is_file():
+        raise NeuroARError(f"no trained tokenizer in {run_dir}; run `neuroar train-tokenizer --run {run_dir}`.")
+    key = sha256_json({"weights": sha256_file(weights), "scans": list(scans["preprocessed"])})
+    return run_dir / "tokens" / f"{key[:16]}.safetensors"

@@ -1,0 +1,1 @@
+"""Training: checkpoints, logs, and one trainer per model family."""

@@ -1,0 +1,176 @@
+"""Training the MS-VQVAE on the preprocessed scans of a run folder.
+
+Losses: L1 (optionally weighted up inside the head) + the quantizer's vq/commitment loss + an adversarial
+loss from MONAI's 3D PatchDiscriminator, which joins after `adversarial_start` steps with VQGAN's adaptive
+weight (the ratio of the reconstruction and adversarial gradient norms at the decoder's last layer).
+A perceptual loss needs pretrained weights, which this project never downloads; it is off.
+
+The batch order is a function of (seed, step), and the torch RNG is checkpointed, so a run resumed from its
+last checkpoint continues exactly as if it had not stopped. Checkpoints go to RUN/tokenizer/last.*,
+logs to RUN/tokenizer_train.csv, RUN/tokenizer_val.csv and RUN/tensorboard/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from monai.losses import PatchAdversarialLoss
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.networks.nets import PatchDiscriminator
+from tqdm.auto import tqdm
+
+from neuroar.config import Config, save_config
+from neuroar.data.preprocess import load_preprocessed
+from neuroar.errors import NeuroARError
+from neuroar.models.tokenizer import MSVQVAE
+from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
+from neuroar.train.log import RunLog
+
+
+def tokenizer_checkpoint(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "tokenizer" / "last"
+
+
+def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
+    """Train (or resume) the tokenizer of a run prepared by `neuroar preprocess`; returns the last validation."""
+    run_dir = Path(run_dir)
+    train_paths, val_paths = _split_paths(run_dir)
+    settings = config.train_tokenizer
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    model = MSVQVAE(config.tokenizer).to(device)
+    discriminator = PatchDiscriminator(spatial_dims=3, channels=settings.discriminator_channels, in_channels=1,
+                                       num_layers_d=3, norm="INSTANCE").to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.5, 0.9))
+    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, betas=(0.5, 0.9))
+    adversarial = PatchAdversarialLoss(criterion="least_squares")
+    modules = {"model": model, "discriminator": discriminator}
+    optimizers = {"model": optimizer, "discriminator": optimizer_d}
+    checkpoint = tokenizer_checkpoint(run_dir)
+    start = 0
+    if checkpoint.with_suffix(".json").is_file():
+        start = load_checkpoint(checkpoint, modules, optimizers, restore_rng=True)["step"]
+    save_config(config, run_dir / "config.yaml")
+    print("tokenizer: perceptual loss off (it needs pretrained weights, which are never downloaded)")
+    log = RunLog(run_dir, "tokenizer")
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="tokenizer",
+               unit="step", disable=not progress)
+    for step in bar:
+        model.train()
+        x = _batch(train_paths, step, settings.batch_size, config.seed).to(device)
+        weights = 1.0 + settings.head_weight * (x > 0.05).float()
+        with _autocast(device):
+            reconstruction, vq_loss, stats = model(x)
+            l1 = (weights * (reconstruction.float() - x).abs()).mean()
+            loss = l1 + vq_loss
+            use_adversarial = step >= settings.adversarial_start and settings.adversarial_weight > 0
+            adversarial_g = torch.zeros((), device=device)
+            if use_adversarial:
+                adversarial_g = adversarial(discriminator(reconstruction)[-1], target_is_real=True,
+                                            for_discriminator=False)
+                weight = _adaptive_weight(l1, adversarial_g, model.decoder.blocks[-1].conv.weight)
+                loss = loss + settings.adversarial_weight * weight * adversarial_g
+        if not torch.isfinite(loss):
+            raise NeuroARError(f"tokenizer loss became {float(loss)} at step {step}; training stopped and the "
+                               f"last good checkpoint ({checkpoint}) is kept. Lower train_tokenizer.lr and resume.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        adversarial_d = torch.zeros(())
+        if use_adversarial:
+            with _autocast(device):
+                real = adversarial(discriminator(x)[-1], target_is_real=True, for_discriminator=True)
+                fake = adversarial(discriminator(reconstruction.detach())[-1], target_is_real=False,
+                                   for_discriminator=True)
+                adversarial_d = 0.5 * (real + fake)
+            optimizer_d.zero_grad(set_to_none=True)
+            adversarial_d.backward()
+            optimizer_d.step()
+        done = step + 1
+        bar.set_postfix(l1=f"{float(l1):.4f}", vq=f"{float(vq_loss):.4f}")
+        if done % settings.log_every == 0 or done == settings.steps:
+            log.log(done, {"l1": float(l1), "vq": float(vq_loss), "adversarial_g": float(adversarial_g),
+                           "adversarial_d": float(adversarial_d), **stats})
+        if done % settings.val_every == 0 or done == settings.steps:
+            metrics = validate(model, val_paths or train_paths, device)
+            log.log(done, metrics, kind="val")
+            log.figure("val/reconstruction", _slice_figure(model, val_paths or train_paths, device), done)
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            save_checkpoint(checkpoint, modules, optimizers, {
+                "step": done, "config": config.to_dict(), "scales": [list(s) for s in config.tokenizer.scales],
+                "preprocessing": config.to_dict()["data"], "validation": metrics})
+    log.close()
+    return metrics
+
+
+@torch.no_grad()
+def validate(model: MSVQVAE, paths: list[str], device: torch.device) -> dict[str, float]:
+    """PSNR and SSIM (3D, data range 1) of reconstructions, and per-scale code use, over the given scans."""
+    model.eval()
+    psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0)
+    used = []
+    for path in paths:
+        x = torch.from_numpy(load_preprocessed(path)[0])[None, None].to(device)
+        tokens = model.tokenize(x)
+        reconstruction = model.decode_tokens(tokens).clamp(0, 1)
+        psnr(reconstruction, x)
+        ssim(reconstruction, x)
+        used.append(model.quantizer.usage_stats(tokens))
+    usage = pd.DataFrame(used).mean().to_dict()
+    return {"psnr": float(psnr.aggregate()), "ssim": float(ssim.aggregate()), **usage}
+
+
+def _split_paths(run_dir: Path) -> tuple[list[str], list[str]]:
+    table = run_dir / "scans.csv"
+    if not table.is_file():
+        raise NeuroARError(f"{table} not found; run `neuroar preprocess MANIFEST --out {run_dir}` first.")
+    scans = pd.read_csv(table, keep_default_na=False)
+    train = list(scans.loc[scans["split"] == "train", "preprocessed"])
+    if not train:
+        raise NeuroARError(f"{table} has no training scans; check the split column or data.split_fractions.")
+    return train, list(scans.loc[scans["split"] == "val", "preprocessed"])
+
+
+def _batch(paths: list[str], step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The batch of a step: epoch-wise seeded permutations, so the order depends only on (seed, step)."""
+    per_epoch = max(1, len(paths) // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    chosen = order[position * batch_size:(position + 1) * batch_size].tolist()
+    return torch.stack([torch.from_numpy(load_preprocessed(paths[i])[0])[None] for i in chosen])
+
+
+def _adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    grad_rec = torch.autograd.grad(reconstruction, last, retain_graph=True)[0]
+    grad_adv = torch.autograd.grad(adversarial, last, retain_graph=True)[0]
+    return (grad_rec.norm() / (grad_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _slice_figure(model: MSVQVAE, paths: list[str], device: torch.device):
+    model.eval()
+    x = torch.from_numpy(load_preprocessed(paths[0])[0])[None, None].to(device)
+    reconstruction = model.decode_tokens(model.tokenize(x)).clamp(0, 1)
+    original, rebuilt = x[0, 0].cpu().numpy(), reconstruction[0, 0].float().cpu().numpy()
+    figure = Figure(figsize=(9, 6), layout="constrained")
+    axes = figure.subplots(2, 3)
+    for axis, index in enumerate(np.array(original.shape) // 2):
+        for row, volume in enumerate((original, rebuilt)):
+            axes[row, axis].imshow(np.rot90(np.take(volume, index, axis=axis)), cmap="gray", vmin=0, vmax=1)
+            axes[row, axis].axis("off")
+    axes[0, 0].set_title("scan")
+    axes[1, 0].set_title("reconstruction")
+    return figure
+

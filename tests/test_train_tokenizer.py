@@ -1,0 +1,92 @@
+"""Training the tokenizer from a run folder: the loss falls, resuming is exact, tokens are cached."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from conftest import write_nifti
+from neuroar.cli import main
+from neuroar.config import load_config
+from neuroar.data.tokens import load_tokens, tokenize_run
+from neuroar.errors import NeuroARError
+from neuroar.pipeline import prepare_dataset
+from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
+
+TINY = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
+        "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
+        "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]", "train_tokenizer.batch_size=2", "train_tokenizer.lr=0.002",
+        "train_tokenizer.log_every=1", "train_tokenizer.adversarial_start=3", "data.split_fractions=[0.75,0.25,0]"]
+
+
+def ball(shift, seed):
+    offset = np.indices((32, 32, 32)).astype(float) - 16 - np.array(shift)[:, None, None, None]
+    inside = ((offset / np.array([10, 12, 9])[:, None, None, None]) ** 2).sum(0) < 1
+    return (inside * (80 + 20 * np.random.default_rng(seed).random((32, 32, 32)))).astype(np.float32)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    rows = []
+    for i in range(8):
+        volume = ball((i % 3 - 1, i % 2, -(i % 2)), i)
+        path = write_nifti(tmp_path / "in" / f"s{i}.nii.gz", volume, np.diag([4.0, 4.0, 4.0, 1.0]))
+        rows.append(f"s{i // 2},{i % 2},{70 + i % 2},{path}")
+    (tmp_path / "in" / "manifest.csv").write_text("subject_id,session_id,age,path\n" + "\n".join(rows) + "\n")
+    config = load_config("demo", TINY + [f"data.cache_dir={tmp_path / 'cache'}"])
+    prepare_dataset(tmp_path / "in" / "manifest.csv", config, tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+def test_reconstruction_loss_falls_and_outputs_are_written(run_dir):
+    config = load_config(run_dir / "config.yaml", ["train_tokenizer.steps=40", "train_tokenizer.val_every=40"])
+    metrics = train_tokenizer(run_dir, config, progress=False)
+    log = pd.read_csv(run_dir / "tokenizer_train.csv")
+    assert log["l1"].iloc[-5:].mean() < 0.6 * log["l1"].iloc[:5].mean()
+    assert (log["adversarial_g"].iloc[3:] > 0).all() and (log["adversarial_g"].iloc[:3] == 0).all()
+    assert {"psnr", "ssim", "scale2_used", "scale2_perplexity"} <= set(metrics) and metrics["psnr"] > 10
+    meta = json.loads(tokenizer_checkpoint(run_dir).with_suffix(".json").read_text())
+    assert meta["step"] == 40 and meta["scales"] == [[1, 1, 1], [4, 4, 4], [8, 8, 8]]
+    assert meta["preprocessing"]["spacing"] == 4.0
+    assert any(k.startswith("model.quantizer.codebook") for k in load_file(tokenizer_checkpoint(run_dir).with_suffix(
+        ".safetensors")))
+    assert list((run_dir / "tensorboard" / "tokenizer").iterdir())
+
+    path = tokenize_run(run_dir, config, progress=False)
+    tokens, scans = load_tokens(run_dir)
+    assert [tuple(t.shape) for t in tokens] == [(8, 1, 1, 1), (8, 4, 4, 4), (8, 8, 8, 8)]
+    assert list(scans["session_id"].astype(str)) == list(pd.read_csv(run_dir / "scans.csv")["session_id"].astype(str))
+    mtime = path.stat().st_mtime_ns
+    assert tokenize_run(run_dir, config, progress=False) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    config = load_config(run_dir / "config.yaml", ["train_tokenizer.steps=6", "train_tokenizer.checkpoint_every=3",
+                                                   "train_tokenizer.val_every=100"])
+    train_tokenizer(run_dir, config, progress=False)
+    halfway = load_config(other / "config.yaml", ["train_tokenizer.steps=3", "train_tokenizer.val_every=100"])
+    train_tokenizer(other, halfway, progress=False)
+    train_tokenizer(other, config, progress=False)
+    a = load_file(str(tokenizer_checkpoint(run_dir).with_suffix(".safetensors")))
+    b = load_file(str(tokenizer_checkpoint(other).with_suffix(".safetensors")))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a if not k.startswith("rng."))
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_refused(run_dir):
+    config = load_config(run_dir / "config.yaml", ["train_tokenizer.steps=1"])
+    train_tokenizer(run_dir, config, progress=False)
+    wider = load_config(run_dir / "config.yaml", ["tokenizer.latent_dim=4", "train_tokenizer.steps=2"])
+    with pytest.raises(NeuroARError, match="does not fit.*checkpoint"):
+        train_tokenizer(run_dir, wider, progress=False)
+
+
+def test_cli_needs_a_preprocessed_run(tmp_path, capsys):
+    assert main(["train-tokenizer", "--run", str(tmp_path)]) == 2
+    assert "neuroar preprocess" in capsys.readouterr().err
