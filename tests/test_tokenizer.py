@@ -72,12 +72,25 @@ def test_dead_codes_are_restarted_on_current_features():
     q = MultiScaleQuantizer(codebook_size=32, dim=4, scales=((1, 1, 1), (2, 2, 2)), usage_decay=0.0, dead_usage=0.5)
     q.codebook.weight.data.zero_()
     q.codebook.weight.data[0] = 1.0  # every feature maps to one of two identical regions
+    q.initialized.fill_(True)  # test the restarts, not the data-dependent start
     q.train()
     f = torch.randn(8, 4, 2, 2, 2) * 5
     q(f)
     assert q.codebook.weight.data.abs().sum(1).gt(0).sum() > 2  # dead codes now hold features
     stats = q.usage_stats(q.encode(f))
     assert stats["scale1_used"] > 1 / 32 and stats["scale1_perplexity"] > 1.0
+
+
+def test_codebook_starts_from_the_first_batch_of_features():
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(codebook_size=16, dim=4, scales=((1, 1, 1), (2, 2, 2))).train()
+    f = 10 + torch.randn(4, 4, 2, 2, 2)  # far from the tiny initial codes
+    q(f)
+    assert bool(q.initialized)
+    assert torch.allclose(q.codebook.weight.mean(), torch.tensor(10.0), atol=1.0)
+    before = q.codebook.weight.detach().clone()
+    q(f)
+    assert torch.equal(before, q.codebook.weight)  # only once (no dead codes: usage is still near 1)
 
 
 @pytest.mark.parametrize("name", ["demo", "paper"])

@@ -13,8 +13,9 @@ features -> tokens (`encode`), tokens -> f_hat (`tokens_to_fhat`), tokens -> tea
 (`teacher_forcing_inputs`), and the sampling step (`add_scale` itself). Training and sampling therefore
 build the transformer's inputs with the same code.
 
-Codebook health: Euclidean lookup with a commitment loss, an EMA of each code's use, and restarts of codes
-that fell out of use (replaced by features the encoder currently produces).
+Codebook health: Euclidean lookup with a commitment loss; the codebook starts from the encoder's features of
+the first training batch (all scales), so that codes and features share a scale from step one; an EMA of
+each code's use, and restarts of codes that fell out of use (replaced by features the encoder produces now).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Shape3 = tuple[int, int, int]
 
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, scales: tuple[Shape3, ...], beta: float = 0.25,
-                 phi_mix: float = 0.5, usage_decay: float = 0.99, dead_usage: float = 0.03):
+                 phi_mix: float = 0.5, usage_decay: float = 0.95, dead_usage: float = 0.03):
         super().__init__()
         self.scales = tuple(tuple(s) for s in scales)
         self.latent = self.scales[-1]
@@ -40,6 +41,7 @@ class MultiScaleQuantizer(nn.Module):
         self.usage_decay, self.dead_usage = usage_decay, dead_usage
         # EMA of each code's share of use, relative to uniform use (1.0 = used as often as 1/V of tokens).
         self.register_buffer("usage", torch.ones(codebook_size))
+        self.register_buffer("initialized", torch.tensor(False))
 
     @property
     def tokens_per_scale(self) -> list[int]:
@@ -48,6 +50,8 @@ class MultiScaleQuantizer(nn.Module):
     def forward(self, f_BCdhw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, dict]:
         """Quantize; returns (f_hat with a straight-through gradient to f, tokens per scale, vq loss, stats)."""
         f_detached = f_BCdhw.detach()
+        if self.training and not bool(self.initialized):
+            self._initialize(f_detached)
         f_rest = f_detached.clone()
         f_hat = torch.zeros_like(f_detached)
         tokens, residuals = [], []
@@ -128,6 +132,16 @@ class MultiScaleQuantizer(nn.Module):
         codes_VC = self.codebook.weight
         distance_NV = (z_NC.square().sum(1, keepdim=True) - 2 * z_NC @ codes_VC.T + codes_VC.square().sum(1))
         return distance_NV.argmin(dim=1).view(B, d, h, w)
+
+    @torch.no_grad()
+    def _initialize(self, f_BCdhw: torch.Tensor) -> None:
+        C = f_BCdhw.shape[1]
+        vectors_NC = torch.cat([_area_down(f_BCdhw, s).permute(0, 2, 3, 4, 1).reshape(-1, C) for s in self.scales])
+        size = self.codebook.num_embeddings
+        pick = torch.randint(len(vectors_NC), (size,), device=vectors_NC.device)
+        noise = 0.01 * vectors_NC.std() * torch.randn(size, C, device=vectors_NC.device)
+        self.codebook.weight.data.copy_(vectors_NC[pick] + noise)
+        self.initialized.fill_(True)
 
     @torch.no_grad()
     def _update_usage(self, tokens: list[torch.Tensor], residuals_NC: torch.Tensor) -> None:
