@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/neuroar demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest
 
 clean:
