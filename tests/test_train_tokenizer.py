@@ -46,7 +46,8 @@ def test_reconstruction_loss_falls_and_outputs_are_written(run_dir):
     log = pd.read_csv(run_dir / "tokenizer_train.csv")
     assert log["l1"].iloc[-5:].mean() < 0.6 * log["l1"].iloc[:5].mean()
     assert (log["adversarial_g"].iloc[3:] > 0).all() and (log["adversarial_g"].iloc[:3] == 0).all()
-    assert {"psnr", "ssim", "scale2_used", "scale2_perplexity"} <= set(metrics) and metrics["psnr"] > 10
+    assert {"psnr", "ssim", "psnr_brain", "ssim_brain", "scale2_used", "scale2_perplexity"} <= set(metrics)
+    assert metrics["psnr"] > 10
     meta = json.loads(tokenizer_checkpoint(run_dir).with_suffix(".json").read_text())
     assert meta["step"] == 40 and meta["scales"] == [[1, 1, 1], [4, 4, 4], [8, 8, 8]]
     assert meta["preprocessing"]["spacing"] == 4.0

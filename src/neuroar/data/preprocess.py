@@ -20,6 +20,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
 from nibabel.processing import resample_from_to
+from nilearn.datasets import load_mni152_brain_mask
 from skimage.filters import threshold_otsu
 from tqdm.auto import tqdm
 
@@ -58,20 +59,32 @@ def preprocess_image(img: nib.Nifti1Image, config: DataConfig) -> tuple[np.ndarr
         from neuroar.data.registration import register_to_mni
 
         img = register_to_mni(img)
+    out_DHW, affine = _to_grid(img, config, mode="bilinear")
+    low, high = _robust_range(out_DHW, config.intensity_percentiles)
+    scaled_DHW = np.clip((out_DHW - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    record = PreprocessRecord(affine=affine, source_shape=tuple(source.shape[:3]),
+                              source_affine=source.affine.astype(float), intensity_range=(low, high))
+    return scaled_DHW, record
+
+
+def template_brain_mask(config: DataConfig) -> np.ndarray:
+    """MNI152's brain mask (from the nilearn wheel) on the preprocessed grid of template-space inputs: the
+    standard-space mask inside which image metrics are computed."""
+    mask = load_mni152_brain_mask(resolution=1)
+    mask_DHW, _ = _to_grid(mask, dataclasses.replace(config, register=False), mode="nearest")
+    return mask_DHW > 0.5
+
+
+def _to_grid(img: nib.Nifti1Image, config: DataConfig, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """RAS, isotropic `config.spacing`, centred crop/pad to `config.shape`; returns the volume and its affine."""
     data_DHW = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
-    spacing = (config.spacing,) * 3
     transform = Compose([
         Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros"),
+        Spacing(pixdim=(config.spacing,) * 3, mode=mode, padding_mode="zeros"),
         ResizeWithPadOrCrop(spatial_size=config.shape),
     ])
     image = transform(MetaTensor(torch.from_numpy(data_DHW[None]), affine=torch.as_tensor(img.affine)))
-    out_DHW = image[0].numpy().astype(np.float32)
-    low, high = _robust_range(out_DHW, config.intensity_percentiles)
-    scaled_DHW = np.clip((out_DHW - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    record = PreprocessRecord(affine=image.affine.numpy().astype(float), source_shape=tuple(source.shape[:3]),
-                              source_affine=source.affine.astype(float), intensity_range=(low, high))
-    return scaled_DHW, record
+    return image[0].numpy().astype(np.float32), image.affine.numpy().astype(float)
 
 
 def to_input_space(volume_DHW: np.ndarray, record: PreprocessRecord, order: int = 1,

@@ -25,8 +25,9 @@ from monai.networks.nets import PatchDiscriminator
 from tqdm.auto import tqdm
 
 from neuroar.config import Config, save_config
-from neuroar.data.preprocess import load_preprocessed
+from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
+from neuroar.evaluate.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
 from neuroar.train.log import RunLog
@@ -58,6 +59,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
     save_config(config, run_dir / "config.yaml")
     print("tokenizer: perceptual loss off (it needs pretrained weights, which are never downloaded)")
     log = RunLog(run_dir, "tokenizer")
+    brain = template_brain_mask(config.data)
     metrics: dict[str, float] = {}
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="tokenizer",
                unit="step", disable=not progress)
@@ -98,7 +100,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
             log.log(done, {"l1": float(l1), "vq": float(vq_loss), "adversarial_g": float(adversarial_g),
                            "adversarial_d": float(adversarial_d), **stats})
         if done % settings.val_every == 0 or done == settings.steps:
-            metrics = validate(model, val_paths or train_paths, device)
+            metrics = validate(model, val_paths or train_paths, device, brain)
             log.log(done, metrics, kind="val")
             log.figure("val/reconstruction", _slice_figure(model, val_paths or train_paths, device), done)
         if done % settings.checkpoint_every == 0 or done == settings.steps:
@@ -110,20 +112,22 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
 
 
 @torch.no_grad()
-def validate(model: MSVQVAE, paths: list[str], device: torch.device) -> dict[str, float]:
-    """PSNR and SSIM (3D, data range 1) of reconstructions, and per-scale code use, over the given scans."""
+def validate(model: MSVQVAE, paths: list[str], device: torch.device, brain: np.ndarray) -> dict[str, float]:
+    """Reconstruction PSNR and SSIM (3D, data range 1) of the whole volume and inside the brain mask, and
+    per-scale code use, averaged over the given scans."""
     model.eval()
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0)
-    used = []
+    rows = []
     for path in paths:
         x = torch.from_numpy(load_preprocessed(path)[0])[None, None].to(device)
         tokens = model.tokenize(x)
-        reconstruction = model.decode_tokens(tokens).clamp(0, 1)
+        reconstruction = model.decode_tokens(tokens).float().clamp(0, 1)
         psnr(reconstruction, x)
         ssim(reconstruction, x)
-        used.append(model.quantizer.usage_stats(tokens))
-    usage = pd.DataFrame(used).mean().to_dict()
-    return {"psnr": float(psnr.aggregate()), "ssim": float(ssim.aggregate()), **usage}
+        rebuilt, original = reconstruction[0, 0].cpu().numpy(), x[0, 0].cpu().numpy()
+        rows.append({"psnr_brain": masked_psnr(rebuilt, original, brain),
+                     "ssim_brain": masked_ssim(rebuilt, original, brain), **model.quantizer.usage_stats(tokens)})
+    return {"psnr": float(psnr.aggregate()), "ssim": float(ssim.aggregate()), **pd.DataFrame(rows).mean().to_dict()}
 
 
 def _split_paths(run_dir: Path) -> tuple[list[str], list[str]]:

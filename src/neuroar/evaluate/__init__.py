@@ -1,0 +1,1 @@
+"""Evaluation: image metrics inside the brain (later: volumes, brain age, reports)."""
