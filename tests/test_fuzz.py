@@ -12,6 +12,8 @@ from neuroar.data.manifest import read_manifest
 from neuroar.errors import ConfigError, ManifestError
 
 DEMO = load_config("demo").to_dict()
+# Repeatable in CI; tmp_path is only a folder to write into, so sharing it between examples is fine.
+FUZZ = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
 TEXT = st.characters(blacklist_categories=("Cs",))  # lone surrogates cannot be written to a file at all
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                    st.text(TEXT, max_size=8), st.lists(st.integers(-5, 200), max_size=4),
@@ -31,7 +33,7 @@ def mutated_configs(draw):
     return config
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, **FUZZ)
 @given(config=mutated_configs())
 def test_mutated_configs_load_or_raise_config_error(tmp_path, config):
     path = tmp_path / "c.yaml"
@@ -42,7 +44,7 @@ def test_mutated_configs_load_or_raise_config_error(tmp_path, config):
         assert str(err).startswith(str(path))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, **FUZZ)
 @given(text=st.text(TEXT, max_size=300))
 def test_random_text_as_config_or_override(tmp_path, text):
     path = tmp_path / "c.yaml"
@@ -56,7 +58,7 @@ CELLS = st.one_of(st.text(st.characters(blacklist_categories=("Cs",), blacklist_
                   st.sampled_from(["", "70", "nan", "-1", "200", "a", "img.nii.gz", "train", "test"]))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, **FUZZ)
 @given(header=st.lists(st.sampled_from(["subject_id", "session_id", "age", "path", "split", "sex", "x", ""]),
                        min_size=1, max_size=6),
        rows=st.lists(st.lists(CELLS, min_size=1, max_size=6), max_size=5))
@@ -69,7 +71,7 @@ def test_random_manifests_load_or_raise_manifest_error(tmp_path, header, rows):
             read_manifest(path)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, **FUZZ)
 @given(data=st.binary(max_size=200))
 def test_binary_garbage_manifest(tmp_path, data):
     path = tmp_path / "m.csv"
