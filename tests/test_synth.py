@@ -11,6 +11,7 @@ from neuroar.data.bids import discover_bids
 from neuroar.data.manifest import read_manifest
 from neuroar.data.synth.anatomy import CLASSES, load_anatomy
 from neuroar.data.synth.cohort import SynthOptions, _flow, make_cohort, plan_subjects, subject_aging
+from neuroar.errors import NeuroARError
 
 OPTIONS = SynthOptions(subjects=15, visits=4, seed=3, workers=2)
 # Label ids of each structure whose change is measured.
@@ -156,3 +157,10 @@ def test_one_millimetre_cohort(tmp_path):
     truth = pd.read_csv(tmp_path / "truth.csv")
     assert truth["ventricles"].iloc[1] > truth["ventricles"].iloc[0]
     assert truth["whole_brain"].iloc[1] < truth["whole_brain"].iloc[0]
+
+
+def test_refuses_to_write_into_a_folder_with_other_content(tmp_path):
+    (tmp_path / "my_scan.nii.gz").write_bytes(b"precious")
+    with pytest.raises(NeuroARError, match="not empty"):
+        make_cohort(tmp_path, SynthOptions(subjects=1, visits=1, workers=1), progress=False)
+    assert (tmp_path / "my_scan.nii.gz").read_bytes() == b"precious"

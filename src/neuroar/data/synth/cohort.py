@@ -75,6 +75,9 @@ def make_cohort(out_dir: str | Path, options: SynthOptions = SynthOptions(), pro
     """Write the cohort into `out_dir` and return its manifest."""
     _check(options)
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "synth.json").is_file():
+        raise NeuroARError(f"{out_dir} is not empty and holds no earlier synthetic cohort; choose a new or empty "
+                           "folder, so that nothing already there is overwritten.")
     out_dir.mkdir(parents=True, exist_ok=True)
     plans = plan_subjects(options)
     workers = options.workers or os.cpu_count() or 1
