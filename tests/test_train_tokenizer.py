@@ -2,6 +2,7 @@
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,6 +62,14 @@ def test_reconstruction_loss_falls_and_outputs_are_written(run_dir):
     assert list(scans["session_id"].astype(str)) == list(pd.read_csv(run_dir / "scans.csv")["session_id"].astype(str))
     mtime = path.stat().st_mtime_ns
     assert tokenize_run(run_dir, config, progress=False) == path and path.stat().st_mtime_ns == mtime
+
+    out = run_dir / "decoded.nii.gz"
+    assert main(["decode", "--run", str(run_dir), "--subject", "s0", "--session", "0", "--out", str(out)]) == 0
+    original_path = pd.read_csv(run_dir / "scans.csv")["path"].iloc[0]  # subject s0, session 0
+    decoded, original = nib.load(out), nib.load(original_path)
+    assert decoded.shape == original.shape and np.allclose(decoded.affine, original.affine)
+    assert np.corrcoef(decoded.get_fdata().ravel(), original.get_fdata().ravel())[0, 1] > 0.5
+    assert main(["decode", "--run", str(run_dir), "--subject", "s0", "--session", "0", "--out", original_path]) == 2
 
 
 def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path):

@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     tokenize.set_defaults(handler=_tokenize)
 
+    decode = commands.add_parser("decode", help="decode a scan's cached tokens into a NIfTI in the scan's space")
+    decode.add_argument("--run", type=Path, required=True)
+    decode.add_argument("--subject", required=True)
+    decode.add_argument("--session", required=True)
+    decode.add_argument("--out", type=Path, required=True, help="output .nii.gz (never one of the inputs)")
+    decode.set_defaults(handler=_decode)
+
     show = commands.add_parser("config", help="print the resolved config")
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
@@ -131,6 +138,22 @@ def _tokenize(args: argparse.Namespace) -> None:
     from neuroar.data.tokens import tokenize_run
 
     print(f"tokens: {tokenize_run(args.run, _run_config(args.run, None, args.overrides))}")
+
+
+def _decode(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from neuroar.data.nifti import write_volume
+    from neuroar.data.tokens import decode_scan
+    from neuroar.errors import NeuroARError
+
+    config = _run_config(args.run, None, [])
+    scans = pd.read_csv(args.run / "scans.csv", keep_default_na=False)
+    if args.out.resolve() in {Path(p).resolve() for p in scans["path"]}:
+        raise NeuroARError(f"{args.out} is one of the run's input scans; choose another output path.")
+    image = decode_scan(args.run, config, args.subject, args.session)
+    write_volume(args.out, image.get_fdata(dtype="float32"), image.affine)
+    print(f"decoded {args.subject} {args.session} -> {args.out}")
 
 
 def _show_config(args: argparse.Namespace) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from neuroar.config import Config
-from neuroar.data.preprocess import load_preprocessed
+from neuroar.data.preprocess import load_preprocessed, to_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_file, sha256_json, write_json
 from neuroar.models.tokenizer import MSVQVAE
@@ -67,6 +68,19 @@ def load_tokens(run_dir: str | Path) -> tuple[list[torch.Tensor], pd.DataFrame]:
     tensors = load_file(str(path))
     meta = json.loads(path.with_suffix(".json").read_text())
     return [tensors[f"scale{k}"].long() for k in range(len(meta["scales"]))], pd.DataFrame(meta["scans"])
+
+
+def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id: str) -> nib.Nifti1Image:
+    """A scan's cached tokens decoded by the tokenizer, in the scan's own space and intensity range."""
+    tokens, scans = load_tokens(run_dir)
+    match = (scans["subject_id"].astype(str) == subject_id) & (scans["session_id"].astype(str) == session_id)
+    if not match.any():
+        raise NeuroARError(f"no scan of subject {subject_id!r}, session {session_id!r} in {run_dir}/scans.csv.")
+    index = int(match.to_numpy().nonzero()[0][0])
+    model = load_tokenizer(run_dir, config)
+    volume = model.decode_tokens([t[index:index + 1] for t in tokens])[0, 0].clamp(0, 1).numpy()
+    _, record = load_preprocessed(scans["preprocessed"].iloc[index])
+    return to_input_space(volume, record)
 
 
 def _token_path(run_dir: Path, scans: pd.DataFrame) -> Path:
