@@ -131,7 +131,7 @@ def test_reconstruction_loss_falls_on_a_tiny_training_run():
         optimizer.zero_grad()
         (l1 + vq_loss).backward()
         optimizer.step()
-        losses.append(float(l1))
+        losses.append(l1.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 

@@ -95,10 +95,10 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
             adversarial_d.backward()
             optimizer_d.step()
         done = step + 1
-        bar.set_postfix(l1=f"{float(l1):.4f}", vq=f"{float(vq_loss):.4f}")
+        bar.set_postfix(l1=f"{l1.item():.4f}", vq=f"{vq_loss.item():.4f}")
         if done % settings.log_every == 0 or done == settings.steps:
-            log.log(done, {"l1": float(l1), "vq": float(vq_loss), "adversarial_g": float(adversarial_g),
-                           "adversarial_d": float(adversarial_d), **stats})
+            log.log(done, {"l1": l1.item(), "vq": vq_loss.item(), "adversarial_g": adversarial_g.item(),
+                           "adversarial_d": adversarial_d.item(), **stats})
         if done % settings.val_every == 0 or done == settings.steps:
             metrics = validate(model, val_paths or train_paths, device, brain)
             log.log(done, metrics, kind="val")
