@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuroar", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="neuroar", description="Predict how a brain MRI will look years later "
+                                     "(NeuroAR), with baselines and evaluation.")
     parser.add_argument("--version", action="version", version=f"neuroar {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
