@@ -120,7 +120,6 @@ def _preprocess(args: argparse.Namespace) -> None:
 
 def _run_config(run: Path, config_path: Path | None, overrides: list[str]):
     from neuroar.config import load_config
-    from neuroar.errors import NeuroARError
 
     path = config_path or run / "config.yaml"
     if not path.is_file():
@@ -146,7 +145,6 @@ def _decode(args: argparse.Namespace) -> None:
 
     from neuroar.data.nifti import write_volume
     from neuroar.data.tokens import decode_scan
-    from neuroar.errors import NeuroARError
 
     config = _run_config(args.run, None, [])
     scans = pd.read_csv(args.run / "scans.csv", keep_default_na=False)

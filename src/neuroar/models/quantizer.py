@@ -52,40 +52,35 @@ class MultiScaleQuantizer(nn.Module):
         f_detached = f_BCdhw.detach()
         if self.training and not bool(self.initialized):
             self._initialize(f_detached)
-        f_rest = f_detached.clone()
-        f_hat = torch.zeros_like(f_detached)
-        tokens, residuals = [], []
-        loss = f_BCdhw.new_zeros(())
-        for k in range(len(self.scales)):
-            z_BCdhw = _area_down(f_rest, self.scales[k])
-            idx_Bdhw = self._nearest(z_BCdhw)
-            f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
-            f_rest = f_detached - f_hat.detach()
-            tokens.append(idx_Bdhw)
-            residuals.append(z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, z_BCdhw.shape[1]))
-            # Codebook and refinements move toward the features; the encoder commits to the quantization.
-            loss = loss + F.mse_loss(f_hat, f_detached) + self.beta * F.mse_loss(f_hat.detach(), f_BCdhw)
-        loss = loss / len(self.scales)
+        f_hats, tokens, residuals_NC = self._quantize(f_detached)
+        # Codebook and refinements move toward the features; the encoder commits to the quantization.
+        loss = sum(F.mse_loss(f_hat, f_detached) + self.beta * F.mse_loss(f_hat.detach(), f_BCdhw)
+                   for f_hat in f_hats) / len(self.scales)
         stats = self.usage_stats(tokens)
         if self.training:
-            self._update_usage(tokens, torch.cat(residuals))
+            self._update_usage(tokens, residuals_NC)
         # Straight-through: the decoder sees f_hat, its gradient reaches the encoder as if quantization were
         # the identity; codebook and refinements learn from the vq loss alone.
-        f_hat_ste = f_BCdhw + (f_hat - f_BCdhw).detach()
+        f_hat_ste = f_BCdhw + (f_hats[-1] - f_BCdhw).detach()
         return f_hat_ste, tokens, loss, stats
 
     @torch.no_grad()
     def encode(self, f_BCdhw: torch.Tensor) -> list[torch.Tensor]:
         """Token maps, coarse to fine: a list of (B, d, h, w) integer tensors."""
-        f_rest = f_BCdhw.clone()
-        f_hat = torch.zeros_like(f_BCdhw)
-        tokens = []
-        for k in range(len(self.scales)):
-            idx_Bdhw = self._nearest(_area_down(f_rest, self.scales[k]))
+        return self._quantize(f_BCdhw)[1]
+
+    def _quantize(self, f_BCdhw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The residual loop: cumulative f_hat after each scale, tokens, and the (N, C) vectors that were looked
+        up (the candidates for restarting dead codes). `f_BCdhw` must carry no gradient."""
+        f_hat, f_hats, tokens, residuals = None, [], [], []
+        for k, scale in enumerate(self.scales):
+            z_BCdhw = _area_down(f_BCdhw if f_hat is None else f_BCdhw - f_hat.detach(), scale)
+            idx_Bdhw = self._nearest(z_BCdhw)
             f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
-            f_rest = f_BCdhw - f_hat
+            f_hats.append(f_hat)
             tokens.append(idx_Bdhw)
-        return tokens
+            residuals.append(z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, z_BCdhw.shape[1]))
+        return f_hats, tokens, torch.cat(residuals)
 
     def tokens_to_fhat(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         f_hat = None

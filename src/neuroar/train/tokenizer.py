@@ -119,15 +119,21 @@ def validate(model: MSVQVAE, paths: list[str], device: torch.device, brain: np.n
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0)
     rows = []
     for path in paths:
-        x = torch.from_numpy(load_preprocessed(path)[0])[None, None].to(device)
-        tokens = model.tokenize(x)
-        reconstruction = model.decode_tokens(tokens).float().clamp(0, 1)
+        x, tokens, reconstruction = _reconstruct(model, path, device)
         psnr(reconstruction, x)
         ssim(reconstruction, x)
         rebuilt, original = reconstruction[0, 0].cpu().numpy(), x[0, 0].cpu().numpy()
         rows.append({"psnr_brain": masked_psnr(rebuilt, original, brain),
                      "ssim_brain": masked_ssim(rebuilt, original, brain), **model.quantizer.usage_stats(tokens)})
     return {"psnr": float(psnr.aggregate()), "ssim": float(ssim.aggregate()), **pd.DataFrame(rows).mean().to_dict()}
+
+
+def _reconstruct(model: MSVQVAE, path: str, device: torch.device
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """A preprocessed scan (1, 1, D, H, W), its tokens, and its reconstruction from them, clamped to [0, 1]."""
+    x = torch.from_numpy(load_preprocessed(path)[0])[None, None].to(device)
+    tokens = model.tokenize(x)
+    return x, tokens, model.decode_tokens(tokens).float().clamp(0, 1)
 
 
 def _split_paths(run_dir: Path) -> tuple[list[str], list[str]]:
@@ -165,9 +171,8 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def _slice_figure(model: MSVQVAE, paths: list[str], device: torch.device):
     model.eval()
-    x = torch.from_numpy(load_preprocessed(paths[0])[0])[None, None].to(device)
-    reconstruction = model.decode_tokens(model.tokenize(x)).clamp(0, 1)
-    original, rebuilt = x[0, 0].cpu().numpy(), reconstruction[0, 0].float().cpu().numpy()
+    x, _, reconstruction = _reconstruct(model, paths[0], device)
+    original, rebuilt = x[0, 0].cpu().numpy(), reconstruction[0, 0].cpu().numpy()
     figure = Figure(figsize=(9, 6), layout="constrained")
     axes = figure.subplots(2, 3)
     for axis, index in enumerate(np.array(original.shape) // 2):
