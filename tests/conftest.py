@@ -31,3 +31,35 @@ def blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
     radius = np.array(shape) / 3
     inside = (((grid - centre[:, None, None, None]) / radius[:, None, None, None]) ** 2).sum(0) < 1
     return (inside * (100 + 20 * rng.random(shape))).astype(np.float32)
+
+
+# A tiny run: 4 mm, 32^3, a 4x-downsampling tokenizer with scales 1^3, 4^3, 8^3; seconds per training step.
+TINY = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
+        "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
+        "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]", "train_tokenizer.batch_size=2", "train_tokenizer.lr=0.002",
+        "train_tokenizer.log_every=1", "train_tokenizer.adversarial_start=3", "train_tokenizer.adversarial_weight=0.1",
+        "data.split_fractions=[0.75,0.25,0]", "transformer.depth=1", "train_transformer.batch_size=2",
+        "train_transformer.log_every=1", "train_transformer.warmup_steps=5", "sampling.samples=2"]
+
+
+def ball(shift, seed, size: int = 32) -> np.ndarray:
+    """An ellipsoidal head whose position shifts with `shift`, with seeded texture."""
+    offset = np.indices((size,) * 3).astype(float) - size / 2 - np.array(shift)[:, None, None, None]
+    inside = ((offset / np.array([10, 12, 9])[:, None, None, None]) ** 2).sum(0) < 1
+    return (inside * (80 + 20 * np.random.default_rng(seed).random((size,) * 3))).astype(np.float32)
+
+
+def make_tiny_run(root: Path) -> Path:
+    """Eight scans (four subjects at ages 70 and 71) preprocessed into ROOT/run with the TINY config."""
+    from neuroar.config import load_config
+    from neuroar.pipeline import prepare_dataset
+
+    rows = []
+    for i in range(8):
+        volume = ball((i % 3 - 1, i % 2, -(i % 2)), i)
+        path = write_nifti(root / "in" / f"s{i}.nii.gz", volume, np.diag([4.0, 4.0, 4.0, 1.0]))
+        rows.append(f"s{i // 2},{i % 2},{70 + i % 2},{path}")
+    (root / "in" / "manifest.csv").write_text("subject_id,session_id,age,path\n" + "\n".join(rows) + "\n")
+    config = load_config("demo", TINY + [f"data.cache_dir={root / 'cache'}"])
+    prepare_dataset(root / "in" / "manifest.csv", config, root / "run", progress=False)
+    return root / "run"

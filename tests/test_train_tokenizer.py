@@ -8,37 +8,17 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from conftest import write_nifti
+from conftest import make_tiny_run
 from neuroar.cli import main
 from neuroar.config import load_config
 from neuroar.data.tokens import load_tokens, tokenize_run
 from neuroar.errors import NeuroARError
-from neuroar.pipeline import prepare_dataset
 from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
-
-TINY = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
-        "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
-        "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]", "train_tokenizer.batch_size=2", "train_tokenizer.lr=0.002",
-        "train_tokenizer.log_every=1", "train_tokenizer.adversarial_start=3", "data.split_fractions=[0.75,0.25,0]"]
-
-
-def ball(shift, seed):
-    offset = np.indices((32, 32, 32)).astype(float) - 16 - np.array(shift)[:, None, None, None]
-    inside = ((offset / np.array([10, 12, 9])[:, None, None, None]) ** 2).sum(0) < 1
-    return (inside * (80 + 20 * np.random.default_rng(seed).random((32, 32, 32)))).astype(np.float32)
 
 
 @pytest.fixture
 def run_dir(tmp_path):
-    rows = []
-    for i in range(8):
-        volume = ball((i % 3 - 1, i % 2, -(i % 2)), i)
-        path = write_nifti(tmp_path / "in" / f"s{i}.nii.gz", volume, np.diag([4.0, 4.0, 4.0, 1.0]))
-        rows.append(f"s{i // 2},{i % 2},{70 + i % 2},{path}")
-    (tmp_path / "in" / "manifest.csv").write_text("subject_id,session_id,age,path\n" + "\n".join(rows) + "\n")
-    config = load_config("demo", TINY + [f"data.cache_dir={tmp_path / 'cache'}"])
-    prepare_dataset(tmp_path / "in" / "manifest.csv", config, tmp_path / "run", progress=False)
-    return tmp_path / "run"
+    return make_tiny_run(tmp_path)
 
 
 def test_reconstruction_loss_falls_and_outputs_are_written(run_dir):

@@ -83,6 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     decode.add_argument("--out", type=Path, required=True, help="output .nii.gz (never one of the inputs)")
     decode.set_defaults(handler=_decode)
 
+    train_ar = commands.add_parser("train-ar", help="train (or resume) the NeuroAR transformer on a run's tokens")
+    train_ar.add_argument("--run", type=Path, required=True, help="run folder with cached tokens (`neuroar tokenize`)")
+    train_ar.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
+    train_ar.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
+    train_ar.set_defaults(handler=_train_ar)
+
+    predict = commands.add_parser("predict", help="predict follow-up scans of a NIfTI at later ages")
+    predict.add_argument("--checkpoint", type=Path, required=True, help="trained run folder")
+    predict.add_argument("--input", type=Path, required=True, help="T1-weighted NIfTI (.nii or .nii.gz)")
+    predict.add_argument("--age", type=float, required=True, help="age at the input scan, in years")
+    predict.add_argument("--target-age", type=float, action="append", required=True, dest="target_ages",
+                         help="age to predict at; repeat for several")
+    predict.add_argument("--samples", type=int, help="samples per target age (default: the config's)")
+    predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--out", type=Path, required=True, help="output folder (not the input's folder)")
+    predict.set_defaults(handler=_predict)
+
     show = commands.add_parser("config", help="print the resolved config")
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
@@ -153,6 +170,33 @@ def _decode(args: argparse.Namespace) -> None:
     image = decode_scan(args.run, config, args.subject, args.session)
     write_volume(args.out, image.get_fdata(dtype="float32"), image.affine)
     print(f"decoded {args.subject} {args.session} -> {args.out}")
+
+
+def _train_ar(args: argparse.Namespace) -> None:
+    from neuroar.train.transformer import train_transformer
+
+    metrics = train_transformer(args.run, _run_config(args.run, args.config, args.overrides))
+    print("validation (teacher forced): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from neuroar.data.nifti import read_volume, write_volume
+    from neuroar.predict import Predictor, check_ages
+
+    if args.out.resolve() == args.input.resolve().parent:
+        raise NeuroARError(f"--out {args.out} is the input's folder; write predictions to a folder of their own.")
+    if args.samples is not None and args.samples < 1:
+        raise NeuroARError(f"--samples must be at least 1, got {args.samples}.")
+    check_ages(args.age, args.target_ages)
+    image = read_volume(args.input)
+    predictions = Predictor.from_checkpoint(args.checkpoint).predict(image, args.age, args.target_ages,
+                                                                      args.samples, args.seed)
+    stem = args.input.name.removesuffix(".gz").removesuffix(".nii")
+    for prediction in predictions:
+        for kind in ("mean", "std", "detail"):
+            out = args.out / f"{stem}_age-{prediction.target_age:g}_{kind}.nii.gz"
+            write_volume(out, getattr(prediction, kind).get_fdata(dtype="float32"), image.affine, image.header)
+            print(out)
 
 
 def _show_config(args: argparse.Namespace) -> None:

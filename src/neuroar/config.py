@@ -58,7 +58,8 @@ class TokenizerConfig:
 class TokenizerTrainingConfig:
     steps: int = 2000
     batch_size: int = 2
-    lr: float = 2e-4
+    lr: float = 2e-4  # peak; linear warm-up, then cosine decay to lr / 10 at the last step
+    warmup_steps: int = 100
     adversarial_weight: float = 0.1  # times the adaptive weight (reconstruction / adversarial gradient norms)
     adversarial_start: int = 1000  # step at which the patch discriminator joins
     discriminator_channels: int = 16
@@ -70,7 +71,44 @@ class TokenizerTrainingConfig:
 
 @dataclass
 class TransformerConfig:
-    depth: int = 8  # number of blocks; the one knob that sizes the model
+    depth: int = 8  # number of blocks; the one knob that sizes the model: width = 64 * depth, heads = depth
+    mlp_ratio: float = 4.0
+    condition_dropout: float = 0.1  # share of training pairs without their ages (classifier-free guidance)
+    # Ablation switches: the earlier scan's features concatenated at every scale, age tokens reached by
+    # cross-attention, and the age embedding modulating every block through AdaLN.
+    concat_earlier: bool = True
+    cross_attention: bool = True
+    adaln: bool = True
+
+    @property
+    def width(self) -> int:
+        return 64 * self.depth
+
+    @property
+    def heads(self) -> int:
+        return self.depth
+
+
+@dataclass
+class TransformerTrainingConfig:
+    steps: int = 2000
+    batch_size: int = 8  # pairs per step
+    lr: float = 3e-4  # peak; linear warm-up, then cosine decay to lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 2.0
+    log_every: int = 10
+    val_every: int = 250
+    checkpoint_every: int = 250
+
+
+@dataclass
+class SamplingConfig:
+    samples: int = 4  # predictions per request; their mean is the prediction, their spread the uncertainty
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = all codes
+    top_p: float = 1.0  # nucleus; 1.0 = off
+    guidance: float = 1.0  # classifier-free guidance on the ages; 1.0 = off (conditional logits only)
 
 
 @dataclass
@@ -81,6 +119,8 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train_tokenizer: TokenizerTrainingConfig = field(default_factory=TokenizerTrainingConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    train_transformer: TransformerTrainingConfig = field(default_factory=TransformerTrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     @property
     def latent_shape(self) -> Shape3:
@@ -107,6 +147,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raw = _read_yaml(path)
     for override in overrides:
         _apply_override(raw, override)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str) -> Config:
+    """A config from plain data (a checkpoint's copy, say), type-checked and validated like a YAML file."""
     config = _build(Config, raw, prefix="", source=source)
     validate(config, source)
     return config
@@ -166,6 +211,20 @@ def validate(config: Config, source: str = "config") -> None:
         fail("train_tokenizer", "lr must be positive; adversarial_weight, head_weight, adversarial_start >= 0.")
     if config.transformer.depth < 1:
         fail("transformer.depth", f"must be at least 1, got {config.transformer.depth}.")
+    if not 0 <= config.transformer.condition_dropout < 1:
+        fail("transformer.condition_dropout", f"must be in [0, 1), got {config.transformer.condition_dropout}.")
+    ar = config.train_transformer
+    for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every"):
+        if getattr(ar, key) < 1:
+            fail(f"train_transformer.{key}", f"must be at least 1, got {getattr(ar, key)}.")
+    if ar.lr <= 0 or ar.weight_decay < 0 or ar.grad_clip <= 0:
+        fail("train_transformer", "lr and grad_clip must be positive, weight_decay >= 0.")
+    sampling = config.sampling
+    if sampling.samples < 1 or sampling.temperature <= 0 or sampling.top_k < 0 or not 0 < sampling.top_p <= 1:
+        fail("sampling", "samples >= 1, temperature > 0, top_k >= 0 (0 = all) and 0 < top_p <= 1 are needed; "
+                         f"got {sampling}.")
+    if sampling.guidance < 0:
+        fail("sampling.guidance", f"must be >= 0 (1 = off), got {sampling.guidance}.")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class MultiScaleQuantizer(nn.Module):
         up (the candidates for restarting dead codes). `f_BCdhw` must carry no gradient."""
         f_hat, f_hats, tokens, residuals = None, [], [], []
         for k, scale in enumerate(self.scales):
-            z_BCdhw = _area_down(f_BCdhw if f_hat is None else f_BCdhw - f_hat.detach(), scale)
+            z_BCdhw = area_down(f_BCdhw if f_hat is None else f_BCdhw - f_hat.detach(), scale)
             idx_Bdhw = self._nearest(z_BCdhw)
             f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
             f_hats.append(f_hat)
@@ -108,7 +108,7 @@ class MultiScaleQuantizer(nn.Module):
         f_hat = h_BCdhw if f_hat is None else f_hat + h_BCdhw
         if k + 1 == len(self.scales):
             return f_hat, None
-        return f_hat, _area_down(f_hat, self.scales[k + 1])
+        return f_hat, area_down(f_hat, self.scales[k + 1])
 
     def usage_stats(self, tokens: list[torch.Tensor]) -> dict[str, float]:
         """Per scale: the share of the codebook used in this batch, and the perplexity of the code histogram."""
@@ -131,7 +131,7 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def _initialize(self, f_BCdhw: torch.Tensor) -> None:
         C = f_BCdhw.shape[1]
-        vectors_NC = torch.cat([_area_down(f_BCdhw, s).permute(0, 2, 3, 4, 1).reshape(-1, C) for s in self.scales])
+        vectors_NC = torch.cat([area_down(f_BCdhw, s).permute(0, 2, 3, 4, 1).reshape(-1, C) for s in self.scales])
         size = self.codebook.num_embeddings
         pick = torch.randint(len(vectors_NC), (size,), device=vectors_NC.device)
         noise = 0.01 * vectors_NC.std() * torch.randn(size, C, device=vectors_NC.device)
@@ -151,7 +151,7 @@ class MultiScaleQuantizer(nn.Module):
             self.usage[dead] = 1.0
 
 
-def _area_down(f_BCdhw: torch.Tensor, size: Shape3) -> torch.Tensor:
+def area_down(f_BCdhw: torch.Tensor, size: Shape3) -> torch.Tensor:
     if tuple(f_BCdhw.shape[2:]) == tuple(size):
         return f_BCdhw
     return F.adaptive_avg_pool3d(f_BCdhw, size)

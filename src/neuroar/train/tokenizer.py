@@ -3,8 +3,8 @@
 Losses: L1 (optionally weighted up inside the head) + the quantizer's vq/commitment loss + an adversarial
 loss from MONAI's 3D PatchDiscriminator, which joins after `adversarial_start` steps with VQGAN's adaptive
 weight (the ratio of the reconstruction and adversarial gradient norms at the decoder's last layer).
+The learning rate warms up linearly, then follows a cosine down to a tenth of its peak.
 A perceptual loss needs pretrained weights, which this project never downloads; it is off.
-
 The batch order is a function of (seed, step), and the torch RNG is checkpointed, so a run resumed from its
 last checkpoint continues exactly as if it had not stopped. Checkpoints go to RUN/tokenizer/last.*,
 logs to RUN/tokenizer_train.csv, RUN/tokenizer_val.csv and RUN/tensorboard/.
@@ -12,7 +12,6 @@ logs to RUN/tokenizer_train.csv, RUN/tokenizer_val.csv and RUN/tensorboard/.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from neuroar.evaluate.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
 from neuroar.train.log import RunLog
+from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate
 
 
 def tokenizer_checkpoint(run_dir: str | Path) -> Path:
@@ -65,9 +65,11 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
                unit="step", disable=not progress)
     for step in bar:
         model.train()
+        set_learning_rate([optimizer, optimizer_d], learning_rate(step, settings.lr, settings.warmup_steps,
+                                                                   settings.steps))
         x = _batch(train_paths, step, settings.batch_size, config.seed).to(device)
         weights = 1.0 + settings.head_weight * (x > 0.05).float()
-        with _autocast(device):
+        with autocast(device):
             reconstruction, vq_loss, stats = model(x)
             l1 = (weights * (reconstruction.float() - x).abs()).mean()
             loss = l1 + vq_loss
@@ -86,7 +88,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
         optimizer.step()
         adversarial_d = torch.zeros(())
         if use_adversarial:
-            with _autocast(device):
+            with autocast(device):
                 real = adversarial(discriminator(x)[-1], target_is_real=True, for_discriminator=True)
                 fake = adversarial(discriminator(reconstruction.detach())[-1], target_is_real=False,
                                    for_discriminator=True)
@@ -148,11 +150,7 @@ def _split_paths(run_dir: Path) -> tuple[list[str], list[str]]:
 
 
 def _batch(paths: list[str], step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The batch of a step: epoch-wise seeded permutations, so the order depends only on (seed, step)."""
-    per_epoch = max(1, len(paths) // batch_size)
-    epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    chosen = order[position * batch_size:(position + 1) * batch_size].tolist()
+    chosen = batch_indices(len(paths), step, batch_size, seed)
     return torch.stack([torch.from_numpy(load_preprocessed(paths[i])[0])[None] for i in chosen])
 
 
@@ -161,11 +159,6 @@ def _adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, la
     grad_adv = torch.autograd.grad(adversarial, last, retain_graph=True)[0]
     return (grad_rec.norm() / (grad_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

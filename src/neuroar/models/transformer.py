@@ -1,0 +1,237 @@
+"""The NeuroAR transformer: next-scale prediction of a follow-up scan's tokens from the earlier scan and
+both ages.
+
+The sequence is every scale of the target scan, coarse to fine (token maps flattened in (d, h, w) order).
+The input of scale k is the target's cumulative f_hat of scales < k, area-downsampled to scale k (zeros at
+scale 0), concatenated channel-wise with the earlier scan's f_hat area-downsampled to the same scale, then
+projected to the width, plus a level embedding and a learned 3D position per token. Attention is
+block-causal by scale. The ages enter every block twice: an embedding of (earlier age, target age, years
+between) modulates it through AdaLN (shift, scale and gate, zero-initialised so each block starts as the
+identity), and the same three age tokens are reached through cross-attention. Dropping the ages for a
+share of training pairs (learned "no age" tokens) allows classifier-free guidance at sampling time.
+
+Sampling runs scale by scale with a KV cache; each scale's tokens go through the quantizer's `add_scale`,
+the same step that built the teacher-forcing inputs during training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroar.config import SamplingConfig, TransformerConfig
+from neuroar.models.quantizer import MultiScaleQuantizer, Shape3, area_down
+
+AGE_TOKENS = 3  # earlier age, target age, years between
+
+
+class NeuroAR(nn.Module):
+    def __init__(self, config: TransformerConfig, latent_dim: int, codebook_size: int, scales: tuple[Shape3, ...]):
+        super().__init__()
+        self.config = config
+        self.scales = tuple(tuple(s) for s in scales)
+        self.lengths = [d * h * w for d, h, w in self.scales]
+        self.starts = [sum(self.lengths[:k]) for k in range(len(self.scales))]
+        width = config.width
+        self.input_proj = nn.Linear(latent_dim * (2 if config.concat_earlier else 1), width)
+        self.level = nn.Embedding(len(self.scales), width)
+        self.position = nn.Parameter(torch.randn(1, sum(self.lengths), width) * 0.02)
+        self.ages = AgeEmbedding(width)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.head_norm = nn.LayerNorm(width, elementwise_affine=not config.adaln, eps=1e-6)
+        self.head_modulation = _modulation(width, 2) if config.adaln else None
+        self.head = nn.Linear(width, codebook_size)
+        levels_L = torch.cat([torch.full((n,), k) for k, n in enumerate(self.lengths)])
+        self.register_buffer("levels", levels_L, persistent=False)
+        # Block-causal: a token sees every token of its own and coarser scales.
+        self.register_buffer("mask", levels_L[None, :] <= levels_L[:, None], persistent=False)
+
+    def forward(self, target_inputs_BLC: torch.Tensor, earlier_BLC: torch.Tensor, earlier_age_B: torch.Tensor,
+                target_age_B: torch.Tensor, drop_ages_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, L, V) for every token of the sequence."""
+        age_tokens, condition = self.ages(earlier_age_B, target_age_B, drop_ages_B)
+        x_BLW = self._embed(target_inputs_BLC, earlier_BLC, 0, self.levels.numel())
+        for block in self.blocks:
+            x_BLW = block(x_BLW, condition, age_tokens, self.mask)
+        return self._logits(x_BLW, condition)
+
+    def _embed(self, target_BlC: torch.Tensor, earlier_BlC: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        x = torch.cat([target_BlC, earlier_BlC], -1) if self.config.concat_earlier else target_BlC
+        return self.input_proj(x) + self.position[:, start:end] + self.level(self.levels[start:end])
+
+    def _logits(self, x_BlW: torch.Tensor, condition_BW: torch.Tensor) -> torch.Tensor:
+        x_BlW = self.head_norm(x_BlW)
+        if self.head_modulation is not None:
+            shift, scale = self.head_modulation(condition_BW)[:, None].chunk(2, -1)
+            x_BlW = x_BlW * (1 + scale) + shift
+        return self.head(x_BlW)
+
+    @torch.no_grad()
+    def sample(self, quantizer: MultiScaleQuantizer, earlier_tokens: list[torch.Tensor], earlier_age_B: torch.Tensor,
+               target_age_B: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
+               use_cache: bool = True) -> list[torch.Tensor]:
+        """Token maps (B, d, h, w) per scale of the predicted follow-ups, one per batch item.
+
+        Without the cache every scale re-runs the whole prefix under the block-causal mask; both ways give
+        the same logits, the cache only saves the work."""
+        earlier_maps = earlier_scale_features(quantizer, earlier_tokens)
+        batch = earlier_age_B.shape[0]
+        guided = sampling.guidance != 1.0
+        drop = torch.zeros(batch, dtype=torch.bool, device=earlier_age_B.device)
+        if guided:  # conditional and unconditional halves of one batch
+            earlier_maps = [torch.cat([m, m]) for m in earlier_maps]
+            earlier_age_B, target_age_B = earlier_age_B.repeat(2), target_age_B.repeat(2)
+            drop = torch.cat([drop, ~drop])
+        age_tokens, condition = self.ages(earlier_age_B, target_age_B, drop)
+        caches: list[dict[str, torch.Tensor]] | None = [{} for _ in self.blocks] if use_cache else None
+        f_hat, next_input = None, torch.zeros_like(earlier_maps[0])
+        embedded, tokens = [], []
+        for k, scale in enumerate(self.scales):
+            start, end = self.starts[k], self.starts[k] + self.lengths[k]
+            if guided and k:
+                next_input = torch.cat([next_input, next_input])
+            embedded.append(self._embed(flatten(next_input), flatten(earlier_maps[k]), start, end))
+            if use_cache:
+                x, mask = embedded[-1], None
+            else:
+                x, mask = torch.cat(embedded, 1), self.mask[:end, :end]
+            for b, block in enumerate(self.blocks):
+                x = block(x, condition, age_tokens, mask, caches[b] if caches is not None else None)
+            logits_BlV = self._logits(x[:, -self.lengths[k]:], condition)
+            if guided:
+                conditional, unconditional = logits_BlV.chunk(2)
+                logits_BlV = unconditional + sampling.guidance * (conditional - unconditional)
+            idx_Bl = sample_logits(logits_BlV, sampling, generator)
+            idx_Bdhw = idx_Bl.view(batch, *scale)
+            f_hat, next_input = quantizer.add_scale(k, f_hat, idx_Bdhw)
+            tokens.append(idx_Bdhw)
+        return tokens
+
+
+class AgeEmbedding(nn.Module):
+    """Ages in years -> three age tokens (B, 3, W) for cross-attention and one condition vector (B, W) for
+    AdaLN. Sinusoids with periods from half a year to two centuries resolve both the gap and the age."""
+
+    def __init__(self, width: int, frequencies: int = 32):
+        super().__init__()
+        periods = torch.logspace(math.log10(0.5), math.log10(200.0), frequencies)
+        self.register_buffer("omega", 2 * math.pi / periods, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * frequencies, width), nn.SiLU(), nn.Linear(width, width))
+        self.kind = nn.Parameter(torch.randn(AGE_TOKENS, width) * 0.02)
+        self.dropped = nn.Parameter(torch.randn(AGE_TOKENS, width) * 0.02)  # the "no age" condition
+        self.pool = nn.Sequential(nn.SiLU(), nn.Linear(AGE_TOKENS * width, width))
+
+    def forward(self, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor, drop_B: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        ages_B3 = torch.stack([earlier_age_B, target_age_B, target_age_B - earlier_age_B], 1).to(self.omega.dtype)
+        phase_B3F = ages_B3[..., None] * self.omega
+        tokens_B3W = self.mlp(torch.cat([phase_B3F.sin(), phase_B3F.cos()], -1)) + self.kind
+        if drop_B is not None:
+            tokens_B3W = torch.where(drop_B[:, None, None], self.dropped.expand_as(tokens_B3W), tokens_B3W)
+        return tokens_B3W, self.pool(tokens_B3W.flatten(1))
+
+
+class Block(nn.Module):
+    """Self-attention (block-causal, optionally cached), cross-attention to the age tokens, MLP; AdaLN."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        width, self.heads = config.width, config.heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=not config.adaln, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.cross = CrossAttention(width, self.heads) if config.cross_attention else None
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=not config.adaln, eps=1e-6)
+        hidden = int(width * config.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.modulation = _modulation(width, 6) if config.adaln else None
+
+    def forward(self, x_BLW: torch.Tensor, condition_BW: torch.Tensor, age_tokens_B3W: torch.Tensor,
+                mask_LL: torch.Tensor | None, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.modulation is not None:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(condition_BW)[:, None].chunk(6, -1)
+        else:
+            shift1 = scale1 = shift2 = scale2 = torch.zeros((), device=x_BLW.device)
+            gate1 = gate2 = torch.ones((), device=x_BLW.device)
+        x_BLW = x_BLW + gate1 * self._attend(self.norm1(x_BLW) * (1 + scale1) + shift1, mask_LL, cache)
+        if self.cross is not None:
+            x_BLW = x_BLW + self.cross(x_BLW, age_tokens_B3W)
+        return x_BLW + gate2 * self.mlp(self.norm2(x_BLW) * (1 + scale2) + shift2)
+
+    def _attend(self, x_BLW: torch.Tensor, mask_LL: torch.Tensor | None, cache: dict[str, torch.Tensor] | None
+                ) -> torch.Tensor:
+        B, L, W = x_BLW.shape
+        q, k, v = self.qkv(x_BLW).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # keys and values of coarser scales, computed once
+            if cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL)
+        return self.proj(out.transpose(1, 2).reshape(B, L, W))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        nn.init.zeros_(self.proj.weight)  # starts as the identity of the residual stream
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x_BLW: torch.Tensor, context_BTW: torch.Tensor) -> torch.Tensor:
+        B, L, W = x_BLW.shape
+        q = self.q(self.norm(x_BLW)).view(B, L, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context_BTW).view(B, -1, 2, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, L, W))
+
+
+def _modulation(width: int, chunks: int) -> nn.Sequential:
+    linear = nn.Linear(width, chunks * width)
+    nn.init.zeros_(linear.weight)  # AdaLN-Zero: no shift, no scale and closed gates at the start
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.SiLU(), linear)
+
+
+def flatten(map_BCdhw: torch.Tensor) -> torch.Tensor:
+    """(B, C, d, h, w) -> (B, d*h*w, C), tokens in (d, h, w) order."""
+    return map_BCdhw.flatten(2).transpose(1, 2)
+
+
+@torch.no_grad()
+def earlier_scale_features(quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The earlier scan's f_hat (from all its scales) area-downsampled to every scale: (B, C, d, h, w) each."""
+    f_hat = quantizer.tokens_to_fhat(tokens)
+    return [area_down(f_hat, scale) for scale in quantizer.scales]
+
+
+@torch.no_grad()
+def teacher_forcing_sequence(quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor]) -> torch.Tensor:
+    """The target's inputs for every token, (B, L, C): zeros at scale 0, then the quantizer's teacher-forcing
+    inputs of scales 1..K-1."""
+    inputs = quantizer.teacher_forcing_inputs(tokens)
+    first = torch.zeros(tokens[0].shape[0], quantizer.tokens_per_scale[0], quantizer.codebook.embedding_dim,
+                        device=tokens[0].device)
+    return torch.cat([first, *map(flatten, inputs)], 1)
+
+
+def sample_logits(logits_BlV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering, then one draw per token: (B, l)."""
+    logits = logits_BlV.float() / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    probabilities = logits.softmax(-1).flatten(0, 1)
+    return torch.multinomial(probabilities, 1, generator=generator).view(logits.shape[:2])

@@ -1,0 +1,169 @@
+"""Training the NeuroAR transformer on a run's cached tokens.
+
+Every (earlier, later) pair of scans of a training subject is one example: the later scan's tokens are the
+target, cross-entropy with teacher forcing. The frozen tokenizer's quantizer turns each scan's tokens once
+into the two sequences the model reads (its teacher-forcing inputs, and its features as an earlier scan);
+batches are then only indexing. Ages are dropped for `transformer.condition_dropout` of the pairs so that
+sampling can use classifier-free guidance. Checkpoints go to RUN/neuroar/last.* (with the sha256 of the
+tokenizer weights the tokens came from), logs to RUN/neuroar_train.csv, RUN/neuroar_val.csv, TensorBoard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from neuroar.config import Config, save_config
+from neuroar.data.tokens import load_tokenizer, load_tokens
+from neuroar.errors import NeuroARError
+from neuroar.files import sha256_file
+from neuroar.models.quantizer import MultiScaleQuantizer
+from neuroar.models.transformer import NeuroAR, earlier_scale_features, flatten, teacher_forcing_sequence
+from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
+from neuroar.train.log import RunLog
+from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate
+from neuroar.train.tokenizer import tokenizer_checkpoint
+
+
+def transformer_checkpoint(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "neuroar" / "last"
+
+
+def build_transformer(config: Config) -> NeuroAR:
+    tok = config.tokenizer
+    return NeuroAR(config.transformer, tok.latent_dim, tok.codebook_size, tok.scales)
+
+
+@dataclass
+class ScanSequences:
+    """Per scan of the run (N scans, L tokens over all scales, C latent channels): target tokens (N, L), the
+    teacher-forcing inputs (N, L, C) and the features it offers as an earlier scan (N, L, C)."""
+
+    tokens_NL: torch.Tensor
+    inputs_NLC: torch.Tensor
+    earlier_NLC: torch.Tensor
+
+    @classmethod
+    def build(cls, quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor], chunk: int = 32) -> ScanSequences:
+        inputs, earlier = [], []
+        for start in range(0, len(tokens[0]), chunk):
+            part = [t[start:start + chunk] for t in tokens]
+            inputs.append(teacher_forcing_sequence(quantizer, part))
+            earlier.append(torch.cat([flatten(f) for f in earlier_scale_features(quantizer, part)], 1))
+        return cls(torch.cat([t.flatten(1) for t in tokens], 1), torch.cat(inputs), torch.cat(earlier))
+
+    def batch(self, pairs: pd.DataFrame, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        chosen = pairs.iloc[rows]
+        earlier = torch.as_tensor(chosen["earlier_index"].to_numpy(copy=True))
+        later = torch.as_tensor(chosen["later_index"].to_numpy(copy=True))
+        return {"target_inputs": self.inputs_NLC[later].to(device), "earlier": self.earlier_NLC[earlier].to(device),
+                "tokens": self.tokens_NL[later].to(device),
+                "earlier_age": torch.tensor(chosen["earlier_age"].to_numpy(), dtype=torch.float32, device=device),
+                "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device)}
+
+
+def token_pairs(run_dir: Path, scans: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The run's pairs of one split, with the row of each scan in the token table."""
+    pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str, "earlier_session": str,
+                                                      "later_session": str}, keep_default_na=False)
+    row = {(str(s), str(t)): i for i, (s, t) in enumerate(zip(scans["subject_id"], scans["session_id"]))}
+    pairs = pairs[pairs["split"] == split].reset_index(drop=True)
+    pairs["earlier_index"] = [row[(s, t)] for s, t in zip(pairs["subject_id"], pairs["earlier_session"])]
+    pairs["later_index"] = [row[(s, t)] for s, t in zip(pairs["subject_id"], pairs["later_session"])]
+    return pairs
+
+
+def train_transformer(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
+    """Train (or resume) the NeuroAR transformer of a tokenized run; returns the last validation metrics."""
+    run_dir = Path(run_dir)
+    settings = config.train_transformer
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens, scans = load_tokens(run_dir)
+    sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens)
+    train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
+    if train_pairs.empty:
+        raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; NeuroAR needs subjects with at least two "
+                           "scans at different ages in the training split.")
+    torch.manual_seed(config.seed)
+    model = build_transformer(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95),
+                                  weight_decay=settings.weight_decay)
+    checkpoint = transformer_checkpoint(run_dir)
+    tokenizer_sha = sha256_file(tokenizer_checkpoint(run_dir).with_suffix(".safetensors"))
+    start = 0
+    if checkpoint.with_suffix(".json").is_file():
+        meta = load_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, restore_rng=True)
+        if meta["tokenizer_sha256"] != tokenizer_sha:
+            raise NeuroARError(f"{checkpoint} was trained on tokens of another tokenizer; move {checkpoint.parent} "
+                               "away to train a new transformer on the current tokens.")
+        start = meta["step"]
+    save_config(config, run_dir / "config.yaml")
+    log = RunLog(run_dir, "neuroar")
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="neuroar", unit="step",
+               disable=not progress)
+    for step in bar:
+        model.train()
+        set_learning_rate([optimizer], learning_rate(step, settings.lr, settings.warmup_steps, settings.steps))
+        batch = sequences.batch(train_pairs, batch_indices(len(train_pairs), step, settings.batch_size,
+                                                           config.seed), device)
+        drop = torch.rand(len(batch["tokens"])) < config.transformer.condition_dropout
+        with autocast(device):
+            logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_age"], batch["target_age"],
+                           drop.to(device))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
+        if not torch.isfinite(loss):
+            raise NeuroARError(f"NeuroAR loss became {float(loss)} at step {step}; the last good checkpoint "
+                               f"({checkpoint}) is kept. Lower train_transformer.lr and resume.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        done = step + 1
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if done % settings.log_every == 0 or done == settings.steps:
+            log.log(done, {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                           **per_scale_metrics(model, logits.detach(), batch["tokens"])})
+        if done % settings.val_every == 0 or done == settings.steps:
+            metrics = evaluate_teacher_forced(model, sequences, val_pairs if len(val_pairs) else train_pairs, device)
+            log.log(done, metrics, kind="val")
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            save_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, {
+                "step": done, "config": config.to_dict(), "tokenizer_sha256": tokenizer_sha,
+                "scales": [list(s) for s in config.tokenizer.scales], "preprocessing": config.to_dict()["data"],
+                "validation": metrics})
+    log.close()
+    return metrics
+
+
+def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy and top-1 accuracy of the teacher-forced predictions, in total and per scale."""
+    loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), tokens_BL, reduction="none")
+    correct_BL = (logits_BLV.argmax(-1) == tokens_BL).float()
+    metrics = {"accuracy": correct_BL.mean().item()}
+    for k, (start, length) in enumerate(zip(model.starts, model.lengths)):
+        metrics[f"scale{k}_loss"] = loss_BL[:, start:start + length].mean().item()
+        metrics[f"scale{k}_accuracy"] = correct_BL[:, start:start + length].mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences, pairs: pd.DataFrame, device: torch.device,
+                            chunk: int = 8) -> dict[str, float]:
+    """Teacher-forced loss and accuracies over the given pairs (ages always given)."""
+    model.eval()
+    totals: dict[str, float] = {}
+    for start in range(0, len(pairs), chunk):
+        rows = list(range(start, min(start + chunk, len(pairs))))
+        batch = sequences.batch(pairs, rows, device)
+        logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_age"], batch["target_age"])
+        values = {"loss": F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten()).item(),
+                  **per_scale_metrics(model, logits, batch["tokens"])}
+        for key, value in values.items():
+            totals[key] = totals.get(key, 0.0) + value * len(rows) / len(pairs)
+    return totals

@@ -1,0 +1,112 @@
+"""NeuroAR from a tokenized run: training, resuming, and `predict` into the input's own space."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ball, make_tiny_run, write_nifti
+from neuroar.cli import main
+from neuroar.config import load_config
+from neuroar.data.tokens import tokenize_run
+from neuroar.errors import NeuroARError
+from neuroar.predict import Predictor
+from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
+from neuroar.train.transformer import train_transformer, transformer_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    """A tiny run with a briefly trained tokenizer and its cached tokens (shared; tests copy it)."""
+    run = make_tiny_run(tmp_path_factory.mktemp("tokenized"))
+    config = load_config(run / "config.yaml", ["train_tokenizer.steps=15", "train_tokenizer.val_every=100",
+                                               "train_tokenizer.adversarial_weight=0"])
+    train_tokenizer(run, config, progress=False)
+    tokenize_run(run, config, progress=False)
+    return run
+
+
+@pytest.fixture
+def run_dir(tokenized, tmp_path):
+    return shutil.copytree(tokenized, tmp_path / "run")
+
+
+def test_training_lowers_the_loss_and_writes_a_checkpoint(run_dir):
+    config = load_config(run_dir / "config.yaml", ["train_transformer.steps=30", "train_transformer.val_every=30",
+                                                   "train_transformer.lr=0.002"])
+    metrics = train_transformer(run_dir, config, progress=False)
+    log = pd.read_csv(run_dir / "neuroar_train.csv")
+    assert log["loss"].iloc[-5:].mean() < 0.7 * log["loss"].iloc[:5].mean()
+    assert {"scale0_accuracy", "scale2_loss", "lr"} <= set(log.columns)
+    assert {"loss", "accuracy", "scale1_accuracy"} <= set(metrics)
+    meta = json.loads(transformer_checkpoint(run_dir).with_suffix(".json").read_text())
+    assert meta["step"] == 30 and len(meta["tokenizer_sha256"]) == 64
+    assert (run_dir / "neuroar_val.csv").is_file()
+
+
+def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path):
+    other = shutil.copytree(run_dir, tmp_path / "other")
+    full = ["train_transformer.steps=6", "train_transformer.checkpoint_every=3", "train_transformer.val_every=100"]
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", full), progress=False)
+    train_transformer(other, load_config(other / "config.yaml", full[:2] + ["train_transformer.steps=3",
+                                                                            "train_transformer.val_every=100"]),
+                      progress=False)
+    train_transformer(other, load_config(other / "config.yaml", full), progress=False)
+    a = load_file(str(transformer_checkpoint(run_dir).with_suffix(".safetensors")))
+    b = load_file(str(transformer_checkpoint(other).with_suffix(".safetensors")))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a if not k.startswith("rng."))
+
+
+def test_predict_writes_the_input_space_for_a_differently_shaped_and_oriented_input(run_dir, tmp_path):
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=2"]), progress=False)
+    # 3.5 mm, LPS-like orientation, a shape unlike the training grid's 32^3.
+    affine = np.array([[-3.5, 0, 0, 60], [0, -3.5, 0, 70], [0, 0, 3.5, -50], [0, 0, 0, 1]])
+    scan = write_nifti(tmp_path / "mine" / "scan.nii.gz", 3.0 * ball((0, 1, 0), 9, size=36)[:, :, 4:31], affine)
+    out = tmp_path / "predictions"
+    code = main(["predict", "--checkpoint", str(run_dir), "--input", str(scan), "--age", "70.5",
+                 "--target-age", "72", "--target-age", "75", "--samples", "2", "--out", str(out)])
+    assert code == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [f"scan_age-{a}_{k}.nii.gz" for a in (72, 75) for k in ("detail", "mean", "std")]
+    for path in out.iterdir():
+        image = nib.load(path)
+        assert image.shape == (36, 36, 27) and np.allclose(image.affine, affine)
+        assert np.isfinite(image.get_fdata()).all()
+    mean = nib.load(out / "scan_age-72_mean.nii.gz").get_fdata()
+    assert 0.3 * 3 * 80 < mean.max() < 3 * 100 * 1.5  # back in the input's intensity range
+
+
+def test_python_api_gives_one_prediction_per_target_age_and_a_spread(run_dir):
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=2"]), progress=False)
+    predictor = Predictor.from_checkpoint(run_dir)
+    image = nib.Nifti1Image(ball((0, 0, 0), 3), np.diag([4.0, 4.0, 4.0, 1.0]))
+    predictions = predictor.predict(image, 70.0, [71.0, 74.0], samples=3, seed=1)
+    assert [p.target_age for p in predictions] == [71.0, 74.0]
+    assert predictions[0].mean_DHW.shape == (32, 32, 32) and (predictions[0].std_DHW >= 0).all()
+    again = predictor.predict(image, 70.0, [71.0, 74.0], samples=3, seed=1)
+    assert np.array_equal(predictions[1].mean_DHW, again[1].mean_DHW)
+
+
+def test_bad_requests_are_refused_clearly(run_dir, tmp_path, capsys):
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=1"]), progress=False)
+    scan = write_nifti(tmp_path / "mine" / "scan.nii.gz", ball((0, 0, 0), 1), np.diag([4.0, 4.0, 4.0, 1.0]))
+    series = write_nifti(tmp_path / "mine" / "series.nii.gz", np.stack([ball((0, 0, 0), 1)] * 2, -1))
+    common = ["predict", "--checkpoint", str(run_dir), "--age", "70", "--out", str(tmp_path / "out")]
+    assert main(common + ["--input", str(scan), "--target-age", "69"]) == 2
+    assert "not after the scan's age" in capsys.readouterr().err
+    assert main(common + ["--input", str(series), "--target-age", "72"]) == 2
+    assert "single 3D" in capsys.readouterr().err
+    assert main(common + ["--input", str(scan), "--target-age", "72", "--out", str(scan.parent)]) == 2
+    assert "input's folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    # Retraining the tokenizer makes the transformer's tokens stale: prediction must refuse, not mis-decode.
+    config = load_config(run_dir / "config.yaml", ["train_tokenizer.steps=16", "train_tokenizer.val_every=100"])
+    train_tokenizer(run_dir, config, progress=False)
+    assert tokenizer_checkpoint(run_dir).with_suffix(".json").is_file()
+    with pytest.raises(NeuroARError, match="another tokenizer|no longer holds"):
+        Predictor.from_checkpoint(run_dir)
