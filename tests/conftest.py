@@ -8,6 +8,8 @@ import nibabel.tests
 import numpy as np
 import pytest
 
+from neuroar.data.synth.cohort import SynthOptions, make_cohort
+
 NIBABEL_DATA = Path(os.path.dirname(nibabel.tests.__file__)) / "data"
 
 
@@ -63,3 +65,14 @@ def make_tiny_run(root: Path) -> Path:
     config = load_config("demo", TINY + [f"data.cache_dir={root / 'cache'}"])
     prepare_dataset(root / "in" / "manifest.csv", config, root / "run", progress=False)
     return root / "run"
+
+
+COHORT_OPTIONS = SynthOptions(subjects=15, visits=4, seed=3, workers=2)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory):
+    """A synthetic cohort (15 subjects x 4 visits at 2 mm) with its truth, made once per test session."""
+    root = tmp_path_factory.mktemp("cohort")
+    make_cohort(root, COHORT_OPTIONS, progress=False)
+    return root

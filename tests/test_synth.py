@@ -7,22 +7,16 @@ import pytest
 from matplotlib.image import imread
 from scipy import ndimage
 
+from conftest import COHORT_OPTIONS
 from neuroar.data.bids import discover_bids
 from neuroar.data.manifest import read_manifest
 from neuroar.data.synth.anatomy import CLASSES, load_anatomy
 from neuroar.data.synth.cohort import SynthOptions, _flow, make_cohort, plan_subjects, subject_aging
 from neuroar.errors import NeuroARError
 
-OPTIONS = SynthOptions(subjects=15, visits=4, seed=3, workers=2)
+OPTIONS = COHORT_OPTIONS
 # Label ids of each structure whose change is measured.
 LABELS = {"ventricles": [4], "hippocampus": [5, 6], "grey_matter": [2], "whole_brain": [2, 3, 5, 6]}
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root, OPTIONS, progress=False)
-    return root
 
 
 def label_volumes_ml(path):

@@ -59,7 +59,7 @@ def preprocess_image(img: nib.Nifti1Image, config: DataConfig) -> tuple[np.ndarr
         from neuroar.data.registration import register_to_mni
 
         img = register_to_mni(img)
-    out_DHW, affine = _to_grid(img, config, mode="bilinear")
+    out_DHW, affine = to_grid(img, config, mode="bilinear")
     low, high = _robust_range(out_DHW, config.intensity_percentiles)
     scaled_DHW = np.clip((out_DHW - low) / (high - low), 0.0, 1.0).astype(np.float32)
     record = PreprocessRecord(affine=affine, source_shape=tuple(source.shape[:3]),
@@ -71,11 +71,11 @@ def template_brain_mask(config: DataConfig) -> np.ndarray:
     """MNI152's brain mask (from the nilearn wheel) on the preprocessed grid of template-space inputs: the
     standard-space mask inside which image metrics are computed."""
     mask = load_mni152_brain_mask(resolution=1)
-    mask_DHW, _ = _to_grid(mask, dataclasses.replace(config, register=False), mode="nearest")
+    mask_DHW, _ = to_grid(mask, dataclasses.replace(config, register=False), mode="nearest")
     return mask_DHW > 0.5
 
 
-def _to_grid(img: nib.Nifti1Image, config: DataConfig, mode: str) -> tuple[np.ndarray, np.ndarray]:
+def to_grid(img: nib.Nifti1Image, config: DataConfig, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """RAS, isotropic `config.spacing`, centred crop/pad to `config.shape`; returns the volume and its affine."""
     data_DHW = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
     transform = Compose([

@@ -1,0 +1,59 @@
+"""Regional volumes measured from images, checked against the synthetic cohort's true volumes."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from neuroar.config import load_config
+from neuroar.data.nifti import read_volume
+from neuroar.data.preprocess import preprocess_image
+from neuroar.evaluate.volumes import REGIONS, regional_volumes, template_regions, true_volumes
+
+
+@pytest.fixture(scope="module")
+def measured(cohort):
+    """Measured and true volumes of every scan of the cohort, on the demo config's grid."""
+    config = load_config("demo").data
+    regions = template_regions(config)
+    truth = pd.read_csv(cohort / "truth.csv", dtype={"subject_id": str, "session_id": str})
+    rows = []
+    for row in truth.to_dict("records"):
+        name = f"{row['subject_id']}_{row['session_id']}_T1w.nii.gz"
+        path = cohort / row["subject_id"] / row["session_id"] / "anat" / name
+        volume_DHW, _ = preprocess_image(read_volume(path), config)
+        rows.append({"subject_id": row["subject_id"], "age": row["age"],
+                     **{f"measured_{k}": v for k, v in regional_volumes(volume_DHW, regions).items()},
+                     **{f"true_{k}": v for k, v in true_volumes(row).items()}})
+    return pd.DataFrame(rows)
+
+
+def test_ventricle_volume_and_its_change_follow_the_truth(measured):
+    relative_error = (measured["measured_ventricles"] / measured["true_ventricles"] - 1).abs()
+    assert relative_error.mean() < 0.35
+    assert np.corrcoef(measured["measured_ventricles"], measured["true_ventricles"])[0, 1] > 0.85
+    change = first_to_last(measured)
+    assert np.corrcoef(change["measured_ventricles"], change["true_ventricles"])[0, 1] > 0.8
+    # Calibrated: the mean measured change is within a third of the mean true change.
+    assert abs(change["measured_ventricles"].mean() / change["true_ventricles"].mean() - 1) < 0.35
+
+
+def test_whole_brain_volume_follows_the_truth_and_shrinks_with_age(measured):
+    relative_error = (measured["measured_whole_brain"] / measured["true_whole_brain"] - 1).abs()
+    assert relative_error.mean() < 0.2
+    assert np.corrcoef(measured["measured_whole_brain"], measured["true_whole_brain"])[0, 1] > 0.5
+    assert (first_to_last(measured)["measured_whole_brain"] < 0).mean() > 0.7
+
+
+def test_identical_images_have_identical_volumes_and_every_region_is_positive(measured, cohort):
+    config = load_config("demo").data
+    path = next(cohort.glob("sub-*/ses-*/anat/*_T1w.nii.gz"))
+    volume_DHW, _ = preprocess_image(read_volume(path), config)
+    first = regional_volumes(volume_DHW, template_regions(config))
+    assert first == regional_volumes(volume_DHW.copy(), template_regions(config))
+    assert set(first) == set(REGIONS) and all(v > 0 for v in first.values())
+
+
+def first_to_last(measured: pd.DataFrame) -> pd.DataFrame:
+    ordered = measured.sort_values("age").groupby("subject_id")
+    return ordered.last(numeric_only=True) - ordered.first(numeric_only=True)
+
