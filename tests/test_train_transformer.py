@@ -110,3 +110,38 @@ def test_bad_requests_are_refused_clearly(run_dir, tmp_path, capsys):
     assert tokenizer_checkpoint(run_dir).with_suffix(".json").is_file()
     with pytest.raises(NeuroARError, match="another tokenizer|no longer holds"):
         Predictor.from_checkpoint(run_dir)
+
+
+def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines(run_dir, tmp_path):
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=2"]), progress=False)
+    ablation = load_config(run_dir / "config.yaml", ["train_transformer.steps=2", "transformer.concat_earlier=false"])
+    train_transformer(run_dir, ablation, progress=False, name="no-concat")
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--models", str(run_dir), str(run_dir / "no-concat"), "--split", "val",
+                 "--samples", "2", "--out", str(out)]) == 0
+    per_pair = pd.read_csv(out / "pairs.csv", dtype={"subject_id": str})
+    names = ["copy", "tokenizer-copy", "run", "run+detail", "run/no-concat", "run/no-concat+detail"]
+    assert list(per_pair["model"].unique()) == names
+    pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str})
+    assert (per_pair.groupby("model").size() == (pairs["split"] == "val").sum()).all()
+
+    # The copy baseline scores exactly the copy's error, and predicts no change at all.
+    from neuroar.data.preprocess import load_preprocessed, template_brain_mask
+    from neuroar.evaluate.metrics import masked_psnr
+
+    brain = template_brain_mask(load_config(run_dir / "config.yaml").data)
+    val = pairs[pairs["split"] == "val"].iloc[0]
+    expected = masked_psnr(load_preprocessed(val["earlier_path"])[0], load_preprocessed(val["later_path"])[0], brain)
+    copy = per_pair[(per_pair["model"] == "copy") & (per_pair["earlier_age"] == val["earlier_age"])]
+    assert copy["psnr"].iloc[0] == pytest.approx(expected)
+    assert (per_pair.loc[per_pair["model"] == "copy", "predicted_change_ventricles"] == 0).all()
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["model"]) == names
+    assert np.isnan(summary.loc[summary["model"] == "run", "psnr_p_vs_reference"]).all()
+    table = (out / "summary.md").read_text()
+    assert all(f"| {name} |" in table for name in names)
+    sweep = pd.read_csv(out / "sweep.csv")
+    assert set(sweep["model"]) == set(names[2:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
+    assert {p.name for p in (out / "figures").iterdir()} == {"metrics.png", "ventricle_change.png",
+                                                           "psnr_vs_years.png", "age_sweep.png"}

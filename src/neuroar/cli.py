@@ -86,11 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     train_ar = commands.add_parser("train-ar", help="train (or resume) the NeuroAR transformer on a run's tokens")
     train_ar.add_argument("--run", type=Path, required=True, help="run folder with cached tokens (`neuroar tokenize`)")
     train_ar.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
+    train_ar.add_argument("--name", default="neuroar", help="model folder inside the run, e.g. for an ablation "
+                                                            "(default: neuroar)")
     train_ar.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     train_ar.set_defaults(handler=_train_ar)
 
     predict = commands.add_parser("predict", help="predict follow-up scans of a NIfTI at later ages")
-    predict.add_argument("--checkpoint", type=Path, required=True, help="trained run folder")
+    predict.add_argument("--checkpoint", type=Path, required=True,
+                         help="trained run folder, or a model folder inside it (RUN/NAME)")
     predict.add_argument("--input", type=Path, required=True, help="T1-weighted NIfTI (.nii or .nii.gz)")
     predict.add_argument("--age", type=float, required=True, help="age at the input scan, in years")
     predict.add_argument("--target-age", type=float, action="append", required=True, dest="target_ages",
@@ -99,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--seed", type=int, default=0)
     predict.add_argument("--out", type=Path, required=True, help="output folder (not the input's folder)")
     predict.set_defaults(handler=_predict)
+
+    evaluate = commands.add_parser("evaluate", help="compare models (and the copy baselines) on held-out pairs")
+    evaluate.add_argument("--models", nargs="+", default=[], help="trained run or model folders (RUN, RUN/NAME)")
+    evaluate.add_argument("--run", type=Path, help="run whose pairs are evaluated (default: the first model's)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--samples", type=int, help="NeuroAR samples per prediction (default: the config's)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for tables and figures")
+    evaluate.set_defaults(handler=_evaluate)
 
     show = commands.add_parser("config", help="print the resolved config")
     show.add_argument("--config", type=Path)
@@ -177,7 +189,7 @@ def _decode(args: argparse.Namespace) -> None:
 def _train_ar(args: argparse.Namespace) -> None:
     from neuroar.train.transformer import train_transformer
 
-    metrics = train_transformer(args.run, _run_config(args.run, args.config, args.overrides))
+    metrics = train_transformer(args.run, _run_config(args.run, args.config, args.overrides), name=args.name)
     print("validation (teacher forced): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
@@ -199,6 +211,13 @@ def _predict(args: argparse.Namespace) -> None:
             out = args.out / f"{stem}_age-{prediction.target_age:g}_{kind}.nii.gz"
             write_volume(out, getattr(prediction, kind).get_fdata(dtype="float32"), image.affine, image.header)
             print(out)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from neuroar.evaluate.compare import evaluate_models
+
+    evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed)
+    print((args.out / "summary.md").read_text())
 
 
 def _show_config(args: argparse.Namespace) -> None:

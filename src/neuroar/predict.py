@@ -27,7 +27,7 @@ from neuroar.models.tokenizer import MSVQVAE
 from neuroar.models.transformer import NeuroAR
 from neuroar.train.checkpoint import load_checkpoint, read_meta
 from neuroar.train.tokenizer import tokenizer_checkpoint
-from neuroar.train.transformer import build_transformer, transformer_checkpoint
+from neuroar.train.transformer import build_transformer, resolve_model, transformer_checkpoint
 
 
 @dataclass
@@ -51,13 +51,11 @@ class Predictor:
         self.model = model.to(self.device).eval()
 
     @classmethod
-    def from_checkpoint(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
-        """Load a run's tokenizer and transformer; refuses a transformer trained on another tokenizer's tokens."""
-        run_dir = Path(run_dir)
-        stem = transformer_checkpoint(run_dir)
-        if not stem.with_suffix(".json").is_file():
-            raise NeuroARError(f"{run_dir} has no trained NeuroAR model ({stem}.json); train one with "
-                               f"`neuroar train-ar --run {run_dir}`.")
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Predictor:
+        """Load a run's tokenizer and transformer (a run folder, or a model folder inside one such as an
+        ablation's); refuses a transformer trained on another tokenizer's tokens."""
+        run_dir, name = resolve_model(path)
+        stem = transformer_checkpoint(run_dir, name)
         meta = read_meta(stem)
         config = config_from_dict(meta["config"], str(stem.with_suffix(".json")))
         weights = tokenizer_checkpoint(run_dir).with_suffix(".safetensors")

@@ -4,8 +4,9 @@ Every (earlier, later) pair of scans of a training subject is one example: the l
 target, cross-entropy with teacher forcing. The frozen tokenizer's quantizer turns each scan's tokens once
 into the two sequences the model reads (its teacher-forcing inputs, and its features as an earlier scan);
 batches are then only indexing. Ages are dropped for `transformer.condition_dropout` of the pairs so that
-sampling can use classifier-free guidance. Checkpoints go to RUN/neuroar/last.* (with the sha256 of the
-tokenizer weights the tokens came from), logs to RUN/neuroar_train.csv, RUN/neuroar_val.csv, TensorBoard.
+sampling can use classifier-free guidance. A model lives in RUN/NAME/ (NAME = "neuroar" unless an ablation
+gets its own): last.* (with the sha256 of the tokenizer weights the tokens came from) and config.yaml; logs
+go to RUN/NAME_train.csv, RUN/NAME_val.csv and TensorBoard.
 """
 
 from __future__ import annotations
@@ -29,9 +30,22 @@ from neuroar.train.log import RunLog
 from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate
 from neuroar.train.tokenizer import tokenizer_checkpoint
 
+MODEL_NAME = "neuroar"  # the default model folder of a run; ablations train beside it under other names
 
-def transformer_checkpoint(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "neuroar" / "last"
+
+def transformer_checkpoint(run_dir: str | Path, name: str = MODEL_NAME) -> Path:
+    return Path(run_dir) / name / "last"
+
+
+def resolve_model(path: str | Path) -> tuple[Path, str]:
+    """(run folder, model name) from a run folder (its default model) or a model folder inside a run."""
+    path = Path(path)
+    if transformer_checkpoint(path).with_suffix(".json").is_file():
+        return path, MODEL_NAME
+    if (path / "last.json").is_file():
+        return path.parent, path.name
+    raise NeuroARError(f"{path} holds no trained NeuroAR model (neither {path}/{MODEL_NAME}/last.json nor "
+                       f"{path}/last.json); train one with `neuroar train-ar --run RUN`.")
 
 
 def build_transformer(config: Config) -> NeuroAR:
@@ -78,8 +92,10 @@ def token_pairs(run_dir: Path, scans: pd.DataFrame, split: str) -> pd.DataFrame:
     return pairs
 
 
-def train_transformer(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
-    """Train (or resume) the NeuroAR transformer of a tokenized run; returns the last validation metrics."""
+def train_transformer(run_dir: str | Path, config: Config, progress: bool = True, name: str = MODEL_NAME
+                      ) -> dict[str, float]:
+    """Train (or resume) a NeuroAR transformer of a tokenized run into RUN/NAME; returns the last validation
+    metrics. Models with other names (ablations) share the run's tokenizer and tokens."""
     run_dir = Path(run_dir)
     settings = config.train_transformer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,7 +109,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     model = build_transformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=settings.weight_decay)
-    checkpoint = transformer_checkpoint(run_dir)
+    checkpoint = transformer_checkpoint(run_dir, name)
     tokenizer_sha = sha256_file(tokenizer_checkpoint(run_dir).with_suffix(".safetensors"))
     start = 0
     if checkpoint.with_suffix(".json").is_file():
@@ -102,8 +118,8 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
             raise NeuroARError(f"{checkpoint} was trained on tokens of another tokenizer; move {checkpoint.parent} "
                                "away to train a new transformer on the current tokens.")
         start = meta["step"]
-    save_config(config, run_dir / "config.yaml")
-    log = RunLog(run_dir, "neuroar")
+    save_config(config, run_dir / name / "config.yaml")
+    log = RunLog(run_dir, name)
     metrics: dict[str, float] = {}
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="neuroar", unit="step",
                disable=not progress)

@@ -1,0 +1,69 @@
+"""Every model evaluation compares, behind one interface: an earlier preprocessed scan and its age in, one
+predicted preprocessed scan per target age out.
+
+- `copy`: the follow-up is the earlier scan. What any model must beat on the change it predicts.
+- `tokenizer-copy`: the earlier scan through the run's tokenizer: the ceiling that tokenization leaves, and
+  what a model that only reproduces its input's tokens would score.
+- a NeuroAR model folder (or a run folder, for its default model): the sample mean of its predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from neuroar.config import Config
+from neuroar.data.tokens import load_tokenizer
+from neuroar.predict import Predictor
+from neuroar.train.transformer import MODEL_NAME, resolve_model
+
+TRIVIAL = ("copy", "tokenizer-copy")
+
+
+class Forecaster(Protocol):
+    """`predict` returns named outputs (a model may offer variants), each one volume per target age."""
+
+    def predict(self, earlier_DHW: np.ndarray, earlier_age: float, target_ages: Sequence[float], seed: int
+                ) -> dict[str, list[np.ndarray]]: ...
+
+
+class Copy:
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed):
+        return {"copy": [earlier_DHW for _ in target_ages]}
+
+
+class TokenizerCopy:
+    def __init__(self, run_dir: Path, config: Config):
+        self.tokenizer = load_tokenizer(run_dir, config)
+
+    @torch.no_grad()
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed):
+        x = torch.from_numpy(np.ascontiguousarray(earlier_DHW))[None, None]
+        decoded = self.tokenizer.decode_tokens(self.tokenizer.tokenize(x))[0, 0].clamp(0, 1).numpy()
+        return {"tokenizer-copy": [decoded for _ in target_ages]}
+
+
+class NeuroARForecaster:
+    """The sample mean of a NeuroAR model's predictions and, as "NAME+detail", the earlier scan plus the
+    predicted change."""
+
+    def __init__(self, path: Path, samples: int | None = None):
+        run_dir, model = resolve_model(path)
+        self.predictor = Predictor.from_checkpoint(path)
+        self.samples = samples
+        self.name = run_dir.name if model == MODEL_NAME else f"{run_dir.name}/{model}"
+
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed):
+        outputs = self.predictor.predict_preprocessed(earlier_DHW, earlier_age, target_ages, self.samples, seed)
+        return {self.name: [mean for mean, _, _ in outputs], f"{self.name}+detail": [d for _, _, d in outputs]}
+
+
+def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, samples: int | None = None
+                     ) -> list[Forecaster]:
+    """The trivial baselines first (always), then each model folder given."""
+    models = [NeuroARForecaster(Path(spec), samples) for spec in specs if spec not in TRIVIAL]
+    return [Copy(), TokenizerCopy(run_dir, config), *models]
