@@ -54,17 +54,26 @@ def test_preprocess_writes_only_into_its_run_and_cache(tmp_path):
     assert len(pd.read_csv(out / "pairs.csv")) == 3
 
 
+# The quick demo shrunk further (4 mm, a few training steps) so that the test checks every stage in a minute.
+SMALL_DEMO = ["data.spacing=4", "data.shape=[40,48,40]", "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]",
+              "train_tokenizer.steps=4", "train_transformer.steps=4", "train_transformer.batch_size=2"]
+
+
 @pytest.mark.slow
 def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
-    first = run("demo", "--quick", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    first = run("demo", "--quick", "--out", str(tmp_path / "demo"), *SMALL_DEMO, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     out = tmp_path / "demo"
     for name in ("config.yaml", "scans.csv", "pairs.csv", "summary.md", "cohort/manifest.csv", "cohort/truth.csv",
-                 "cohort/figures/trajectories.png", "cohort/figures/montage.png"):
+                 "cohort/figures/trajectories.png", "cohort/figures/montage.png", "tokenizer/last.json",
+                 "neuroar/last.json", "evaluation/summary.md", "evaluation/pairs.csv",
+                 "evaluation/figures/ventricle_change.png"):
         assert (out / name).is_file(), name
+    assert len(list((out / "tokens").glob("*.safetensors"))) == 1
     summary = (out / "summary.md").read_text()
-    assert "| train |" in summary and "(80, 96, 88)" in summary and "| AD |" in summary
+    assert "| train |" in summary and "(40, 48, 40)" in summary and "| AD |" in summary
+    assert "| copy |" in summary and "| tokenizer-copy |" in summary and "| demo |" in summary
     scans = pd.read_csv(out / "scans.csv")
     assert set(scans["split"]) == {"train", "val", "test"}
-    again = run("demo", "--quick", "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 0 and "up to date, skipped" in again.stdout
+    again = run("demo", "--quick", "--out", str(out), *SMALL_DEMO, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 2

@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--quick", action="store_true", help="a smaller cohort, for a first look")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -231,7 +232,7 @@ def _show_config(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from neuroar.pipeline import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, overrides=args.overrides)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,31 +57,77 @@ def prepare_dataset(source: str | Path, config: Config, out_dir: str | Path, pro
     return Dataset(scans=scans, pairs=pairs)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0) -> Path:
-    """Synthetic cohort -> validation, splits and preprocessing -> pairs -> summary (grows with the project)."""
+# --quick: a smaller cohort and shorter training, for a first look in a few minutes.
+QUICK = ["train_tokenizer.steps=60", "train_tokenizer.val_every=60", "train_transformer.steps=60",
+         "train_transformer.val_every=60", "sampling.samples=2"]
+
+
+def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overrides: Sequence[str] = ()
+             ) -> Path:
+    """Synthetic cohort -> preprocessing -> tokenizer -> tokens -> NeuroAR -> evaluation -> summary.
+
+    Every stage resumes: the cohort is kept when its options did not change, preprocessing and tokens are
+    cached by content, training continues from its last checkpoint (a finished run is not retrained), and
+    the evaluation is skipped while the models it evaluated are unchanged."""
     from neuroar.data.synth.cohort import SynthOptions, make_cohort
+    from neuroar.data.tokens import tokenize_run
+    from neuroar.train.tokenizer import train_tokenizer
+    from neuroar.train.transformer import train_transformer
 
     out_dir = Path(out_dir)
-    config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}"])
-    options = SynthOptions(subjects=8 if quick else 24, visits=3, seed=seed)
+    config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}", *(QUICK if quick else []),
+                                  *overrides])
+    options = SynthOptions(subjects=10 if quick else 24, visits=3, seed=seed)
     timings: dict[str, float] = {}
 
-    start = time.perf_counter()
+    def stage(name: str, work) -> None:
+        print(f"== {name}")
+        start = time.perf_counter()
+        work()
+        timings[name] = time.perf_counter() - start
+
     cohort_dir = out_dir / "cohort"
-    if _cohort_options(cohort_dir) == asdict(options):
-        print(f"cohort: {cohort_dir} is up to date, skipped")
-    else:
-        make_cohort(cohort_dir, options)
-    timings["synthetic cohort"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    dataset = prepare_dataset(cohort_dir / "manifest.csv", config, out_dir)
-    timings["validate, split, preprocess"] = time.perf_counter() - start
+    def cohort() -> None:
+        if _cohort_options(cohort_dir) == asdict(options):
+            print(f"{cohort_dir} is up to date, skipped")
+        else:
+            make_cohort(cohort_dir, options)
 
-    report = _demo_summary(dataset, cohort_dir, timings)
+    datasets: list[Dataset] = []
+    stage("synthetic cohort", cohort)
+    stage("validate, split, preprocess",
+          lambda: datasets.append(prepare_dataset(cohort_dir / "manifest.csv", config, out_dir)))
+    stage("tokenizer", lambda: train_tokenizer(out_dir, config))
+    stage("tokens", lambda: tokenize_run(out_dir, config))
+    stage("NeuroAR", lambda: train_transformer(out_dir, config))
+    stage("evaluation", lambda: evaluate_run(out_dir, seed))
+    report = _demo_summary(datasets[0], cohort_dir, out_dir, timings)
     write_text(out_dir / "summary.md", report)
     print(report)
     return out_dir
+
+
+def evaluate_run(run_dir: Path, seed: int = 0) -> Path:
+    """Evaluate a run's NeuroAR model on its test split (or val, when there is no test split) into
+    RUN/evaluation, unless that was already done for the same checkpoints."""
+    from neuroar.evaluate.compare import evaluate_models
+    from neuroar.files import sha256_json, write_json
+    from neuroar.train.tokenizer import tokenizer_checkpoint
+    from neuroar.train.transformer import transformer_checkpoint
+
+    out = run_dir / "evaluation"
+    pairs = pd.read_csv(run_dir / "pairs.csv", keep_default_na=False)
+    split = "test" if (pairs["split"] == "test").any() else "val"
+    stamp = sha256_json({"split": split, "seed": seed, "checkpoints": [
+        json.loads(p.with_suffix(".json").read_text()) for p in (tokenizer_checkpoint(run_dir),
+                                                                 transformer_checkpoint(run_dir))]})
+    if (out / "stamp.json").is_file() and json.loads((out / "stamp.json").read_text()).get("stamp") == stamp:
+        print(f"{out} is up to date, skipped")
+        return out
+    evaluate_models([str(run_dir)], out, split=split, seed=seed)
+    write_json(out / "stamp.json", {"stamp": stamp})
+    return out
 
 
 def _cohort_options(cohort_dir: Path) -> dict | None:
@@ -90,7 +137,7 @@ def _cohort_options(cohort_dir: Path) -> dict | None:
     return json.loads(meta.read_text()).get("options")
 
 
-def _demo_summary(dataset: Dataset, cohort_dir: Path, timings: dict[str, float]) -> str:
+def _demo_summary(dataset: Dataset, cohort_dir: Path, run_dir: Path, timings: dict[str, float]) -> str:
     truth = pd.read_csv(cohort_dir / "truth.csv").merge(dataset.scans[["subject_id", "session_id", "diagnosis"]],
                                                          on=["subject_id", "session_id"])
     truth["hippocampus"] = truth["hippocampus_left"] + truth["hippocampus_right"]
@@ -113,6 +160,8 @@ def _demo_summary(dataset: Dataset, cohort_dir: Path, timings: dict[str, float])
         "## True annual % volume change in the synthetic cohort (mean per group)",
         _markdown(table),
         "",
+        "## Evaluation",
+        (run_dir / "evaluation" / "summary.md").read_text().replace("# Evaluation", "Evaluation", 1),
         "## Stage times",
         *[f"- {stage}: {seconds:.1f} s" for stage, seconds in timings.items()],
         "",
