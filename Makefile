@@ -17,7 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/neuroar demo
 
-test: $(STAMP)
+# The report test opens the HTML in Debian's headless Chromium.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest
 

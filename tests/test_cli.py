@@ -1,7 +1,9 @@
 """The `neuroar` command: exit codes, messages, run folders, and the demo end to end."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -54,6 +56,32 @@ def test_preprocess_writes_only_into_its_run_and_cache(tmp_path):
     assert len(pd.read_csv(out / "pairs.csv")) == 3
 
 
+ARTIFACTS = Path(os.environ.get("NEUROAR_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+
+
+def open_in_chromium(page: Path, screenshot: Path) -> list[str]:
+    """Open a file in headless Chromium (Debian's), offline; return its console errors and page errors."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`; `make test` does).")
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        context = browser.new_context(offline=True, viewport={"width": 1280, "height": 900})
+        tab = context.new_page()
+        tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        tab.on("pageerror", lambda error: errors.append(str(error)))
+        tab.goto(page.resolve().as_uri(), wait_until="load")
+        tab.wait_for_timeout(1000)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return errors
+
+
+CHROMIUM = "/usr/bin/chromium"
+
 # The quick demo shrunk further (4 mm, a few training steps) so that the test checks every stage in a minute.
 SMALL_DEMO = ["data.spacing=4", "data.shape=[40,48,40]", "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]",
               "train_tokenizer.steps=4", "train_transformer.steps=4", "train_transformer.batch_size=2"]
@@ -67,12 +95,18 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     for name in ("config.yaml", "scans.csv", "pairs.csv", "summary.md", "cohort/manifest.csv", "cohort/truth.csv",
                  "cohort/figures/trajectories.png", "cohort/figures/montage.png", "tokenizer/last.json",
                  "neuroar/last.json", "evaluation/summary.md", "evaluation/pairs.csv",
-                 "evaluation/figures/ventricle_change.png"):
+                 "evaluation/figures/ventricle_change.png", "report.html"):
         assert (out / name).is_file(), name
     assert len(list((out / "tokens").glob("*.safetensors"))) == 1
     summary = (out / "summary.md").read_text()
     assert "| train |" in summary and "(40, 48, 40)" in summary and "| AD |" in summary
     assert "| copy |" in summary and "| tokenizer-copy |" in summary and "| demo |" in summary
+    report = (out / "report.html").read_text()
+    assert "<td>copy</td>" in report and report.count("data:image/png;base64,") >= 7 and "<iframe srcdoc=" in report
+    assert "http://" not in report.replace("http://www.w3.org", "") and "src='http" not in report
+    errors = open_in_chromium(out / "report.html", ARTIFACTS / "report.png")
+    assert errors == [], errors
+    assert (ARTIFACTS / "report.png").stat().st_size > 10_000
     scans = pd.read_csv(out / "scans.csv")
     assert set(scans["split"]) == {"train", "val", "test"}
     again = run("demo", "--quick", "--out", str(out), *SMALL_DEMO, cwd=tmp_path)

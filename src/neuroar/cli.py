@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True, help="folder for tables and figures")
     evaluate.set_defaults(handler=_evaluate)
 
+    report = commands.add_parser("report", help="write RUN/report.html: tables, figures, slices, a 3D viewer")
+    report.add_argument("run", type=Path, help="run folder with a trained model and RUN/evaluation")
+    report.add_argument("--seed", type=int, default=0)
+    report.set_defaults(handler=_report)
+
     show = commands.add_parser("config", help="print the resolved config")
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
@@ -219,6 +224,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed)
     print((args.out / "summary.md").read_text())
+
+
+def _report(args: argparse.Namespace) -> None:
+    from neuroar.report import build_report
+
+    print(f"report: {build_report(args.run, seed=args.seed)}")
 
 
 def _show_config(args: argparse.Namespace) -> None:

@@ -71,6 +71,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     the evaluation is skipped while the models it evaluated are unchanged."""
     from neuroar.data.synth.cohort import SynthOptions, make_cohort
     from neuroar.data.tokens import tokenize_run
+    from neuroar.report import build_report
     from neuroar.train.tokenizer import train_tokenizer
     from neuroar.train.transformer import train_transformer
 
@@ -102,6 +103,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     stage("tokens", lambda: tokenize_run(out_dir, config))
     stage("NeuroAR", lambda: train_transformer(out_dir, config))
     stage("evaluation", lambda: evaluate_run(out_dir, seed))
+    stage("report", lambda: print(f"report: {build_report(out_dir, seed=seed)}"))
     report = _demo_summary(datasets[0], cohort_dir, out_dir, timings)
     write_text(out_dir / "summary.md", report)
     print(report)
