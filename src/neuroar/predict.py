@@ -75,6 +75,8 @@ class Predictor:
         img = read_volume(image) if isinstance(image, (str, Path)) else image
         if len(img.shape) != 3:
             raise NeuroARError(f"the input has shape {img.shape}; a single 3D T1-weighted volume is needed.")
+        if not np.isfinite(img.get_fdata(dtype=np.float32)).all():
+            raise NeuroARError("the input has NaN or infinite voxels; replace them (e.g. with 0) first.")
         volume_DHW, record = preprocess_image(img, self.config.data)
         results = []
         for target_age, (mean, std, detail) in zip(target_ages, self.predict_preprocessed(
