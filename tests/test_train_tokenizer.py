@@ -13,6 +13,7 @@ from neuroar.cli import main
 from neuroar.config import load_config
 from neuroar.data.tokens import load_tokens, tokenize_run
 from neuroar.errors import NeuroARError
+from neuroar.train.checkpoint import weights_path
 from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
 
 
@@ -32,8 +33,8 @@ def test_reconstruction_loss_falls_and_outputs_are_written(run_dir):
     meta = json.loads(tokenizer_checkpoint(run_dir).with_suffix(".json").read_text())
     assert meta["step"] == 40 and meta["scales"] == [[1, 1, 1], [4, 4, 4], [8, 8, 8]]
     assert meta["preprocessing"]["spacing"] == 4.0
-    assert any(k.startswith("model.quantizer.codebook") for k in load_file(tokenizer_checkpoint(run_dir).with_suffix(
-        ".safetensors")))
+    assert any(k.startswith("model.quantizer.codebook") for k in load_file(weights_path(tokenizer_checkpoint(run_dir))))
+    assert [p.name for p in (run_dir / "tokenizer").glob("*.safetensors")] == ["last.40.safetensors"]
     assert list((run_dir / "tensorboard" / "tokenizer").iterdir())
 
     path = tokenize_run(run_dir, config, progress=False)
@@ -63,8 +64,8 @@ def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path):
     halfway = load_config(other / "config.yaml", ["train_tokenizer.steps=3", "train_tokenizer.val_every=100"])
     train_tokenizer(other, halfway, progress=False)
     train_tokenizer(other, config, progress=False)
-    a = load_file(str(tokenizer_checkpoint(run_dir).with_suffix(".safetensors")))
-    b = load_file(str(tokenizer_checkpoint(other).with_suffix(".safetensors")))
+    a = load_file(weights_path(tokenizer_checkpoint(run_dir)))
+    b = load_file(weights_path(tokenizer_checkpoint(other)))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a if not k.startswith("rng."))
 

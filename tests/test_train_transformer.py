@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +16,7 @@ from neuroar.config import load_config
 from neuroar.data.tokens import tokenize_run
 from neuroar.errors import NeuroARError
 from neuroar.predict import Predictor
+from neuroar.train.checkpoint import weights_path
 from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
 from neuroar.train.transformer import train_transformer, transformer_checkpoint
 
@@ -56,8 +58,8 @@ def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path):
                                                                             "train_transformer.val_every=100"]),
                       progress=False)
     train_transformer(other, load_config(other / "config.yaml", full), progress=False)
-    a = load_file(str(transformer_checkpoint(run_dir).with_suffix(".safetensors")))
-    b = load_file(str(transformer_checkpoint(other).with_suffix(".safetensors")))
+    a = load_file(weights_path(transformer_checkpoint(run_dir)))
+    b = load_file(weights_path(transformer_checkpoint(other)))
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a if not k.startswith("rng."))
 
 
@@ -145,3 +147,24 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     assert set(sweep["model"]) == set(names[2:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
     assert {p.name for p in (out / "figures").iterdir()} == {"metrics.png", "ventricle_change.png",
                                                            "psnr_vs_years.png", "age_sweep.png"}
+
+
+def test_no_command_writes_into_the_folders_of_its_inputs(run_dir, tmp_path):
+    inputs = {Path(p).parent for p in pd.read_csv(run_dir / "scans.csv")["path"]}
+    scan = write_nifti(tmp_path / "mine" / "scan.nii.gz", ball((0, 0, 0), 2), np.diag([4.0, 4.0, 4.0, 1.0]))
+    inputs.add(scan.parent)
+
+    def snapshot():
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for folder in inputs for p in folder.rglob("*")
+                if p.is_file()}
+
+    before = snapshot()
+    assert main(["train-ar", "--run", str(run_dir), "train_transformer.steps=2"]) == 0
+    assert main(["predict", "--checkpoint", str(run_dir), "--input", str(scan), "--age", "70", "--target-age", "72",
+                 "--samples", "1", "--out", str(tmp_path / "predicted")]) == 0
+    assert main(["evaluate", "--models", str(run_dir), "--split", "val", "--samples", "1",
+                 "--out", str(run_dir / "evaluation")]) == 0
+    assert main(["report", str(run_dir)]) == 0
+    assert main(["decode", "--run", str(run_dir), "--subject", "s0", "--session", "0",
+                 "--out", str(tmp_path / "decoded.nii.gz")]) == 0
+    assert snapshot() == before

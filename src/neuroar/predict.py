@@ -25,7 +25,7 @@ from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.models.transformer import NeuroAR
-from neuroar.train.checkpoint import load_checkpoint, read_meta
+from neuroar.train.checkpoint import load_checkpoint, read_meta, weights_path
 from neuroar.train.tokenizer import tokenizer_checkpoint
 from neuroar.train.transformer import build_transformer, resolve_model, transformer_checkpoint
 
@@ -58,15 +58,16 @@ class Predictor:
         stem = transformer_checkpoint(run_dir, name)
         meta = read_meta(stem)
         config = config_from_dict(meta["config"], str(stem.with_suffix(".json")))
-        weights = tokenizer_checkpoint(run_dir).with_suffix(".safetensors")
-        if not weights.is_file() or sha256_file(weights) != meta["tokenizer_sha256"]:
+        tokenizer = tokenizer_checkpoint(run_dir)
+        if (not tokenizer.with_suffix(".json").is_file()
+                or sha256_file(weights_path(tokenizer)) != meta["tokenizer_sha256"]):
             raise NeuroARError(f"{stem} was trained on the tokens of a tokenizer that {run_dir}/tokenizer no longer "
                                "holds; re-run `neuroar tokenize` and `neuroar train-ar` for this run.")
-        tokenizer, model = MSVQVAE(config.tokenizer), build_transformer(config)
-        load_checkpoint(tokenizer_checkpoint(run_dir), {"model": tokenizer})
+        tokenizer_model, model = MSVQVAE(config.tokenizer), build_transformer(config)
+        load_checkpoint(tokenizer, {"model": tokenizer_model})
         load_checkpoint(stem, {"model": model})
         device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(config, tokenizer, model, device)
+        return cls(config, tokenizer_model, model, device)
 
     def predict(self, image: str | Path | nib.Nifti1Image, age: float, target_ages: Sequence[float],
                 samples: int | None = None, seed: int = 0) -> list[Prediction]:

@@ -21,7 +21,7 @@ from neuroar.data.preprocess import load_preprocessed, to_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_file, sha256_json, write_json
 from neuroar.models.tokenizer import MSVQVAE
-from neuroar.train.checkpoint import load_checkpoint
+from neuroar.train.checkpoint import load_checkpoint, weights_path
 from neuroar.train.tokenizer import tokenizer_checkpoint
 
 SCAN_COLUMNS = ["subject_id", "session_id", "age", "split", "preprocessed"]
@@ -84,8 +84,9 @@ def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id
 
 
 def _token_path(run_dir: Path, scans: pd.DataFrame) -> Path:
-    weights = tokenizer_checkpoint(run_dir).with_suffix(".safetensors")
-    if not weights.is_file():
+    checkpoint = tokenizer_checkpoint(run_dir)
+    if not checkpoint.with_suffix(".json").is_file():
         raise NeuroARError(f"no trained tokenizer in {run_dir}; run `neuroar train-tokenizer --run {run_dir}`.")
+    weights = weights_path(checkpoint)
     key = sha256_json({"weights": sha256_file(weights), "scans": list(scans["preprocessed"])})
     return run_dir / "tokens" / f"{key[:16]}.safetensors"

@@ -1,10 +1,11 @@
 """Checkpoints: tensors in safetensors, everything else in a JSON file beside it; never pickle.
 
-A checkpoint named NAME is NAME.safetensors (model weights under "model.", other modules' under their own
-prefix, optimizer moments under "optim.<name>.", RNG state under "rng.") and NAME.json (format version,
-package version, config, step, optimizer hyper-parameters and whatever the caller adds, such as the
-preprocessing and the scale schedule). Both are written atomically, the JSON last, so a checkpoint whose
-JSON exists is complete.
+A checkpoint named NAME is NAME.json (format version, package version, config, step, optimizer
+hyper-parameters, whatever the caller adds such as the preprocessing and the scale schedule, and the name of
+its weights file) and NAME.STEP.safetensors (model weights under "model.", other modules' under their own
+prefix, optimizer moments under "optim.<name>.", RNG state under "rng."). Saving writes the new weights file
+first, then replaces the JSON atomically, then deletes the previous weights file: a process killed at any
+moment leaves a JSON that names complete weights of the same step.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from neuroar import __version__
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def save_checkpoint(path_stem: str | Path, modules: dict[str, nn.Module],
@@ -39,10 +40,20 @@ def save_checkpoint(path_stem: str | Path, modules: dict[str, nn.Module],
                             for k, v in values.items()})
         groups[name] = state["param_groups"]
     tensors["rng.torch"] = torch.get_rng_state()
-    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+    weights = stem.parent / f"{stem.name}.{int(meta.get('step', 0))}.safetensors"
+    with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp))
     write_json(stem.with_suffix(".json"), {"format_version": FORMAT_VERSION, "neuroar_version": __version__,
-                                          "optimizer_groups": groups, **meta})
+                                          "weights": weights.name, "optimizer_groups": groups, **meta})
+    for old in stem.parent.glob(f"{stem.name}.*.safetensors"):
+        if old != weights:
+            old.unlink(missing_ok=True)
+
+
+def weights_path(path_stem: str | Path) -> Path:
+    """The weights file a checkpoint's JSON names."""
+    stem = Path(path_stem)
+    return stem.parent / read_meta(stem)["weights"]
 
 
 def read_meta(path_stem: str | Path) -> dict[str, Any]:
@@ -63,10 +74,13 @@ def load_checkpoint(path_stem: str | Path, modules: dict[str, nn.Module],
     """Load weights (and optimizer state, RNG) into the given objects; shapes must match exactly."""
     stem = Path(path_stem)
     meta = read_meta(stem)
+    weights = stem.parent / meta["weights"]
     try:
-        tensors = load_file(str(stem.with_suffix(".safetensors")))
+        tensors = load_file(str(weights))
     except (OSError, SafetensorError) as err:
-        raise NeuroARError(f"checkpoint {stem.with_suffix('.safetensors')} cannot be read ({err}).") from None
+        raise NeuroARError(f"checkpoint weights {weights} cannot be read as safetensors ({err}); the file is "
+                           "missing, truncated, or not a neuroar checkpoint (pickled files are never "
+                           "loaded).") from None
     for name, module in modules.items():
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

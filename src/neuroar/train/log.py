@@ -1,4 +1,8 @@
-"""Training logs: TensorBoard, and plain CSV files in the run folder (NAME_train.csv, NAME_val.csv)."""
+"""Training logs: TensorBoard, and plain CSV files in the run folder (NAME_train.csv, NAME_val.csv).
+
+A run resumed from its checkpoint at step S first drops the CSV rows after S (the steps it will redo) and
+any row a killed process left half-written, so the logs read as one uninterrupted run.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,14 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from neuroar.files import atomic_path
+
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, name: str):
+    def __init__(self, run_dir: str | Path, name: str, resume_step: int = 0):
         self.run_dir, self.name = Path(run_dir), name
+        for path in self.run_dir.glob(f"{name}_*.csv"):
+            _keep_rows_up_to(path, resume_step)
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / name))
 
     def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
@@ -33,3 +41,20 @@ class RunLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, kept = rows[0], [rows[0]]
+    for row in rows[1:]:
+        try:
+            if len(row) == len(header) and int(row[0]) <= step:
+                kept.append(row)
+        except ValueError:
+            continue
+    if len(kept) != len(rows):
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)

@@ -58,7 +58,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
         start = load_checkpoint(checkpoint, modules, optimizers, restore_rng=True)["step"]
     save_config(config, run_dir / "config.yaml")
     print("tokenizer: perceptual loss off (it needs pretrained weights, which are never downloaded)")
-    log = RunLog(run_dir, "tokenizer")
+    log = RunLog(run_dir, "tokenizer", resume_step=start)
     brain = template_brain_mask(config.data)
     metrics: dict[str, float] = {}
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="tokenizer",
@@ -81,7 +81,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
                 weight = _adaptive_weight(l1, adversarial_g, model.decoder.blocks[-1].conv.weight)
                 loss = loss + settings.adversarial_weight * weight * adversarial_g
         if not torch.isfinite(loss):
-            raise NeuroARError(f"tokenizer loss became {float(loss)} at step {step}; training stopped and the "
+            raise NeuroARError(f"tokenizer loss became {loss.item()} at step {step}; training stopped and the "
                                f"last good checkpoint ({checkpoint}) is kept. Lower train_tokenizer.lr and resume.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -25,7 +25,7 @@ from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.transformer import NeuroAR, earlier_scale_features, flatten, teacher_forcing_sequence
-from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
+from neuroar.train.checkpoint import load_checkpoint, save_checkpoint, weights_path
 from neuroar.train.log import RunLog
 from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate
 from neuroar.train.tokenizer import tokenizer_checkpoint
@@ -110,7 +110,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=settings.weight_decay)
     checkpoint = transformer_checkpoint(run_dir, name)
-    tokenizer_sha = sha256_file(tokenizer_checkpoint(run_dir).with_suffix(".safetensors"))
+    tokenizer_sha = sha256_file(weights_path(tokenizer_checkpoint(run_dir)))
     start = 0
     if checkpoint.with_suffix(".json").is_file():
         meta = load_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, restore_rng=True)
@@ -119,7 +119,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                                "away to train a new transformer on the current tokens.")
         start = meta["step"]
     save_config(config, run_dir / name / "config.yaml")
-    log = RunLog(run_dir, name)
+    log = RunLog(run_dir, name, resume_step=start)
     metrics: dict[str, float] = {}
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="neuroar", unit="step",
                disable=not progress)
@@ -134,7 +134,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                            drop.to(device))
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
         if not torch.isfinite(loss):
-            raise NeuroARError(f"NeuroAR loss became {float(loss)} at step {step}; the last good checkpoint "
+            raise NeuroARError(f"NeuroAR loss became {loss.item()} at step {step}; the last good checkpoint "
                                f"({checkpoint}) is kept. Lower train_transformer.lr and resume.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
