@@ -81,11 +81,12 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     options = SynthOptions(subjects=10 if quick else 24, visits=3, seed=seed)
     timings: dict[str, float] = {}
 
-    def stage(name: str, work) -> None:
+    def stage(name: str, work):
         print(f"== {name}")
         start = time.perf_counter()
-        work()
+        result = work()
         timings[name] = time.perf_counter() - start
+        return result
 
     cohort_dir = out_dir / "cohort"
 
@@ -95,16 +96,15 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
         else:
             make_cohort(cohort_dir, options)
 
-    datasets: list[Dataset] = []
     stage("synthetic cohort", cohort)
-    stage("validate, split, preprocess",
-          lambda: datasets.append(prepare_dataset(cohort_dir / "manifest.csv", config, out_dir)))
+    dataset = stage("validate, split, preprocess", lambda: prepare_dataset(cohort_dir / "manifest.csv", config,
+                                                                          out_dir))
     stage("tokenizer", lambda: train_tokenizer(out_dir, config))
     stage("tokens", lambda: tokenize_run(out_dir, config))
     stage("NeuroAR", lambda: train_transformer(out_dir, config))
     stage("evaluation", lambda: evaluate_run(out_dir, seed))
     stage("report", lambda: print(f"report: {build_report(out_dir, seed=seed)}"))
-    report = _demo_summary(datasets[0], cohort_dir, out_dir, timings)
+    report = _demo_summary(dataset, cohort_dir, out_dir, timings)
     write_text(out_dir / "summary.md", report)
     print(report)
     return out_dir

@@ -5,6 +5,7 @@ loss from MONAI's 3D PatchDiscriminator, which joins after `adversarial_start` s
 weight (the ratio of the reconstruction and adversarial gradient norms at the decoder's last layer).
 The learning rate warms up linearly, then follows a cosine down to a tenth of its peak.
 A perceptual loss needs pretrained weights, which this project never downloads; it is off.
+
 The batch order is a function of (seed, step), and the torch RNG is checkpointed, so a run resumed from its
 last checkpoint continues exactly as if it had not stopped. Checkpoints go to RUN/tokenizer/last.*,
 logs to RUN/tokenizer_train.csv, RUN/tokenizer_val.csv and RUN/tensorboard/.
