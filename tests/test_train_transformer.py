@@ -92,6 +92,13 @@ def test_python_api_gives_one_prediction_per_target_age_and_a_spread(run_dir):
     again = predictor.predict(image, 70.0, [71.0, 74.0], samples=3, seed=1)
     assert np.array_equal(predictions[1].mean_DHW, again[1].mean_DHW)
 
+    greedy = Predictor.from_checkpoint(run_dir, sampling=["sampling.top_k=1"])
+    assert greedy.config.sampling.top_k == 1
+    one, other = (greedy.predict(image, 70.0, [74.0], samples=2, seed=s)[0] for s in (1, 2))
+    assert np.array_equal(one.mean_DHW, other.mean_DHW) and not one.std_DHW.any()  # the mode: no spread
+    with pytest.raises(NeuroARError, match="only sampling settings"):
+        Predictor.from_checkpoint(run_dir, sampling=["transformer.depth=3"])
+
 
 def test_bad_requests_are_refused_clearly(run_dir, tmp_path, capsys):
     train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=1"]), progress=False)

@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--samples", type=int, help="samples per target age (default: the config's)")
     predict.add_argument("--seed", type=int, default=0)
     predict.add_argument("--out", type=Path, required=True, help="output folder (not the input's folder)")
+    predict.add_argument("overrides", nargs="*", metavar="sampling.KEY=VALUE",
+                         help="sampling settings, e.g. sampling.temperature=0.5 sampling.guidance=2")
     predict.set_defaults(handler=_predict)
 
     evaluate = commands.add_parser("evaluate", help="compare models (and the copy baselines) on held-out pairs")
@@ -110,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=int, help="NeuroAR samples per prediction (default: the config's)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", type=Path, required=True, help="folder for tables and figures")
+    evaluate.add_argument("overrides", nargs="*", metavar="sampling.KEY=VALUE",
+                          help="sampling settings for every model, e.g. sampling.top_k=1")
     evaluate.set_defaults(handler=_evaluate)
 
     report = commands.add_parser("report", help="write RUN/report.html: tables, figures, slices, a 3D viewer")
@@ -209,8 +213,8 @@ def _predict(args: argparse.Namespace) -> None:
         raise NeuroARError(f"--samples must be at least 1, got {args.samples}.")
     check_ages(args.age, args.target_ages)
     image = read_volume(args.input)
-    predictions = Predictor.from_checkpoint(args.checkpoint).predict(image, args.age, args.target_ages,
-                                                                      args.samples, args.seed)
+    predictor = Predictor.from_checkpoint(args.checkpoint, sampling=args.overrides)
+    predictions = predictor.predict(image, args.age, args.target_ages, args.samples, args.seed)
     stem = args.input.name.removesuffix(".gz").removesuffix(".nii")
     for prediction in predictions:
         for kind in ("mean", "std", "detail"):
@@ -222,7 +226,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from neuroar.evaluate.compare import evaluate_models
 
-    evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed)
+    evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed, sampling=args.overrides)
     print((args.out / "summary.md").read_text())
 
 

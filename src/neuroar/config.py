@@ -7,6 +7,7 @@ latent grid) are checked by `validate`, which every loader calls.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -145,13 +146,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             path = CONFIG_DIR / f"{path}.yaml"
         source = str(path)
         raw = _read_yaml(path)
+    return config_from_dict(raw, source, overrides)
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str, overrides: Sequence[str] = ()) -> Config:
+    """A config from plain data (a checkpoint's copy, say) and `key.sub=value` overrides, type-checked and
+    validated like a YAML file."""
+    raw = copy.deepcopy(dict(raw))
     for override in overrides:
         _apply_override(raw, override)
-    return config_from_dict(raw, source)
-
-
-def config_from_dict(raw: Mapping[str, Any], source: str) -> Config:
-    """A config from plain data (a checkpoint's copy, say), type-checked and validated like a YAML file."""
     config = _build(Config, raw, prefix="", source=source)
     validate(config, source)
     return config

@@ -51,13 +51,18 @@ class Predictor:
         self.model = model.to(self.device).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Predictor:
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
+                        sampling: Sequence[str] = ()) -> Predictor:
         """Load a run's tokenizer and transformer (a run folder, or a model folder inside one such as an
-        ablation's); refuses a transformer trained on another tokenizer's tokens."""
+        ablation's); refuses a transformer trained on another tokenizer's tokens. `sampling` overrides the
+        checkpoint's sampling settings, e.g. ["sampling.temperature=0.5"]."""
         run_dir, name = resolve_model(path)
         stem = transformer_checkpoint(run_dir, name)
         meta = read_meta(stem)
-        config = config_from_dict(meta["config"], str(stem.with_suffix(".json")))
+        wrong = [o for o in sampling if not o.startswith("sampling.")]
+        if wrong:
+            raise NeuroARError(f"only sampling settings can change at prediction time, not {', '.join(wrong)}.")
+        config = config_from_dict(meta["config"], str(stem.with_suffix(".json")), sampling)
         tokenizer = tokenizer_checkpoint(run_dir)
         if (not tokenizer.with_suffix(".json").is_file()
                 or sha256_file(weights_path(tokenizer)) != meta["tokenizer_sha256"]):

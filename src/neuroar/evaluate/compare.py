@@ -35,7 +35,8 @@ IMAGE_METRICS = ("psnr", "ssim", "mae")
 
 def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | Path | None = None,
                     split: str = "test", samples: int | None = None, seed: int = 0,
-                    sweep_years: Sequence[float] = (1, 2, 4, 6, 8), progress: bool = True) -> pd.DataFrame:
+                    sweep_years: Sequence[float] = (1, 2, 4, 6, 8), progress: bool = True,
+                    sampling: Sequence[str] = ()) -> pd.DataFrame:
     """Evaluate and write everything to `out_dir`; returns the summary table."""
     trained = [m for m in models if m not in TRIVIAL]
     if run_dir is None:
@@ -49,7 +50,7 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
     if pairs.empty:
         raise NeuroARError(f"{run_dir}/pairs.csv has no pairs in the {split!r} split; choose another --split.")
     brain, regions = template_brain_mask(config.data), template_regions(config.data)
-    forecasters = load_forecasters(trained, run_dir, config, samples)
+    forecasters = load_forecasters(trained, run_dir, config, samples, sampling)
     measured: dict[str, dict[str, float]] = {}
 
     def volumes_of(path: str, volume_DHW: np.ndarray) -> dict[str, float]:

@@ -51,9 +51,9 @@ class NeuroARForecaster:
     """The sample mean of a NeuroAR model's predictions and, as "NAME+detail", the earlier scan plus the
     predicted change."""
 
-    def __init__(self, path: Path, samples: int | None = None):
+    def __init__(self, path: Path, samples: int | None = None, sampling: Sequence[str] = ()):
         run_dir, model = resolve_model(path)
-        self.predictor = Predictor.from_checkpoint(path)
+        self.predictor = Predictor.from_checkpoint(path, sampling=sampling)
         self.samples = samples
         self.name = run_dir.name if model == MODEL_NAME else f"{run_dir.name}/{model}"
 
@@ -62,8 +62,8 @@ class NeuroARForecaster:
         return {self.name: [mean for mean, _, _ in outputs], f"{self.name}+detail": [d for _, _, d in outputs]}
 
 
-def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, samples: int | None = None
-                     ) -> list[Forecaster]:
-    """The trivial baselines first (always), then each model folder given."""
-    models = [NeuroARForecaster(Path(spec), samples) for spec in specs if spec not in TRIVIAL]
+def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, samples: int | None = None,
+                     sampling: Sequence[str] = ()) -> list[Forecaster]:
+    """The trivial baselines first (always), then each model folder given (with `sampling` overrides)."""
+    models = [NeuroARForecaster(Path(spec), samples, sampling) for spec in specs if spec not in TRIVIAL]
     return [Copy(), TokenizerCopy(run_dir, config), *models]
