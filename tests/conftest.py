@@ -35,13 +35,18 @@ def blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
     return (inside * (100 + 20 * rng.random(shape))).astype(np.float32)
 
 
-# A tiny run: 4 mm, 32^3, a 4x-downsampling tokenizer with scales 1^3, 4^3, 8^3; seconds per training step.
+# A tiny run: 4 mm, 32^3, a 4x-downsampling tokenizer with scales 1^3, 4^3, 8^3, an 8^3 autoencoder latent;
+# seconds per training step.
 TINY = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
         "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
         "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]", "train_tokenizer.batch_size=2", "train_tokenizer.lr=0.002",
         "train_tokenizer.log_every=1", "train_tokenizer.adversarial_start=3", "train_tokenizer.adversarial_weight=0.1",
         "data.split_fractions=[0.75,0.25,0]", "transformer.depth=1", "train_transformer.batch_size=2",
-        "train_transformer.log_every=1", "train_transformer.warmup_steps=5", "sampling.samples=2"]
+        "train_transformer.log_every=1", "train_transformer.warmup_steps=5", "sampling.samples=2",
+        "autoencoder.channels=[8,8,8]", "autoencoder.latent_channels=2", "train_autoencoder.log_every=1",
+        "ldm.channels=[16,32]", "ldm.head_channels=16", "ldm.ddim_steps=5", "train_ldm.batch_size=2",
+        "train_ldm.log_every=1", "stargan.channels=16", "stargan.res_blocks=1", "train_stargan.batch_size=2",
+        "train_stargan.log_every=1"]
 
 
 def ball(shift, seed, size: int = 32) -> np.ndarray:

@@ -91,9 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     train_ar.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     train_ar.set_defaults(handler=_train_ar)
 
+    baseline = commands.add_parser("train-baseline", help="train (or resume) a baseline: ldm or stargan (first the "
+                                                          "run's autoencoder and its cached latents)")
+    baseline.add_argument("kind", choices=["ldm", "stargan"])
+    baseline.add_argument("--run", type=Path, required=True, help="run folder made by `neuroar preprocess`")
+    baseline.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
+    baseline.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
+    baseline.set_defaults(handler=_train_baseline)
+
     predict = commands.add_parser("predict", help="predict follow-up scans of a NIfTI at later ages")
     predict.add_argument("--checkpoint", type=Path, required=True,
-                         help="trained run folder, or a model folder inside it (RUN/NAME)")
+                         help="trained run folder (its NeuroAR model), or a model folder inside it: an "
+                              "ablation, RUN/ldm, RUN/stargan")
     predict.add_argument("--input", type=Path, required=True, help="T1-weighted NIfTI (.nii or .nii.gz)")
     predict.add_argument("--age", type=float, required=True, help="age at the input scan, in years")
     predict.add_argument("--target-age", type=float, action="append", required=True, dest="target_ages",
@@ -102,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--seed", type=int, default=0)
     predict.add_argument("--out", type=Path, required=True, help="output folder (not the input's folder)")
     predict.add_argument("overrides", nargs="*", metavar="sampling.KEY=VALUE",
-                         help="sampling settings, e.g. sampling.temperature=0.5 sampling.guidance=2")
+                         help="sampling settings, e.g. sampling.temperature=0.5 sampling.guidance=2 ldm.ddim_steps=20")
     predict.set_defaults(handler=_predict)
 
     evaluate = commands.add_parser("evaluate", help="compare models (and the copy baselines) on held-out pairs")
@@ -201,6 +210,13 @@ def _train_ar(args: argparse.Namespace) -> None:
 
     metrics = train_transformer(args.run, _run_config(args.run, args.config, args.overrides), name=args.name)
     print("validation (teacher forced): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+def _train_baseline(args: argparse.Namespace) -> None:
+    from neuroar.train.baselines import train_baseline
+
+    metrics = train_baseline(args.run, _run_config(args.run, args.config, args.overrides), args.kind)
+    print("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
 def _predict(args: argparse.Namespace) -> None:

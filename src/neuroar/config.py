@@ -113,6 +113,56 @@ class SamplingConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """MONAI's AutoencoderKL, the latent space of both the LDM and the latent StarGAN baselines."""
+
+    channels: tuple[int, ...] = (32, 64, 64)  # one level each; downsampling by 2 ** (levels - 1)
+    latent_channels: int = 4
+    res_blocks: int = 1
+    norm_groups: int = 8
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class LDMConfig:
+    """MONAI's DiffusionModelUNet on the autoencoder's latents: the noisy follow-up latent concatenated with
+    the earlier scan's, both ages as cross-attention tokens; DDPM training, DDIM sampling."""
+
+    channels: tuple[int, ...] = (64, 128, 128)  # one level each, the latent grid halved between levels
+    attention_levels: tuple[bool, ...] = (False, False, True)  # cross-attention to the ages lives here
+    res_blocks: int = 1
+    head_channels: int = 32
+    timesteps: int = 1000
+    ddim_steps: int = 50  # sampling steps; a prediction costs this many U-Net passes
+
+
+@dataclass
+class StarGANConfig:
+    """A generator mapping an earlier latent and a target age to a follow-up latent; a discriminator with an
+    adversarial (patch) head and an age head."""
+
+    channels: int = 64
+    res_blocks: int = 4
+    adversarial_weight: float = 1.0
+    age_weight: float = 1.0
+    cycle_weight: float = 10.0  # back to the earlier age
+    identity_weight: float = 5.0  # the earlier age itself changes nothing
+
+
+@dataclass
+class TrainingConfig:
+    """The baselines' trainers (autoencoder, LDM, StarGAN)."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-4  # peak; linear warm-up, then cosine decay to lr / 10
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 250
+
+
+@dataclass
 class Config:
     name: str = "demo"
     seed: int = 0
@@ -122,10 +172,21 @@ class Config:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     train_transformer: TransformerTrainingConfig = field(default_factory=TransformerTrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    train_autoencoder: TrainingConfig = field(default_factory=lambda: TrainingConfig(batch_size=2))
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    train_ldm: TrainingConfig = field(default_factory=TrainingConfig)
+    stargan: StarGANConfig = field(default_factory=StarGANConfig)
+    train_stargan: TrainingConfig = field(default_factory=TrainingConfig)
 
     @property
     def latent_shape(self) -> Shape3:
         d = self.tokenizer.downsample
+        return tuple(s // d for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def autoencoder_latent_shape(self) -> Shape3:
+        d = 2 ** (len(self.autoencoder.channels) - 1)
         return tuple(s // d for s in self.data.shape)  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,6 +289,38 @@ def validate(config: Config, source: str = "config") -> None:
                          f"got {sampling}.")
     if sampling.guidance < 0:
         fail("sampling.guidance", f"must be >= 0 (1 = off), got {sampling.guidance}.")
+    _validate_baselines(config, fail)
+
+
+def _validate_baselines(config: Config, fail) -> None:
+    ae, ldm = config.autoencoder, config.ldm
+    if not ae.channels or ae.latent_channels < 1 or ae.res_blocks < 1 or ae.kl_weight < 0:
+        fail("autoencoder", "needs at least one level, latent_channels and res_blocks >= 1, kl_weight >= 0.")
+    if any(c % ae.norm_groups for c in ae.channels):
+        fail("autoencoder.norm_groups", f"{ae.norm_groups} must divide every level's width {ae.channels}.")
+    down = 2 ** (len(ae.channels) - 1)
+    if any(s % down for s in config.data.shape):
+        fail("autoencoder.channels", f"{len(ae.channels)} levels downsample by {down}, which does not divide "
+                                     f"data.shape {config.data.shape}.")
+    if len(ldm.attention_levels) != len(ldm.channels) or not any(ldm.attention_levels):
+        fail("ldm.attention_levels", f"needs one flag per level of ldm.channels {ldm.channels}, at least one "
+                                     "true (the ages reach the U-Net by cross-attention there).")
+    if any(c % ae.norm_groups for c in ldm.channels) or any(c % ldm.head_channels for c in ldm.channels):
+        fail("ldm.channels", f"every width {ldm.channels} must divide by autoencoder.norm_groups "
+                             f"({ae.norm_groups}) and ldm.head_channels ({ldm.head_channels}).")
+    if not 1 <= ldm.ddim_steps <= ldm.timesteps:
+        fail("ldm.ddim_steps", f"must be between 1 and ldm.timesteps ({ldm.timesteps}), got {ldm.ddim_steps}.")
+    gan = config.stargan
+    if gan.channels < 1 or gan.res_blocks < 1 or min(gan.adversarial_weight, gan.age_weight, gan.cycle_weight,
+                                                     gan.identity_weight) < 0:
+        fail("stargan", "channels and res_blocks must be >= 1, loss weights >= 0.")
+    for section in ("train_autoencoder", "train_ldm", "train_stargan"):
+        train = getattr(config, section)
+        for key in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(train, key) < 1:
+                fail(f"{section}.{key}", f"must be at least 1, got {getattr(train, key)}.")
+        if train.lr <= 0 or train.grad_clip <= 0 or train.warmup_steps < 0:
+            fail(section, "lr and grad_clip must be positive, warmup_steps >= 0.")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""Predicting follow-up scans with a trained run: `Predictor.from_checkpoint(run).predict(image, age, ages)`.
+"""Predicting follow-up scans with a trained model: `Predictor.from_checkpoint(path).predict(image, age, ages)`.
 
-The input is preprocessed exactly like the training data, tokenized, and for each target age the
-transformer samples several follow-ups; their mean is the prediction and their per-voxel standard
-deviation its uncertainty. A third output keeps what the tokenizer cannot represent: the earlier scan plus
-the predicted change (decoded prediction minus the decoded earlier scan). All three are returned in the
-input's own grid, affine and intensity range.
+The same interface for NeuroAR (a run folder or an ablation's model folder) and the baselines (RUN/ldm,
+RUN/stargan). The input is preprocessed exactly like the training data, encoded by the model's own
+tokenizer or autoencoder, and for each target age the model draws several follow-ups; their mean is the
+prediction and their per-voxel standard deviation its uncertainty. A third output keeps what the encoder
+cannot represent: the earlier scan plus the predicted change (decoded prediction minus the decoded earlier
+scan). All three are returned in the input's own grid, affine and intensity range.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from torch import nn
 
 from neuroar.config import Config, config_from_dict
+from neuroar.data.latents import autoencoder_sha256
 from neuroar.data.nifti import read_volume
 from neuroar.data.preprocess import preprocess_image, to_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.models.transformer import NeuroAR
+from neuroar.train.autoencoder import load_autoencoder
+from neuroar.train.baselines import build_baseline, predict_latent
 from neuroar.train.checkpoint import load_checkpoint, read_meta, weights_path
 from neuroar.train.tokenizer import tokenizer_checkpoint
-from neuroar.train.transformer import build_transformer, resolve_model, transformer_checkpoint
+from neuroar.train.transformer import MODEL_NAME, build_transformer, resolve_model
 
 
 @dataclass
@@ -44,35 +49,32 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, config: Config, tokenizer: MSVQVAE, model: NeuroAR, device: torch.device | None = None):
+    """What every model's predictions share: preprocessing, the sample mean and spread, the detail-preserving
+    variant, and the way back to the input's space. Subclasses produce decoded samples."""
+
+    def __init__(self, config: Config, device: torch.device | None = None):
         self.config = config
         self.device = device or torch.device("cpu")
-        self.tokenizer = tokenizer.to(self.device).eval()
-        self.model = model.to(self.device).eval()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
                         sampling: Sequence[str] = ()) -> Predictor:
-        """Load a run's tokenizer and transformer (a run folder, or a model folder inside one such as an
-        ablation's); refuses a transformer trained on another tokenizer's tokens. `sampling` overrides the
-        checkpoint's sampling settings, e.g. ["sampling.temperature=0.5"]."""
+        """Load a trained model: a run folder (its NeuroAR model) or a model folder inside one (an ablation,
+        RUN/ldm, RUN/stargan). `sampling` overrides the checkpoint's sampling settings, e.g.
+        ["sampling.temperature=0.5"] (NeuroAR) or ["ldm.ddim_steps=20"] (LDM)."""
         run_dir, name = resolve_model(path)
-        stem = transformer_checkpoint(run_dir, name)
+        stem = run_dir / name / "last"
         meta = read_meta(stem)
-        wrong = [o for o in sampling if not o.startswith("sampling.")]
+        kind = meta.get("model", MODEL_NAME)
+        wrong = [o for o in sampling if not o.startswith(("sampling.", "ldm.ddim_steps="))]
         if wrong:
-            raise NeuroARError(f"only sampling settings can change at prediction time, not {', '.join(wrong)}.")
+            raise NeuroARError("only sampling.* settings and ldm.ddim_steps can change at prediction time, not "
+                               f"{', '.join(wrong)}.")
         config = config_from_dict(meta["config"], str(stem.with_suffix(".json")), sampling)
-        tokenizer = tokenizer_checkpoint(run_dir)
-        if (not tokenizer.with_suffix(".json").is_file()
-                or sha256_file(weights_path(tokenizer)) != meta["tokenizer_sha256"]):
-            raise NeuroARError(f"{stem} was trained on the tokens of a tokenizer that {run_dir}/tokenizer no longer "
-                               "holds; re-run `neuroar tokenize` and `neuroar train-ar` for this run.")
-        tokenizer_model, model = MSVQVAE(config.tokenizer), build_transformer(config)
-        load_checkpoint(tokenizer, {"model": tokenizer_model})
-        load_checkpoint(stem, {"model": model})
         device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(config, tokenizer_model, model, device)
+        if kind == MODEL_NAME:
+            return NeuroARPredictor.load(run_dir, stem, meta, config, device)
+        return LatentPredictor.load(run_dir, stem, meta, config, device)
 
     def predict(self, image: str | Path | nib.Nifti1Image, age: float, target_ages: Sequence[float],
                 samples: int | None = None, seed: int = 0) -> list[Prediction]:
@@ -96,23 +98,90 @@ class Predictor:
                              samples: int | None = None, seed: int = 0
                              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(mean, std, detail-preserving) volumes on the preprocessed grid, one triple per target age."""
-        samples = samples or self.config.sampling.samples
         x = torch.from_numpy(np.ascontiguousarray(volume_DHW, dtype=np.float32))[None, None].to(self.device)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        earlier_decoded, per_age = self.decoded_samples(x, age, target_ages, samples or self.config.sampling.samples,
+                                                        generator)
+        outputs = []
+        for decoded_SDHW in per_age:
+            mean = decoded_SDHW.mean(0)
+            detail = np.clip(volume_DHW + mean - earlier_decoded, 0, 1)
+            outputs.append((mean, decoded_SDHW.std(0), detail.astype(np.float32)))
+        return outputs
+
+    def decoded_samples(self, x: torch.Tensor, age: float, target_ages: Sequence[float], samples: int,
+                        generator: torch.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The earlier scan (1, 1, D, H, W) through the model's own encoder and decoder (D, H, W), and
+        `samples` decoded follow-ups (S, D, H, W) per target age, clamped to [0, 1]."""
+        raise NotImplementedError
+
+    def _ages(self, age: float, samples: int) -> torch.Tensor:
+        return torch.full((samples,), float(age), device=self.device)
+
+
+class NeuroARPredictor(Predictor):
+    def __init__(self, config: Config, tokenizer: MSVQVAE, model: NeuroAR, device: torch.device | None = None):
+        super().__init__(config, device)
+        self.tokenizer = tokenizer.to(self.device).eval()
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def load(cls, run_dir: Path, stem: Path, meta: dict, config: Config, device: torch.device) -> NeuroARPredictor:
+        """Refuses a transformer trained on another tokenizer's tokens."""
+        tokenizer = tokenizer_checkpoint(run_dir)
+        if (not tokenizer.with_suffix(".json").is_file()
+                or sha256_file(weights_path(tokenizer)) != meta["tokenizer_sha256"]):
+            raise NeuroARError(f"{stem} was trained on the tokens of a tokenizer that {run_dir}/tokenizer no longer "
+                               "holds; re-run `neuroar tokenize` and `neuroar train-ar` for this run.")
+        tokenizer_model, model = MSVQVAE(config.tokenizer), build_transformer(config)
+        load_checkpoint(tokenizer, {"model": tokenizer_model})
+        load_checkpoint(stem, {"model": model})
+        return cls(config, tokenizer_model, model, device)
+
+    def decoded_samples(self, x, age, target_ages, samples, generator):
         earlier_tokens = self.tokenizer.tokenize(x)
         earlier_decoded = self.tokenizer.decode_tokens(earlier_tokens)[0, 0].clamp(0, 1).cpu().numpy()
-        generator = torch.Generator(self.device).manual_seed(seed)
         earlier_tokens = [t.expand(samples, -1, -1, -1) for t in earlier_tokens]
-        outputs = []
+        per_age = []
         for target_age in target_ages:
-            tokens = self.model.sample(self.tokenizer.quantizer, earlier_tokens,
-                                       torch.full((samples,), float(age), device=self.device),
-                                       torch.full((samples,), float(target_age), device=self.device),
-                                       self.config.sampling, generator)
-            decoded = self.tokenizer.decode_tokens(tokens)[:, 0].clamp(0, 1).cpu().numpy()
-            mean = decoded.mean(0)
-            detail = np.clip(volume_DHW + mean - earlier_decoded, 0, 1)
-            outputs.append((mean, decoded.std(0), detail.astype(np.float32)))
-        return outputs
+            tokens = self.model.sample(self.tokenizer.quantizer, earlier_tokens, self._ages(age, samples),
+                                       self._ages(target_age, samples), self.config.sampling, generator)
+            per_age.append(self.tokenizer.decode_tokens(tokens)[:, 0].clamp(0, 1).cpu().numpy())
+        return earlier_decoded, per_age
+
+
+class LatentPredictor(Predictor):
+    """An LDM or latent StarGAN in its run's AutoencoderKL latent space (StarGAN is deterministic: its
+    samples are identical and its spread zero)."""
+
+    def __init__(self, config: Config, kind: str, autoencoder: nn.Module, model: nn.Module, latent_scale: float,
+                 device: torch.device | None = None):
+        super().__init__(config, device)
+        self.kind, self.latent_scale = kind, latent_scale
+        self.autoencoder = autoencoder.to(self.device).eval()
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def load(cls, run_dir: Path, stem: Path, meta: dict, config: Config, device: torch.device) -> LatentPredictor:
+        """Refuses a baseline trained in the latent space of another autoencoder."""
+        if autoencoder_sha256(run_dir) != meta["autoencoder_sha256"]:
+            raise NeuroARError(f"{stem} was trained on the latents of an autoencoder that {run_dir}/autoencoder no "
+                               f"longer holds; re-run `neuroar train-baseline {meta['model']} --run {run_dir}`.")
+        model = build_baseline(meta["model"], config)["model"]
+        load_checkpoint(stem, {"model": model})
+        return cls(config, meta["model"], load_autoencoder(run_dir, config), model, float(meta["latent_scale"]),
+                   device)
+
+    def decoded_samples(self, x, age, target_ages, samples, generator):
+        latent = self.autoencoder.encode(x)[0]
+        earlier_decoded = self.autoencoder.decode(latent)[0, 0].clamp(0, 1).cpu().numpy()
+        latent_S = (latent * self.latent_scale).expand(samples, -1, -1, -1, -1)
+        per_age = []
+        for target_age in target_ages:
+            predicted = predict_latent(self.kind, self.model, latent_S, self._ages(age, samples),
+                                       self._ages(target_age, samples), generator)
+            per_age.append(self.autoencoder.decode(predicted / self.latent_scale)[:, 0].clamp(0, 1).cpu().numpy())
+        return earlier_decoded, per_age
 
 
 def check_ages(age: float, target_ages: Sequence[float]) -> None:

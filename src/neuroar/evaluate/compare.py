@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from neuroar.config import load_config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
-from neuroar.evaluate.forecasters import TRIVIAL, NeuroARForecaster, load_forecasters
+from neuroar.evaluate.forecasters import TRIVIAL, ModelForecaster, load_forecasters
 from neuroar.evaluate.metrics import masked_mae, masked_psnr, masked_ssim
 from neuroar.evaluate.volumes import REGIONS, regional_volumes, template_regions
 from neuroar.files import write_text
@@ -75,7 +75,7 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
                              **{f"predicted_change_{r}": predicted[r] - before[r] for r in REGIONS}})
     per_pair = pd.DataFrame(rows)
     reference = next((n for n in per_pair["model"].unique() if n not in TRIVIAL and "+" not in n), None)
-    models_only = [f for f in forecasters if isinstance(f, NeuroARForecaster)]
+    models_only = [f for f in forecasters if isinstance(f, ModelForecaster)]
     sweep = age_sweep(models_only, run_dir, split, sweep_years, regions, seed, progress)
     summary = summarize(per_pair, reference, sweep, seed)
     out_dir.mkdir(parents=True, exist_ok=True)

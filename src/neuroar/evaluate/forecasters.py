@@ -4,7 +4,8 @@ predicted preprocessed scan per target age out.
 - `copy`: the follow-up is the earlier scan. What any model must beat on the change it predicts.
 - `tokenizer-copy`: the earlier scan through the run's tokenizer: the ceiling that tokenization leaves, and
   what a model that only reproduces its input's tokens would score.
-- a NeuroAR model folder (or a run folder, for its default model): the sample mean of its predictions.
+- a trained model: a run folder (its NeuroAR model), an ablation's folder, RUN/ldm or RUN/stargan: the
+  sample mean of its predictions, and the earlier scan plus its predicted change ("+detail").
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ class TokenizerCopy:
         return {"tokenizer-copy": [decoded for _ in target_ages]}
 
 
-class NeuroARForecaster:
-    """The sample mean of a NeuroAR model's predictions and, as "NAME+detail", the earlier scan plus the
-    predicted change."""
+class ModelForecaster:
+    """The sample mean of a model's predictions and, as "NAME+detail", the earlier scan plus the predicted
+    change. NAME is the run's name for its NeuroAR model, RUN/MODEL otherwise."""
 
     def __init__(self, path: Path, samples: int | None = None, sampling: Sequence[str] = ()):
         run_dir, model = resolve_model(path)
@@ -65,5 +66,5 @@ class NeuroARForecaster:
 def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, samples: int | None = None,
                      sampling: Sequence[str] = ()) -> list[Forecaster]:
     """The trivial baselines first (always), then each model folder given (with `sampling` overrides)."""
-    models = [NeuroARForecaster(Path(spec), samples, sampling) for spec in specs if spec not in TRIVIAL]
+    models = [ModelForecaster(Path(spec), samples, sampling) for spec in specs if spec not in TRIVIAL]
     return [Copy(), TokenizerCopy(run_dir, config), *models]

@@ -1,13 +1,18 @@
 """What every training loop shares: the learning-rate schedule and the batch order, both functions of the
-step alone (so a run resumed from a checkpoint continues exactly as if it had not stopped), and mixed
-precision on CUDA."""
+step alone (so a run resumed from a checkpoint continues exactly as if it had not stopped), the run's
+training scans, and mixed precision on CUDA."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
+import pandas as pd
 import torch
+
+from neuroar.data.preprocess import load_preprocessed
+from neuroar.errors import NeuroARError
 
 
 def learning_rate(step: int, peak: float, warmup: int, steps: int) -> float:
@@ -37,3 +42,21 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def split_scan_paths(run_dir: Path) -> tuple[list[str], list[str]]:
+    """Preprocessed volumes of the run's training and validation scans."""
+    table = Path(run_dir) / "scans.csv"
+    if not table.is_file():
+        raise NeuroARError(f"{table} not found; run `neuroar preprocess MANIFEST --out {run_dir}` first.")
+    scans = pd.read_csv(table, keep_default_na=False)
+    train = list(scans.loc[scans["split"] == "train", "preprocessed"])
+    if not train:
+        raise NeuroARError(f"{table} has no training scans; check the split column or data.split_fractions.")
+    return train, list(scans.loc[scans["split"] == "val", "preprocessed"])
+
+
+def volume_batch(paths: list[str], step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """A step's batch of preprocessed volumes, (B, 1, D, H, W)."""
+    chosen = batch_indices(len(paths), step, batch_size, seed)
+    return torch.stack([torch.from_numpy(load_preprocessed(paths[i])[0])[None] for i in chosen])

@@ -31,7 +31,7 @@ from neuroar.evaluate.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
 from neuroar.train.log import RunLog
-from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate
+from neuroar.train.loop import autocast, learning_rate, set_learning_rate, split_scan_paths, volume_batch
 
 
 def tokenizer_checkpoint(run_dir: str | Path) -> Path:
@@ -41,7 +41,7 @@ def tokenizer_checkpoint(run_dir: str | Path) -> Path:
 def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
     """Train (or resume) the tokenizer of a run prepared by `neuroar preprocess`; returns the last validation."""
     run_dir = Path(run_dir)
-    train_paths, val_paths = _split_paths(run_dir)
+    train_paths, val_paths = split_scan_paths(run_dir)
     settings = config.train_tokenizer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
@@ -68,7 +68,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
         model.train()
         set_learning_rate([optimizer, optimizer_d], learning_rate(step, settings.lr, settings.warmup_steps,
                                                                    settings.steps))
-        x = _batch(train_paths, step, settings.batch_size, config.seed).to(device)
+        x = volume_batch(train_paths, step, settings.batch_size, config.seed).to(device)
         weights = 1.0 + settings.head_weight * (x > 0.05).float()
         with autocast(device):
             reconstruction, vq_loss, stats = model(x)
@@ -139,27 +139,10 @@ def _reconstruct(model: MSVQVAE, path: str, device: torch.device
     return x, tokens, model.decode_tokens(tokens).float().clamp(0, 1)
 
 
-def _split_paths(run_dir: Path) -> tuple[list[str], list[str]]:
-    table = run_dir / "scans.csv"
-    if not table.is_file():
-        raise NeuroARError(f"{table} not found; run `neuroar preprocess MANIFEST --out {run_dir}` first.")
-    scans = pd.read_csv(table, keep_default_na=False)
-    train = list(scans.loc[scans["split"] == "train", "preprocessed"])
-    if not train:
-        raise NeuroARError(f"{table} has no training scans; check the split column or data.split_fractions.")
-    return train, list(scans.loc[scans["split"] == "val", "preprocessed"])
-
-
-def _batch(paths: list[str], step: int, batch_size: int, seed: int) -> torch.Tensor:
-    chosen = batch_indices(len(paths), step, batch_size, seed)
-    return torch.stack([torch.from_numpy(load_preprocessed(paths[i])[0])[None] for i in chosen])
-
-
 def _adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     grad_rec = torch.autograd.grad(reconstruction, last, retain_graph=True)[0]
     grad_adv = torch.autograd.grad(adversarial, last, retain_graph=True)[0]
     return (grad_rec.norm() / (grad_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
 
 
 @torch.no_grad()

@@ -44,8 +44,8 @@ def resolve_model(path: str | Path) -> tuple[Path, str]:
         return path, MODEL_NAME
     if (path / "last.json").is_file():
         return path.parent, path.name
-    raise NeuroARError(f"{path} holds no trained NeuroAR model (neither {path}/{MODEL_NAME}/last.json nor "
-                       f"{path}/last.json); train one with `neuroar train-ar --run RUN`.")
+    raise NeuroARError(f"{path} holds no trained model (neither {path}/{MODEL_NAME}/last.json nor {path}/last.json); "
+                       "train one with `neuroar train-ar --run RUN` or `neuroar train-baseline ldm --run RUN`.")
 
 
 def build_transformer(config: Config) -> NeuroAR:
@@ -150,7 +150,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
             log.log(done, metrics, kind="val")
         if done % settings.checkpoint_every == 0 or done == settings.steps:
             save_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, {
-                "step": done, "config": config.to_dict(), "tokenizer_sha256": tokenizer_sha,
+                "step": done, "model": MODEL_NAME, "config": config.to_dict(), "tokenizer_sha256": tokenizer_sha,
                 "scales": [list(s) for s in config.tokenizer.scales], "preprocessing": config.to_dict()["data"],
                 "validation": metrics})
     log.close()

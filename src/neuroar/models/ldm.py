@@ -1,0 +1,65 @@
+"""The latent diffusion baseline: MONAI's DiffusionModelUNet predicts the noise of the follow-up latent,
+given the earlier scan's latent (concatenated channels) and both ages (cross-attention to three age tokens:
+earlier age, target age, years between). DDPM noise schedule for training, DDIM for sampling; the latent
+grid is zero-padded to what the U-Net's levels can halve."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler
+from torch import nn
+
+from neuroar.config import LDMConfig
+from neuroar.models.transformer import AgeEmbedding
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, config: LDMConfig, latent_channels: int, norm_groups: int):
+        super().__init__()
+        self.config = config
+        context = config.head_channels
+        self.ages = AgeEmbedding(context)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels,
+            num_res_blocks=config.res_blocks, channels=config.channels, attention_levels=config.attention_levels,
+            norm_num_groups=norm_groups, num_head_channels=config.head_channels, with_conditioning=True,
+            cross_attention_dim=context)
+        # The latent-diffusion schedule (scaled linear betas). Latents are scaled to unit variance, so each
+        # step's estimate of the clean latent is clipped to +-5 standard deviations: at the noisiest steps
+        # it divides the noise prediction's error by sqrt(alpha_bar) ~ 0.015, which can otherwise explode.
+        self.scheduler = DDIMScheduler(num_train_timesteps=config.timesteps, schedule="scaled_linear_beta",
+                                       beta_start=0.0015, beta_end=0.0195, clip_sample=True,
+                                       clip_sample_min=-5.0, clip_sample_max=5.0)
+
+    def denoise(self, noisy_BCDHW: torch.Tensor, earlier_BCDHW: torch.Tensor, t_B: torch.Tensor,
+                earlier_age_B: torch.Tensor, target_age_B: torch.Tensor) -> torch.Tensor:
+        context_B3W, _ = self.ages(earlier_age_B, target_age_B)
+        x = torch.cat([noisy_BCDHW, earlier_BCDHW], 1)
+        # Each U-Net level halves the grid, so pad it (at the far end) to a multiple of 2 ** (levels - 1).
+        multiple = 2 ** (len(self.config.channels) - 1)
+        size = x.shape[2:]
+        pad = [p for s in reversed(size) for p in (0, -s % multiple)]
+        noise = self.unet(F.pad(x, pad), t_B, context=context_B3W)
+        return noise[:, :, :size[0], :size[1], :size[2]]
+
+    def loss(self, later_BCDHW: torch.Tensor, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor,
+             target_age_B: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the predicted noise at uniformly drawn timesteps."""
+        noise = torch.randn_like(later_BCDHW)
+        t_B = torch.randint(0, self.config.timesteps, (len(later_BCDHW),), device=later_BCDHW.device)
+        noisy = self.scheduler.add_noise(later_BCDHW, noise, t_B)
+        return F.mse_loss(self.denoise(noisy, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float(), noise)
+
+    @torch.no_grad()
+    def sample(self, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor,
+               generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
+        """Follow-up latents by deterministic DDIM (eta 0) from seeded noise, `ldm.ddim_steps` U-Net passes."""
+        self.scheduler.set_timesteps(steps or self.config.ddim_steps, device=earlier_BCDHW.device)
+        x = torch.randn(earlier_BCDHW.shape, generator=generator, device=earlier_BCDHW.device)
+        for t in self.scheduler.timesteps:
+            t_B = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
+            noise = self.denoise(x, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float()
+            x, _ = self.scheduler.step(noise, int(t), x)
+        return x

@@ -1,0 +1,103 @@
+"""Training MONAI's AutoencoderKL on the run's preprocessed scans: the latent space the LDM and latent
+StarGAN baselines work in.
+
+L1 reconstruction + `autoencoder.kl_weight` x KL divergence to N(0, 1). A checkpoint lives in
+RUN/autoencoder/last.*, logs in RUN/autoencoder_train.csv and TensorBoard; the last step also logs the
+held-out reconstruction PSNR. Resuming continues exactly (batch order and RNG are checkpointed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import AutoencoderKL
+from tqdm.auto import tqdm
+
+from neuroar.config import Config
+from neuroar.data.preprocess import load_preprocessed, template_brain_mask
+from neuroar.errors import NeuroARError
+from neuroar.evaluate.metrics import masked_psnr
+from neuroar.models.autoencoder import build_autoencoder
+from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
+from neuroar.train.log import RunLog
+from neuroar.train.loop import autocast, learning_rate, set_learning_rate, split_scan_paths, volume_batch
+
+
+def autoencoder_checkpoint(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "autoencoder" / "last"
+
+
+def load_autoencoder(run_dir: str | Path, config: Config) -> AutoencoderKL:
+    checkpoint = autoencoder_checkpoint(run_dir)
+    if not checkpoint.with_suffix(".json").is_file():
+        raise NeuroARError(f"no trained autoencoder in {run_dir}; run `neuroar train-baseline ldm --run {run_dir}` "
+                           "(it trains the autoencoder first).")
+    model = build_autoencoder(config.autoencoder)
+    load_checkpoint(checkpoint, {"model": model})
+    return model.eval()
+
+
+def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
+    """Train (or resume) the autoencoder of a preprocessed run; returns its held-out reconstruction metrics."""
+    run_dir = Path(run_dir)
+    train_paths, val_paths = split_scan_paths(run_dir)
+    settings = config.train_autoencoder
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    model = build_autoencoder(config.autoencoder).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    checkpoint = autoencoder_checkpoint(run_dir)
+    start, metrics = 0, {}
+    if checkpoint.with_suffix(".json").is_file():
+        meta = load_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, restore_rng=True)
+        start, metrics = meta["step"], meta["validation"]
+    log = RunLog(run_dir, "autoencoder", resume_step=start)
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="autoencoder", unit="step",
+               disable=not progress)
+    for step in bar:
+        model.train()
+        set_learning_rate([optimizer], learning_rate(step, settings.lr, settings.warmup_steps, settings.steps))
+        x = volume_batch(train_paths, step, settings.batch_size, config.seed).to(device)
+        with autocast(device):
+            reconstruction, mu, sigma = model(x)
+        l1 = F.l1_loss(reconstruction.float(), x)
+        kl = 0.5 * (mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-8) - 1).mean()
+        loss = l1 + config.autoencoder.kl_weight * kl
+        if not torch.isfinite(loss):
+            raise NeuroARError(f"autoencoder loss became {loss.item()} at step {step}; the last good checkpoint "
+                               f"({checkpoint}) is kept. Lower train_autoencoder.lr and resume.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        done = step + 1
+        bar.set_postfix(l1=f"{l1.item():.4f}")
+        if done % settings.log_every == 0 or done == settings.steps:
+            log.log(done, {"l1": l1.item(), "kl": kl.item(), "lr": optimizer.param_groups[0]["lr"]})
+        if done == settings.steps:
+            metrics = validate_autoencoder(model, val_paths or train_paths, device, template_brain_mask(config.data))
+            log.log(done, metrics, kind="val")
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            save_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, {
+                "step": done, "config": config.to_dict(), "preprocessing": config.to_dict()["data"],
+                "validation": metrics})
+    log.close()
+    return metrics
+
+
+@torch.no_grad()
+def validate_autoencoder(model: AutoencoderKL, paths: list[str], device: torch.device, brain: np.ndarray
+                         ) -> dict[str, float]:
+    """Reconstruction PSNR (from the latent mean) of the whole volume and inside the brain mask."""
+    model.eval()
+    whole, inside = [], []
+    for path in paths:
+        x = torch.from_numpy(load_preprocessed(path)[0])[None, None].to(device)
+        rebuilt = model.decode(model.encode(x)[0]).float().clamp(0, 1)[0, 0].cpu().numpy()
+        original = x[0, 0].cpu().numpy()
+        whole.append(masked_psnr(rebuilt, original, np.ones_like(brain)))
+        inside.append(masked_psnr(rebuilt, original, brain))
+    return {"psnr": float(np.mean(whole)), "psnr_brain": float(np.mean(inside))}

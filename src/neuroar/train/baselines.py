@@ -1,0 +1,183 @@
+"""Training the baselines the paper compares against, in the latent space of one AutoencoderKL per run:
+
+- `ldm`: a latent diffusion model (models/ldm.py), noise-prediction MSE on the follow-up latent;
+- `stargan`: a latent StarGAN (models/stargan.py): least-squares adversarial loss, the discriminator's age
+  head (trained on real latents, applied to generated ones), cycle consistency back to the earlier age and
+  identity at the earlier age.
+
+Both train on the same (earlier, later) pairs of training subjects as NeuroAR. `train_baseline` first trains
+the run's autoencoder and caches every scan's latent (each skipped once done), then the baseline into
+RUN/KIND/last.* (with the latent scale factor and the sha256 of the autoencoder weights); logs go to
+RUN/KIND_train.csv, RUN/KIND_val.csv and TensorBoard. Resuming continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from neuroar.config import Config, save_config
+from neuroar.data.latents import autoencoder_sha256, encode_run, load_latents
+from neuroar.errors import NeuroARError
+from neuroar.models.ldm import LatentDiffusion
+from neuroar.models.stargan import Discriminator, Generator
+from neuroar.train.autoencoder import train_autoencoder
+from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
+from neuroar.train.log import RunLog
+from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate
+from neuroar.train.transformer import token_pairs
+
+BASELINES = ("ldm", "stargan")
+
+
+def baseline_checkpoint(run_dir: str | Path, kind: str) -> Path:
+    return Path(run_dir) / kind / "last"
+
+
+def build_baseline(kind: str, config: Config, age_centre: float = 70.0) -> dict[str, nn.Module]:
+    """The modules of a baseline; "model" is the one that predicts."""
+    channels = config.autoencoder.latent_channels
+    if kind == "ldm":
+        return {"model": LatentDiffusion(config.ldm, channels, config.autoencoder.norm_groups)}
+    if kind == "stargan":
+        return {"model": Generator(config.stargan, channels),
+                "discriminator": Discriminator(config.stargan, channels, age_centre)}
+    raise NeuroARError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}.")
+
+
+def predict_latent(kind: str, model: nn.Module, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor,
+                   target_age_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Follow-up latents (scaled) of a trained baseline's "model" module."""
+    if kind == "ldm":
+        return model.sample(earlier_BCDHW, earlier_age_B, target_age_B, generator)
+    return model(earlier_BCDHW, earlier_age_B, target_age_B)
+
+
+def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: bool = True) -> dict[str, float]:
+    """Train (or resume) a baseline of a preprocessed run; returns its validation metrics."""
+    if kind not in BASELINES:
+        raise NeuroARError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}.")
+    run_dir = Path(run_dir)
+    train_autoencoder(run_dir, config, progress)
+    encode_run(run_dir, config, progress)
+    latents_NCDHW, scale, scans = load_latents(run_dir)
+    latents_NCDHW = latents_NCDHW * scale
+    train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
+    if train_pairs.empty:
+        raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; the baselines need subjects with at least "
+                           "two scans in the training split.")
+    settings = getattr(config, f"train_{kind}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    modules = {k: m.to(device) for k, m in build_baseline(kind, config, float(train_pairs["later_age"].mean())
+                                                          ).items()}
+    betas = (0.5, 0.999) if kind == "stargan" else (0.9, 0.999)
+    optimizers = {k: torch.optim.Adam(m.parameters(), lr=settings.lr, betas=betas) for k, m in modules.items()}
+    checkpoint = baseline_checkpoint(run_dir, kind)
+    autoencoder = autoencoder_sha256(run_dir)
+    start, metrics = 0, {}
+    if checkpoint.with_suffix(".json").is_file():
+        meta = load_checkpoint(checkpoint, modules, optimizers, restore_rng=True)
+        if meta["autoencoder_sha256"] != autoencoder:
+            raise NeuroARError(f"{checkpoint} was trained in the latent space of another autoencoder; move "
+                               f"{checkpoint.parent} away to train a new {kind} on the current one.")
+        start, metrics = meta["step"], meta["validation"]
+    save_config(config, run_dir / kind / "config.yaml")
+    log = RunLog(run_dir, kind, resume_step=start)
+    step_losses = _ldm_losses if kind == "ldm" else _stargan_losses
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=kind, unit="step",
+               disable=not progress)
+    for step in bar:
+        set_learning_rate(list(optimizers.values()), learning_rate(step, settings.lr, settings.warmup_steps,
+                                                                   settings.steps))
+        rows = batch_indices(len(train_pairs), step, settings.batch_size, config.seed)
+        batch = _latent_batch(latents_NCDHW, train_pairs, rows, device)
+        for module in modules.values():
+            module.train()
+        losses = step_losses(modules, optimizers, batch, config, settings.grad_clip, device)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise NeuroARError(f"{kind} loss became {losses} at step {step}; the last good checkpoint ({checkpoint}) "
+                               f"is kept. Lower train_{kind}.lr and resume.")
+        done = step + 1
+        bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
+        if done % settings.log_every == 0 or done == settings.steps:
+            log.log(done, {**losses, "lr": optimizers["model"].param_groups[0]["lr"]})
+        if done == settings.steps:
+            metrics = validate_baseline(kind, modules["model"], latents_NCDHW,
+                                        val_pairs if len(val_pairs) else train_pairs, device, config.seed)
+            log.log(done, metrics, kind="val")
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            save_checkpoint(checkpoint, modules, optimizers, {
+                "step": done, "model": kind, "config": config.to_dict(), "latent_scale": scale,
+                "autoencoder_sha256": autoencoder, "preprocessing": config.to_dict()["data"],
+                "validation": metrics})
+    log.close()
+    return metrics
+
+
+@torch.no_grad()
+def validate_baseline(kind: str, model: nn.Module, latents_NCDHW: torch.Tensor, pairs: pd.DataFrame,
+                      device: torch.device, seed: int, limit: int = 16) -> dict[str, float]:
+    """Mean squared error of predicted against true follow-up latents on (up to `limit`) pairs, beside the
+    error of copying the earlier latent."""
+    model.eval()
+    batch = _latent_batch(latents_NCDHW, pairs, list(range(min(limit, len(pairs)))), device)
+    predicted = predict_latent(kind, model, batch["earlier"], batch["earlier_age"], batch["target_age"],
+                               torch.Generator(device).manual_seed(seed))
+    return {"latent_mse": F.mse_loss(predicted, batch["later"]).item(),
+            "copy_latent_mse": F.mse_loss(batch["earlier"], batch["later"]).item()}
+
+
+def _latent_batch(latents_NCDHW: torch.Tensor, pairs: pd.DataFrame, rows: list[int], device: torch.device
+                  ) -> dict[str, torch.Tensor]:
+    chosen = pairs.iloc[rows]
+    return {"earlier": latents_NCDHW[chosen["earlier_index"].to_numpy(copy=True)].to(device),
+            "later": latents_NCDHW[chosen["later_index"].to_numpy(copy=True)].to(device),
+            "earlier_age": torch.tensor(chosen["earlier_age"].to_numpy(), dtype=torch.float32, device=device),
+            "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device)}
+
+
+def _update(optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor, grad_clip: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    optimizer.step()
+
+
+def _ldm_losses(modules, optimizers, batch, config: Config, grad_clip: float, device) -> dict[str, float]:
+    model = modules["model"]
+    with autocast(device):
+        loss = model.loss(batch["later"], batch["earlier"], batch["earlier_age"], batch["target_age"])
+    _update(optimizers["model"], model, loss, grad_clip)
+    return {"mse": loss.item()}
+
+
+def _stargan_losses(modules, optimizers, batch, config: Config, grad_clip: float, device) -> dict[str, float]:
+    generator, discriminator, weights = modules["model"], modules["discriminator"], config.stargan
+    earlier, later, age1, age2 = batch["earlier"], batch["later"], batch["earlier_age"], batch["target_age"]
+    with autocast(device):
+        fake = generator(earlier, age1, age2)
+        real_logits, real_age = discriminator(later)
+        fake_logits, _ = discriminator(fake.detach())
+        d_adversarial = F.mse_loss(real_logits.float(), torch.ones_like(real_logits.float())) + F.mse_loss(
+            fake_logits.float(), torch.zeros_like(fake_logits.float()))
+        d_age = F.l1_loss(real_age.float(), age2) / 10
+        d_loss = weights.adversarial_weight * d_adversarial + weights.age_weight * d_age
+    _update(optimizers["discriminator"], discriminator, d_loss, grad_clip)
+    with autocast(device):
+        fake_logits, fake_age = discriminator(fake)
+        g_adversarial = F.mse_loss(fake_logits.float(), torch.ones_like(fake_logits.float()))
+        g_age = F.l1_loss(fake_age.float(), age2) / 10
+        cycle = F.l1_loss(generator(fake, age2, age1).float(), earlier)
+        identity = F.l1_loss(generator(earlier, age1, age1).float(), earlier)
+        g_loss = (weights.adversarial_weight * g_adversarial + weights.age_weight * g_age
+                  + weights.cycle_weight * cycle + weights.identity_weight * identity)
+    _update(optimizers["model"], generator, g_loss, grad_clip)
+    return {"generator": g_loss.item(), "discriminator": d_loss.item(), "adversarial_g": g_adversarial.item(),
+            "age_g": g_age.item(), "age_d": d_age.item(), "cycle": cycle.item(), "identity": identity.item()}

@@ -1,0 +1,110 @@
+"""The LDM and latent StarGAN baselines: training in the autoencoder's latent space, exact resume, and
+`predict` through the same interface as NeuroAR."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ball, make_tiny_run, write_nifti
+from neuroar.cli import main
+from neuroar.config import load_config
+from neuroar.errors import NeuroARError
+from neuroar.predict import Predictor
+from neuroar.train.autoencoder import train_autoencoder
+from neuroar.train.baselines import baseline_checkpoint, train_baseline
+from neuroar.train.checkpoint import weights_path
+
+AUTOENCODER = ["train_autoencoder.steps=20", "train_autoencoder.lr=0.002", "train_autoencoder.warmup_steps=2"]
+
+
+def settings(kind: str, steps: int, *extra: str) -> list[str]:
+    return [*AUTOENCODER, f"train_{kind}.steps={steps}", f"train_{kind}.lr=0.001", f"train_{kind}.warmup_steps=3",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    """A tiny run with a briefly trained autoencoder (shared; tests copy it)."""
+    run = make_tiny_run(tmp_path_factory.mktemp("encoded"))
+    train_autoencoder(run, load_config(run / "config.yaml", AUTOENCODER), progress=False)
+    return run
+
+
+@pytest.fixture
+def run_dir(encoded, tmp_path):
+    return shutil.copytree(encoded, tmp_path / "run")
+
+
+def test_ldm_loss_falls_and_the_checkpoint_holds_the_latent_scale(run_dir):
+    metrics = train_baseline(run_dir, load_config(run_dir / "config.yaml", settings("ldm", 40)), "ldm",
+                             progress=False)
+    log = pd.read_csv(run_dir / "ldm_train.csv")
+    assert log["mse"].iloc[-8:].mean() < 0.8 * log["mse"].iloc[:8].mean()
+    meta = json.loads(baseline_checkpoint(run_dir, "ldm").with_suffix(".json").read_text())
+    assert meta["model"] == "ldm" and meta["latent_scale"] > 0 and len(meta["autoencoder_sha256"]) == 64
+    assert {"latent_mse", "copy_latent_mse"} <= set(metrics)
+
+
+def test_stargan_discriminator_learns_and_generator_starts_as_identity(run_dir):
+    from neuroar.data.latents import load_latents
+    from neuroar.train.baselines import build_baseline
+
+    config = load_config(run_dir / "config.yaml", settings("stargan", 30))
+    train_baseline(run_dir, config, "stargan", progress=False)
+    log = pd.read_csv(run_dir / "stargan_train.csv")
+    assert log["discriminator"].iloc[-5:].mean() < 0.7 * log["discriminator"].iloc[:5].mean()
+    assert {"cycle", "identity", "age_g", "adversarial_g"} <= set(log.columns)
+    latents, _, _ = load_latents(run_dir)
+    untrained = build_baseline("stargan", config)["model"]
+    import torch
+    ages = torch.tensor([70.0, 70.0])
+    assert torch.equal(untrained(latents[:2], ages, ages + 5), latents[:2])
+
+
+@pytest.mark.parametrize("kind", ["ldm", "stargan"])
+def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path, kind):
+    other = shutil.copytree(run_dir, tmp_path / "other")
+    every = f"train_{kind}.checkpoint_every=3"
+    train_baseline(run_dir, load_config(run_dir / "config.yaml", settings(kind, 6, every)), kind, progress=False)
+    train_baseline(other, load_config(other / "config.yaml", settings(kind, 3, every)), kind, progress=False)
+    train_baseline(other, load_config(other / "config.yaml", settings(kind, 6, every)), kind, progress=False)
+    a = load_file(weights_path(baseline_checkpoint(run_dir, kind)))
+    b = load_file(weights_path(baseline_checkpoint(other, kind)))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a if not k.startswith("rng."))
+    assert list(pd.read_csv(other / f"{kind}_train.csv")["step"]) == list(range(1, 7))
+
+
+@pytest.mark.parametrize("kind", ["ldm", "stargan"])
+def test_predict_writes_follow_ups_in_the_input_space(run_dir, tmp_path, kind):
+    train_baseline(run_dir, load_config(run_dir / "config.yaml", settings(kind, 5)), kind, progress=False)
+    # another grid than the run's: 3.5 mm, LPS, 36x36x27
+    native = write_nifti(tmp_path / "native.nii.gz", np.pad(ball((0, 0, 0), 0), ((2, 2), (2, 2), (0, 0)))[:, :, 2:29],
+                         np.diag([-3.5, -3.5, 3.5, 1.0]))
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(run_dir / kind), "--input", str(native), "--age", "70",
+                 "--target-age", "72", "--target-age", "76", "--samples", "2", "--out", str(out)]) == 0
+    written = nib.load(out / "native_age-76_mean.nii.gz")
+    assert written.shape == (36, 36, 27) and np.allclose(written.affine, np.diag([-3.5, -3.5, 3.5, 1.0]))
+    predictor = Predictor.from_checkpoint(run_dir / kind)
+    first, second = predictor.predict(native, 70, [72, 76], samples=2, seed=1)
+    again = predictor.predict(native, 70, [72, 76], samples=2, seed=1)[1]
+    assert np.array_equal(second.mean_DHW, again.mean_DHW)  # seeded
+    assert not np.array_equal(first.mean_DHW, second.mean_DHW)  # the target age reaches the model
+    assert (first.std_DHW > 0).any() == (kind == "ldm")  # the StarGAN generator is deterministic
+
+
+def test_a_baseline_of_another_autoencoder_is_refused(run_dir):
+    train_baseline(run_dir, load_config(run_dir / "config.yaml", settings("stargan", 2)), "stargan", progress=False)
+    train_autoencoder(run_dir, load_config(run_dir / "config.yaml", [*AUTOENCODER, "train_autoencoder.steps=22"]),
+                      progress=False)
+    with pytest.raises(NeuroARError, match="another autoencoder|no longer holds"):
+        Predictor.from_checkpoint(run_dir / "stargan")
+    with pytest.raises(NeuroARError, match="another autoencoder"):
+        train_baseline(run_dir, load_config(run_dir / "config.yaml", settings("stargan", 4)), "stargan",
+                       progress=False)
