@@ -44,7 +44,8 @@ TINY = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "to
         "data.split_fractions=[0.75,0.25,0]", "transformer.depth=1", "train_transformer.batch_size=2",
         "train_transformer.log_every=1", "train_transformer.warmup_steps=5", "sampling.samples=2",
         "autoencoder.channels=[8,8,8]", "autoencoder.latent_channels=2", "train_autoencoder.log_every=1",
-        "ldm.channels=[16,32]", "ldm.head_channels=16", "ldm.ddim_steps=5", "train_ldm.batch_size=2",
+        "ldm.channels=[16,32]", "ldm.attention_levels=[false,true]", "ldm.head_channels=16", "ldm.ddim_steps=5",
+        "train_ldm.batch_size=2",
         "train_ldm.log_every=1", "stargan.channels=16", "stargan.res_blocks=1", "train_stargan.batch_size=2",
         "train_stargan.log_every=1"]
 

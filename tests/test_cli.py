@@ -1,8 +1,10 @@
 """The `neuroar` command: exit codes, messages, run folders, and the demo end to end."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -84,7 +86,9 @@ CHROMIUM = "/usr/bin/chromium"
 
 # The quick demo shrunk further (4 mm, a few training steps) so that the test checks every stage in a minute.
 SMALL_DEMO = ["data.spacing=4", "data.shape=[40,48,40]", "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]",
-              "train_tokenizer.steps=4", "train_transformer.steps=4", "train_transformer.batch_size=2"]
+              "train_tokenizer.steps=4", "train_transformer.steps=4", "train_transformer.batch_size=2",
+              "train_autoencoder.steps=3", "train_ldm.steps=4", "train_stargan.steps=4", "ldm.ddim_steps=3",
+              "brain_age.steps=4"]
 
 
 @pytest.mark.slow
@@ -94,14 +98,17 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "demo"
     for name in ("config.yaml", "scans.csv", "pairs.csv", "summary.md", "cohort/manifest.csv", "cohort/truth.csv",
                  "cohort/figures/trajectories.png", "cohort/figures/montage.png", "tokenizer/last.json",
-                 "neuroar/last.json", "evaluation/summary.md", "evaluation/pairs.csv",
-                 "evaluation/figures/ventricle_change.png", "report.html"):
+                 "neuroar/last.json", "autoencoder/last.json", "ldm/last.json", "stargan/last.json",
+                 "evaluation/summary.md", "evaluation/pairs.csv", "evaluation/figures/ventricle_change.png",
+                 "brain_age/summary.md", "brain_age/results.csv", "report.html"):
         assert (out / name).is_file(), name
     assert len(list((out / "tokens").glob("*.safetensors"))) == 1
     summary = (out / "summary.md").read_text()
     assert "| train |" in summary and "(40, 48, 40)" in summary and "| AD |" in summary
     assert "| copy |" in summary and "| tokenizer-copy |" in summary and "| demo |" in summary
+    assert "| demo/ldm |" in summary and "| demo/stargan |" in summary and "| real + synthetic |" in summary
     report = (out / "report.html").read_text()
+    assert "<td>demo/ldm</td>" in report and "<td>real + synthetic</td>" in report
     assert "<td>copy</td>" in report and report.count("data:image/png;base64,") >= 7 and "<iframe srcdoc=" in report
     assert "http://" not in report.replace("http://www.w3.org", "") and "src='http" not in report
     errors = open_in_chromium(out / "report.html", ARTIFACTS / "report.png")
@@ -110,4 +117,29 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     scans = pd.read_csv(out / "scans.csv")
     assert set(scans["split"]) == {"train", "val", "test"}
     again = run("demo", "--quick", "--out", str(out), *SMALL_DEMO, cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 2
+    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 3  # cohort, evaluation, brain age
+
+
+@pytest.mark.slow
+def test_an_interrupted_demo_continues_where_it_stopped(tmp_path):
+    """Ctrl-C during the LDM stage exits with 130; the re-run keeps every finished stage's output."""
+    out = tmp_path / "demo"
+    args = [sys.executable, "-m", "neuroar", "demo", "--quick", "--out", str(out), *SMALL_DEMO, "train_ldm.steps=400"]
+    demo = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in demo.stdout:
+        if line.startswith("== LDM"):
+            break
+    while not (out / "ldm_train.csv").is_file():  # training has started
+        time.sleep(0.2)
+    demo.send_signal(signal.SIGINT)
+    _, stderr = demo.communicate(timeout=120)
+    assert demo.returncode == 130 and "interrupted" in stderr
+    assert not (out / "ldm" / "last.json").exists() and not (out / "evaluation").exists()
+    finished = {p: p.stat().st_mtime_ns for folder in ("tokenizer", "neuroar", "autoencoder", "tokens", "latents")
+                for p in (out / folder).iterdir()}
+    again = run("demo", "--quick", "--out", str(out), *SMALL_DEMO, "train_ldm.steps=400", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not retrained, not re-encoded
+    assert list(pd.read_csv(out / "ldm_train.csv")["step"]) == list(range(10, 401, 10))
+    assert (out / "report.html").is_file()

@@ -125,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
                           help="sampling settings for every model, e.g. sampling.top_k=1")
     evaluate.set_defaults(handler=_evaluate)
 
+    age = commands.add_parser("brain-age", help="brain-age regressors trained with and without model-synthetic "
+                                                "scans, over several seeds (MAE, R2 on real test scans)")
+    age.add_argument("--run", type=Path, required=True, help="run folder made by `neuroar preprocess`")
+    age.add_argument("--model", type=Path, help="model that makes the synthetic scans (default: the run's NeuroAR; "
+                                                "RUN/ldm, RUN/stargan, an ablation work too)")
+    age.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
+    age.add_argument("--out", type=Path, help="output folder (default: RUN/brain_age)")
+    age.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help + ", brain_age.seeds=5")
+    age.set_defaults(handler=_brain_age)
+
     report = commands.add_parser("report", help="write RUN/report.html: tables, figures, slices, a 3D viewer")
     report.add_argument("run", type=Path, help="run folder with a trained model and RUN/evaluation")
     report.add_argument("--seed", type=int, default=0)
@@ -244,6 +254,14 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed, sampling=args.overrides)
     print((args.out / "summary.md").read_text())
+
+
+def _brain_age(args: argparse.Namespace) -> None:
+    from neuroar.evaluate.brain_age import run_brain_age
+
+    out = args.out or args.run / "brain_age"
+    run_brain_age(args.run, _run_config(args.run, args.config, args.overrides), args.model, out)
+    print((out / "summary.md").read_text())
 
 
 def _report(args: argparse.Namespace) -> None:

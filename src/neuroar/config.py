@@ -163,6 +163,22 @@ class TrainingConfig:
 
 
 @dataclass
+class BrainAgeConfig:
+    """The brain-age experiment: an SFCN-style regressor (Peng et al. 2021) trained on real scans, and on real
+    plus model-synthetic scans, evaluated on real test scans."""
+
+    channels: tuple[int, ...] = (32, 64, 128, 256, 256)  # one conv block (and a halving) each
+    downsample: int = 1  # average-pool the preprocessed volume first (2: 2 mm -> 4 mm), for CPUs
+    bin_width: float = 1.0  # years per soft-label bin
+    label_sigma: float = 1.0  # years; the Gaussian soft label around the true age
+    synthetic_years: tuple[float, ...] = (1.5, 3.0)  # synthetic scans at each training scan's age + these
+    seeds: int = 3
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+
+
+@dataclass
 class Config:
     name: str = "demo"
     seed: int = 0
@@ -178,6 +194,7 @@ class Config:
     train_ldm: TrainingConfig = field(default_factory=TrainingConfig)
     stargan: StarGANConfig = field(default_factory=StarGANConfig)
     train_stargan: TrainingConfig = field(default_factory=TrainingConfig)
+    brain_age: BrainAgeConfig = field(default_factory=BrainAgeConfig)
 
     @property
     def latent_shape(self) -> Shape3:
@@ -314,6 +331,13 @@ def _validate_baselines(config: Config, fail) -> None:
     if gan.channels < 1 or gan.res_blocks < 1 or min(gan.adversarial_weight, gan.age_weight, gan.cycle_weight,
                                                      gan.identity_weight) < 0:
         fail("stargan", "channels and res_blocks must be >= 1, loss weights >= 0.")
+    age = config.brain_age
+    if not age.channels or min(age.channels) < 1 or age.downsample < 1 or age.seeds < 1 or age.steps < 1:
+        fail("brain_age", "needs at least one channel width (each >= 1), downsample, seeds and steps >= 1.")
+    if min(age.bin_width, age.label_sigma, age.lr) <= 0 or age.batch_size < 1:
+        fail("brain_age", "bin_width, label_sigma and lr must be positive, batch_size >= 1.")
+    if any(y <= 0 for y in age.synthetic_years):
+        fail("brain_age.synthetic_years", f"must be positive (years after a scan), got {age.synthetic_years}.")
     for section in ("train_autoencoder", "train_ldm", "train_stargan"):
         train = getattr(config, section)
         for key in ("steps", "batch_size", "log_every", "checkpoint_every"):

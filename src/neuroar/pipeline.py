@@ -21,7 +21,8 @@ from neuroar.data.manifest import assign_splits, write_manifest
 from neuroar.data.pairs import longitudinal_pairs
 from neuroar.data.preprocess import load_preprocessed, preprocess_scans
 from neuroar.data.scans import read_scans
-from neuroar.files import atomic_path, write_text
+from neuroar.files import atomic_path, sha256_json, write_json, write_text
+from neuroar.train.baselines import BASELINES
 
 
 @dataclass
@@ -59,19 +60,24 @@ def prepare_dataset(source: str | Path, config: Config, out_dir: str | Path, pro
 
 # --quick: a smaller cohort and shorter training, for a first look in a few minutes.
 QUICK = ["train_tokenizer.steps=60", "train_tokenizer.val_every=60", "train_transformer.steps=60",
-         "train_transformer.val_every=60", "sampling.samples=2"]
+         "train_transformer.val_every=60", "sampling.samples=2", "train_autoencoder.steps=20", "train_ldm.steps=60",
+         "train_stargan.steps=60", "ldm.ddim_steps=10", "brain_age.steps=60"]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overrides: Sequence[str] = ()
              ) -> Path:
-    """Synthetic cohort -> preprocessing -> tokenizer -> tokens -> NeuroAR -> evaluation -> summary.
+    """Synthetic cohort -> preprocessing -> tokenizer -> tokens -> NeuroAR -> autoencoder -> LDM -> StarGAN ->
+    evaluation -> brain age -> report and summary.
 
-    Every stage resumes: the cohort is kept when its options did not change, preprocessing and tokens are
-    cached by content, training continues from its last checkpoint (a finished run is not retrained), and
-    the evaluation is skipped while the models it evaluated are unchanged."""
+    Every stage resumes: the cohort is kept when its options did not change, preprocessing, tokens and
+    latents are cached by content, training continues from its last checkpoint (a finished run is not
+    retrained), and the evaluation and brain-age experiment are skipped while their models are unchanged."""
+    from neuroar.data.latents import encode_run
     from neuroar.data.synth.cohort import SynthOptions, make_cohort
     from neuroar.data.tokens import tokenize_run
     from neuroar.report import build_report
+    from neuroar.train.autoencoder import train_autoencoder
+    from neuroar.train.baselines import train_baseline
     from neuroar.train.tokenizer import train_tokenizer
     from neuroar.train.transformer import train_transformer
 
@@ -102,7 +108,11 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     stage("tokenizer", lambda: train_tokenizer(out_dir, config))
     stage("tokens", lambda: tokenize_run(out_dir, config))
     stage("NeuroAR", lambda: train_transformer(out_dir, config))
+    stage("autoencoder and latents", lambda: (train_autoencoder(out_dir, config), encode_run(out_dir, config)))
+    stage("LDM", lambda: train_baseline(out_dir, config, "ldm"))
+    stage("latent StarGAN", lambda: train_baseline(out_dir, config, "stargan"))
     stage("evaluation", lambda: evaluate_run(out_dir, seed))
+    stage("brain age", lambda: brain_age_run(out_dir, config))
     stage("report", lambda: print(f"report: {build_report(out_dir, seed=seed)}"))
     report = _demo_summary(dataset, cohort_dir, out_dir, timings)
     write_text(out_dir / "summary.md", report)
@@ -111,25 +121,53 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
 
 
 def evaluate_run(run_dir: Path, seed: int = 0) -> Path:
-    """Evaluate a run's NeuroAR model on its test split (or val, when there is no test split) into
-    RUN/evaluation, unless that was already done for the same checkpoints."""
+    """Evaluate a run's NeuroAR model and its baselines (those trained) on its test split (or val, when there
+    is no test split) into RUN/evaluation, unless that was already done for the same checkpoints."""
     from neuroar.evaluate.compare import evaluate_models
-    from neuroar.files import sha256_json, write_json
-    from neuroar.train.tokenizer import tokenizer_checkpoint
-    from neuroar.train.transformer import transformer_checkpoint
 
     out = run_dir / "evaluation"
     pairs = pd.read_csv(run_dir / "pairs.csv", keep_default_na=False)
     split = "test" if (pairs["split"] == "test").any() else "val"
-    stamp = sha256_json({"split": split, "seed": seed, "checkpoints": [
-        json.loads(p.with_suffix(".json").read_text()) for p in (tokenizer_checkpoint(run_dir),
-                                                                 transformer_checkpoint(run_dir))]})
-    if (out / "stamp.json").is_file() and json.loads((out / "stamp.json").read_text()).get("stamp") == stamp:
-        print(f"{out} is up to date, skipped")
+    models = [run_dir, *(run_dir / kind for kind in BASELINES if (run_dir / kind / "last.json").is_file())]
+    if _up_to_date(out, {"split": split, "seed": seed, "models": _checkpoints(run_dir, models)}):
         return out
-    evaluate_models([str(run_dir)], out, split=split, seed=seed)
-    write_json(out / "stamp.json", {"stamp": stamp})
+    evaluate_models([str(m) for m in models], out, split=split, seed=seed)
+    _stamp(out, {"split": split, "seed": seed, "models": _checkpoints(run_dir, models)})
     return out
+
+
+def brain_age_run(run_dir: Path, config: Config) -> Path:
+    """The brain-age experiment with the run's NeuroAR model into RUN/brain_age, unless already done for the
+    same model and settings."""
+    from neuroar.evaluate.brain_age import run_brain_age
+
+    out = run_dir / "brain_age"
+    inputs = {"brain_age": asdict(config.brain_age), "models": _checkpoints(run_dir, [run_dir])}
+    if not _up_to_date(out, inputs):
+        run_brain_age(run_dir, config, out_dir=out)
+        _stamp(out, inputs)
+    return out
+
+
+def _checkpoints(run_dir: Path, models: Sequence[Path]) -> list[dict]:
+    """The checkpoint records (step, weights file, config) of the tokenizer and the given models."""
+    from neuroar.train.tokenizer import tokenizer_checkpoint
+    from neuroar.train.transformer import resolve_model
+
+    stems = [tokenizer_checkpoint(run_dir), *(Path.joinpath(*resolve_model(m)) / "last" for m in models)]
+    return [json.loads(stem.with_suffix(".json").read_text()) for stem in stems]
+
+
+def _up_to_date(out: Path, inputs: dict) -> bool:
+    stamp = out / "stamp.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("stamp") == sha256_json(inputs):
+        print(f"{out} is up to date, skipped")
+        return True
+    return False
+
+
+def _stamp(out: Path, inputs: dict) -> None:
+    write_json(out / "stamp.json", {"stamp": sha256_json(inputs)})
 
 
 def _cohort_options(cohort_dir: Path) -> dict | None:
@@ -164,6 +202,8 @@ def _demo_summary(dataset: Dataset, cohort_dir: Path, run_dir: Path, timings: di
         "",
         "## Evaluation",
         (run_dir / "evaluation" / "summary.md").read_text().replace("# Evaluation", "Evaluation", 1),
+        "## Brain age",
+        (run_dir / "brain_age" / "summary.md").read_text().replace("# Brain age", "Brain age", 1),
         "## Stage times",
         *[f"- {stage}: {seconds:.1f} s" for stage, seconds in timings.items()],
         "",

@@ -1,9 +1,10 @@
 """`neuroar report RUN`: one self-contained HTML file (figures inlined, viewer script inlined, opens offline).
 
-Sections: the evaluation table and its figures; for a few test pairs, three orthogonal slices of the
-earlier scan, the prediction, the true follow-up, the predicted and the true change, and the uncertainty;
-an age sweep of one subject with its ventricle-volume curve beside the volumes of its real scans; training
-curves; and an interactive viewer (nilearn's `view_img`) of one predicted volume.
+Sections: the evaluation table (every model and baseline) and its figures; for a few test pairs, three
+orthogonal slices of the earlier scan, NeuroAR's prediction, the true follow-up, the predicted and the true
+change, and the uncertainty; an age sweep of one subject with its ventricle-volume curve beside the volumes
+of its real scans; the brain-age table (when RUN/brain_age exists); training curves; and an interactive
+viewer (nilearn's `view_img`) of one predicted volume.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
     if len(shown):
         sections += ["<h2>Age sweep</h2>", sweep_section(predictor, run_dir, shown.iloc[0]["subject_id"], split,
                                                          config, seed)]
+    if (run_dir / "brain_age" / "summary.md").is_file():
+        sections += ["<h2>Brain age</h2>", markdown_tables((run_dir / "brain_age" / "summary.md").read_text())]
     sections += ["<h2>Training</h2>", _image(_png(training_figure(run_dir)), "training curves")]
     if first_prediction is not None:
         affine = load_preprocessed(shown.iloc[0]["earlier_path"])[1].affine
@@ -121,9 +124,12 @@ def sweep_section(predictor: Predictor, run_dir: Path, subject: str, split: str,
 
 def training_figure(run_dir: Path) -> Figure:
     panels = [("tokenizer_train.csv", "l1", "tokenizer L1"), ("tokenizer_val.csv", "psnr", "tokenizer val PSNR"),
-              ("neuroar_train.csv", "loss", "NeuroAR loss"), ("neuroar_val.csv", "accuracy", "NeuroAR val accuracy")]
-    figure = Figure(figsize=(16, 3.2), layout="constrained")
-    for axis, (name, column, title) in zip(figure.subplots(1, len(panels)), panels):
+              ("neuroar_train.csv", "loss", "NeuroAR loss"), ("neuroar_val.csv", "accuracy", "NeuroAR val accuracy"),
+              ("autoencoder_train.csv", "l1", "autoencoder L1"), ("ldm_train.csv", "mse", "LDM noise MSE"),
+              ("stargan_train.csv", "generator", "StarGAN generator loss"),
+              ("stargan_train.csv", "discriminator", "StarGAN discriminator loss")]
+    figure = Figure(figsize=(16, 6.4), layout="constrained")
+    for axis, (name, column, title) in zip(figure.subplots(2, len(panels) // 2).flat, panels):
         path = run_dir / name
         if path.is_file():
             log = pd.read_csv(path)
