@@ -66,25 +66,25 @@ def _parser() -> argparse.ArgumentParser:
     prep.set_defaults(handler=_preprocess)
 
     train = commands.add_parser("train-tokenizer", help="train (or resume) the MS-VQVAE of a preprocessed run")
-    train.add_argument("--run", type=Path, required=True, help="run folder made by `neuroar preprocess`")
+    _add_run(train, "run folder made by `neuroar preprocess`")
     train.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     train.set_defaults(handler=_train_tokenizer)
 
     tokenize = commands.add_parser("tokenize", help="encode every scan of a run into cached token maps")
-    tokenize.add_argument("--run", type=Path, required=True)
+    _add_run(tokenize)
     tokenize.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     tokenize.set_defaults(handler=_tokenize)
 
     decode = commands.add_parser("decode", help="decode a scan's cached tokens into a NIfTI in the scan's space")
-    decode.add_argument("--run", type=Path, required=True)
+    _add_run(decode)
     decode.add_argument("--subject", required=True)
     decode.add_argument("--session", required=True)
     decode.add_argument("--out", type=Path, required=True, help="output .nii.gz (never one of the inputs)")
     decode.set_defaults(handler=_decode)
 
     train_ar = commands.add_parser("train-ar", help="train (or resume) the NeuroAR transformer on a run's tokens")
-    train_ar.add_argument("--run", type=Path, required=True, help="run folder with cached tokens (`neuroar tokenize`)")
+    _add_run(train_ar, "run folder with cached tokens (`neuroar tokenize`)")
     train_ar.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
     train_ar.add_argument("--name", default="neuroar", help="model folder inside the run, e.g. for an ablation "
                                                             "(default: neuroar)")
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     baseline = commands.add_parser("train-baseline", help="train (or resume) a baseline: ldm or stargan (first the "
                                                           "run's autoencoder and its cached latents)")
     baseline.add_argument("kind", choices=["ldm", "stargan"])
-    baseline.add_argument("--run", type=Path, required=True, help="run folder made by `neuroar preprocess`")
+    _add_run(baseline, "run folder made by `neuroar preprocess`")
     baseline.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
     baseline.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     baseline.set_defaults(handler=_train_baseline)
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="compare models (and the copy baselines) on held-out pairs")
     evaluate.add_argument("--models", nargs="+", default=[], help="trained run or model folders (RUN, RUN/NAME)")
-    evaluate.add_argument("--run", type=Path, help="run whose pairs are evaluated (default: the first model's)")
+    _add_run(evaluate, "run whose pairs are evaluated (default: the first model's)", required=False)
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--samples", type=int, help="NeuroAR samples per prediction (default: the config's)")
     evaluate.add_argument("--seed", type=int, default=0)
@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 
     age = commands.add_parser("brain-age", help="brain-age regressors trained with and without model-synthetic "
                                                 "scans, over several seeds (MAE, R2 on real test scans)")
-    age.add_argument("--run", type=Path, required=True, help="run folder made by `neuroar preprocess`")
+    _add_run(age, "run folder made by `neuroar preprocess`")
     age.add_argument("--model", type=Path, help="model that makes the synthetic scans (default: the run's NeuroAR; "
                                                 "RUN/ldm, RUN/stargan, an ablation work too)")
     age.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
@@ -139,6 +139,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run", type=Path, help="run folder with a trained model and RUN/evaluation")
     report.add_argument("--seed", type=int, default=0)
     report.set_defaults(handler=_report)
+
+    plan = commands.add_parser("plan", help="parameters, tokens, FLOPs and memory per GPU of a config; optionally "
+                                            "one measured training step at full shape")
+    plan.add_argument("--config", type=Path, default=Path("demo"), help="YAML file or shipped name (demo, paper)")
+    plan.add_argument("--batch", type=int, help="batch per process (default: each trainer's configured batch)")
+    plan.add_argument("--run-step", action="store_true", help="also run one training step of the tokenizer and "
+                                                              "NeuroAR at full shape on random data (batch 1)")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
+    plan.set_defaults(handler=_plan)
 
     show = commands.add_parser("config", help="print the resolved config")
     show.add_argument("--config", type=Path)
@@ -152,6 +161,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _add_run(parser: argparse.ArgumentParser, help: str = "run folder", required: bool = True) -> None:
+    # --run-dir too: under torchrun, whose own parser would take "--run" for its "--run-path".
+    parser.add_argument("--run", "--run-dir", dest="run", type=Path, required=required, help=help)
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -268,6 +282,21 @@ def _report(args: argparse.Namespace) -> None:
     from neuroar.report import build_report
 
     print(f"report: {build_report(args.run, seed=args.seed)}")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from neuroar.config import load_config
+    from neuroar.plan import plan_markdown, run_steps
+
+    if args.batch is not None and args.batch < 1:
+        raise NeuroARError(f"--batch must be at least 1, got {args.batch}.")
+    config = load_config(args.config, args.overrides)
+    print(plan_markdown(config, args.batch))
+    if args.run_step:
+        for result in run_steps(config, args.batch or 1):
+            print(f"measured {result['model']} step, batch {result['batch']} on {result['device']}: "
+                  f"{result['step_seconds']:.2f} s, peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB "
+                  f"({result['memory']}; estimate {result['estimated_bytes'] / 2**30:.2f} GiB)")
 
 
 def _show_config(args: argparse.Namespace) -> None:

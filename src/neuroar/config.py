@@ -65,6 +65,7 @@ class TokenizerTrainingConfig:
     adversarial_start: int = 1000  # step at which the patch discriminator joins
     discriminator_channels: int = 16
     head_weight: float = 0.0  # extra L1 weight on voxels inside the head (intensity > 0.05); 0 = uniform
+    accumulation: int = 1  # micro-batches per step (gradient accumulation); batch_size is the whole step's
     log_every: int = 10
     val_every: int = 250
     checkpoint_every: int = 250
@@ -98,6 +99,8 @@ class TransformerTrainingConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 2.0
+    accumulation: int = 1  # micro-batches per step (gradient accumulation); batch_size is the whole step's
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     log_every: int = 10
     val_every: int = 250
     checkpoint_every: int = 250
@@ -158,6 +161,7 @@ class TrainingConfig:
     lr: float = 1e-4  # peak; linear warm-up, then cosine decay to lr / 10
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    accumulation: int = 1  # micro-batches per step (gradient accumulation); batch_size is the whole step's
     log_every: int = 10
     checkpoint_every: int = 250
 
@@ -285,7 +289,8 @@ def validate(config: Config, source: str = "config") -> None:
         fail("tokenizer.scales", f"the last scale {tok.scales[-1]} must equal the latent grid {latent} "
                                  f"(data.shape {data.shape} / tokenizer.downsample {tok.downsample}).")
     train = config.train_tokenizer
-    for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "discriminator_channels"):
+    for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "discriminator_channels",
+                "accumulation"):
         if getattr(train, key) < 1:
             fail(f"train_tokenizer.{key}", f"must be at least 1, got {getattr(train, key)}.")
     if train.lr <= 0 or train.adversarial_weight < 0 or train.head_weight < 0 or train.adversarial_start < 0:
@@ -295,7 +300,7 @@ def validate(config: Config, source: str = "config") -> None:
     if not 0 <= config.transformer.condition_dropout < 1:
         fail("transformer.condition_dropout", f"must be in [0, 1), got {config.transformer.condition_dropout}.")
     ar = config.train_transformer
-    for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every"):
+    for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "accumulation"):
         if getattr(ar, key) < 1:
             fail(f"train_transformer.{key}", f"must be at least 1, got {getattr(ar, key)}.")
     if ar.lr <= 0 or ar.weight_decay < 0 or ar.grad_clip <= 0:
@@ -340,7 +345,7 @@ def _validate_baselines(config: Config, fail) -> None:
         fail("brain_age.synthetic_years", f"must be positive (years after a scan), got {age.synthetic_years}.")
     for section in ("train_autoencoder", "train_ldm", "train_stargan"):
         train = getattr(config, section)
-        for key in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        for key in ("steps", "batch_size", "log_every", "checkpoint_every", "accumulation"):
             if getattr(train, key) < 1:
                 fail(f"{section}.{key}", f"must be at least 1, got {getattr(train, key)}.")
         if train.lr <= 0 or train.grad_clip <= 0 or train.warmup_steps < 0:

@@ -44,13 +44,11 @@ class LatentDiffusion(nn.Module):
         noise = self.unet(F.pad(x, pad), t_B, context=context_B3W)
         return noise[:, :, :size[0], :size[1], :size[2]]
 
-    def loss(self, later_BCDHW: torch.Tensor, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor,
-             target_age_B: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of the predicted noise at uniformly drawn timesteps."""
-        noise = torch.randn_like(later_BCDHW)
-        t_B = torch.randint(0, self.config.timesteps, (len(later_BCDHW),), device=later_BCDHW.device)
-        noisy = self.scheduler.add_noise(later_BCDHW, noise, t_B)
-        return F.mse_loss(self.denoise(noisy, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float(), noise)
+    def forward(self, later_BCDHW: torch.Tensor, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor,
+                target_age_B: torch.Tensor, noise_BCDHW: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        """The training loss: mean squared error of the noise predicted at timesteps `t_B`."""
+        noisy = self.scheduler.add_noise(later_BCDHW, noise_BCDHW, t_B)
+        return F.mse_loss(self.denoise(noisy, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float(), noise_BCDHW)
 
     @torch.no_grad()
     def sample(self, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor,

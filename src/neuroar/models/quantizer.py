@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroar.distributed import gather_batch
+
 Shape3 = tuple[int, int, int]
 
 
@@ -50,14 +52,22 @@ class MultiScaleQuantizer(nn.Module):
     def forward(self, f_BCdhw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, dict]:
         """Quantize; returns (f_hat with a straight-through gradient to f, tokens per scale, vq loss, stats)."""
         f_detached = f_BCdhw.detach()
-        if self.training and not bool(self.initialized):
-            self._initialize(f_detached)
+        # Under several processes, codebook initialisation and restarts use the global batch (gathered in
+        # its global order) so that every rank changes its codebook identically, as one process would.
+        f_global = gather_batch(f_detached) if self.training else f_detached
+        # On the meta device (`neuroar plan` counting FLOPs and memory) there are no values to initialise
+        # from, restart with or report.
+        updates = self.training and not f_BCdhw.is_meta
+        if updates and not bool(self.initialized):
+            self._initialize(f_global)
         f_hats, tokens, residuals_NC = self._quantize(f_detached)
         # Codebook and refinements move toward the features; the encoder commits to the quantization.
         loss = sum(F.mse_loss(f_hat, f_detached) + self.beta * F.mse_loss(f_hat.detach(), f_BCdhw)
                    for f_hat in f_hats) / len(self.scales)
-        stats = self.usage_stats(tokens)
-        if self.training:
+        stats = self.usage_stats(tokens) if not f_BCdhw.is_meta else {}
+        if updates:
+            if f_global is not f_detached:
+                _, tokens, residuals_NC = self._quantize(f_global)
             self._update_usage(tokens, residuals_NC)
         # Straight-through: the decoder sees f_hat, its gradient reaches the encoder as if quantization were
         # the identity; codebook and refinements learn from the vq loss alone.

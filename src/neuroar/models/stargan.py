@@ -49,6 +49,21 @@ class Generator(nn.Module):
         return earlier_BCDHW + self.out(h)
 
 
+class GeneratorPasses(nn.Module):
+    """A training step's three generator passes in one forward (DistributedDataParallel needs one forward per
+    backward): earlier -> target age, back to the earlier age (cycle), and at the earlier age (identity)."""
+
+    def __init__(self, generator: Generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fake = self.generator(earlier_BCDHW, earlier_age_B, target_age_B)
+        return (fake, self.generator(fake, target_age_B, earlier_age_B),
+                self.generator(earlier_BCDHW, earlier_age_B, earlier_age_B))
+
+
 class Discriminator(nn.Module):
     """(patch realness logits (B, 1, d, h, w), age in years (B,)). Ages are regressed around `age_centre`."""
 

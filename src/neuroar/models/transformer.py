@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from neuroar.config import SamplingConfig, TransformerConfig
 from neuroar.models.quantizer import MultiScaleQuantizer, Shape3, area_down
@@ -48,6 +49,7 @@ class NeuroAR(nn.Module):
         self.register_buffer("levels", levels_L, persistent=False)
         # Block-causal: a token sees every token of its own and coarser scales.
         self.register_buffer("mask", levels_L[None, :] <= levels_L[:, None], persistent=False)
+        self.activation_checkpointing = False  # trade compute for memory when training: blocks recompute
 
     def forward(self, target_inputs_BLC: torch.Tensor, earlier_BLC: torch.Tensor, earlier_age_B: torch.Tensor,
                 target_age_B: torch.Tensor, drop_ages_B: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,7 +57,10 @@ class NeuroAR(nn.Module):
         age_tokens, condition = self.ages(earlier_age_B, target_age_B, drop_ages_B)
         x_BLW = self._embed(target_inputs_BLC, earlier_BLC, 0, self.levels.numel())
         for block in self.blocks:
-            x_BLW = block(x_BLW, condition, age_tokens, self.mask)
+            if self.activation_checkpointing and self.training:
+                x_BLW = checkpoint(block, x_BLW, condition, age_tokens, self.mask, use_reentrant=False)
+            else:
+                x_BLW = block(x_BLW, condition, age_tokens, self.mask)
         return self._logits(x_BLW, condition)
 
     def _embed(self, target_BlC: torch.Tensor, earlier_BlC: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -3,7 +3,9 @@ StarGAN baselines work in.
 
 L1 reconstruction + `autoencoder.kl_weight` x KL divergence to N(0, 1). A checkpoint lives in
 RUN/autoencoder/last.*, logs in RUN/autoencoder_train.csv and TensorBoard; the last step also logs the
-held-out reconstruction PSNR. Resuming continues exactly (batch order and RNG are checkpointed).
+held-out reconstruction PSNR. Resuming continues exactly (batch order and RNG are checkpointed). Under
+`torchrun`, note that AutoencoderKL draws its reparameterisation noise inside its forward, from each
+process's own (identically seeded) generator.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL
 from tqdm.auto import tqdm
 
+from neuroar import distributed
 from neuroar.config import Config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
@@ -23,7 +26,7 @@ from neuroar.evaluate.metrics import masked_psnr
 from neuroar.models.autoencoder import build_autoencoder
 from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
 from neuroar.train.log import RunLog
-from neuroar.train.loop import autocast, learning_rate, set_learning_rate, split_scan_paths, volume_batch
+from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate, split_scan_paths, volume_batch
 
 
 def autoencoder_checkpoint(run_dir: str | Path) -> Path:
@@ -45,7 +48,8 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
     run_dir = Path(run_dir)
     train_paths, val_paths = split_scan_paths(run_dir)
     settings = config.train_autoencoder
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = distributed.init()
+    device = ctx.device
     torch.manual_seed(config.seed)
     model = build_autoencoder(config.autoencoder).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
@@ -54,26 +58,34 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
     if checkpoint.with_suffix(".json").is_file():
         meta = load_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, restore_rng=True)
         start, metrics = meta["step"], meta["validation"]
-    log = RunLog(run_dir, "autoencoder", resume_step=start)
+    model_ddp = ctx.wrap(model)
+    if ctx.main:
+        log = RunLog(run_dir, "autoencoder", resume_step=start)
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="autoencoder", unit="step",
-               disable=not progress)
+               disable=not progress or not ctx.main)
     for step in bar:
         model.train()
         set_learning_rate([optimizer], learning_rate(step, settings.lr, settings.warmup_steps, settings.steps))
-        x = volume_batch(train_paths, step, settings.batch_size, config.seed).to(device)
-        with autocast(device):
-            reconstruction, mu, sigma = model(x)
-        l1 = F.l1_loss(reconstruction.float(), x)
-        kl = 0.5 * (mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-8) - 1).mean()
-        loss = l1 + config.autoencoder.kl_weight * kl
-        if not torch.isfinite(loss):
-            raise NeuroARError(f"autoencoder loss became {loss.item()} at step {step}; the last good checkpoint "
-                               f"({checkpoint}) is kept. Lower train_autoencoder.lr and resume.")
+        micro = ctx.shard(batch_indices(len(train_paths), step, settings.batch_size, config.seed),
+                          settings.accumulation)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for i, rows in enumerate(micro):
+            x = volume_batch(train_paths, rows).to(device)
+            with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
+                with autocast(device):
+                    reconstruction, mu, sigma = model_ddp(x)
+                l1 = F.l1_loss(reconstruction.float(), x)
+                kl = 0.5 * (mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-8) - 1).mean()
+                loss = l1 + config.autoencoder.kl_weight * kl
+                if not torch.isfinite(loss):
+                    raise NeuroARError(f"autoencoder loss became {loss.item()} at step {step}; the last good "
+                                       f"checkpoint ({checkpoint}) is kept. Lower train_autoencoder.lr and resume.")
+                (loss / len(micro)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         done = step + 1
+        if not ctx.main:
+            continue
         bar.set_postfix(l1=f"{l1.item():.4f}")
         if done % settings.log_every == 0 or done == settings.steps:
             log.log(done, {"l1": l1.item(), "kl": kl.item(), "lr": optimizer.param_groups[0]["lr"]})
@@ -84,7 +96,9 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
             save_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, {
                 "step": done, "config": config.to_dict(), "preprocessing": config.to_dict()["data"],
                 "validation": metrics})
-    log.close()
+    if ctx.main:
+        log.close()
+    ctx.barrier()
     return metrics
 
 

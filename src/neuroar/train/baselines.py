@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from neuroar import distributed
 from neuroar.config import Config, save_config
 from neuroar.data.latents import autoencoder_sha256, encode_run, load_latents
 from neuroar.errors import NeuroARError
 from neuroar.models.ldm import LatentDiffusion
-from neuroar.models.stargan import Discriminator, Generator
+from neuroar.models.stargan import Discriminator, Generator, GeneratorPasses
 from neuroar.train.autoencoder import train_autoencoder
 from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
 from neuroar.train.log import RunLog
@@ -73,7 +74,8 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
         raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; the baselines need subjects with at least "
                            "two scans in the training split.")
     settings = getattr(config, f"train_{kind}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = distributed.init()
+    device = ctx.device
     torch.manual_seed(config.seed)
     modules = {k: m.to(device) for k, m in build_baseline(kind, config, float(train_pairs["later_age"].mean())
                                                           ).items()}
@@ -88,23 +90,33 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
             raise NeuroARError(f"{checkpoint} was trained in the latent space of another autoencoder; move "
                                f"{checkpoint.parent} away to train a new {kind} on the current one.")
         start, metrics = meta["step"], meta["validation"]
-    save_config(config, run_dir / kind / "config.yaml")
-    log = RunLog(run_dir, kind, resume_step=start)
+    # What runs forward under DDP: the LDM's training loss, the generator's three passes, the discriminator.
+    if kind == "ldm":
+        wrapped = {"model": ctx.wrap(modules["model"])}
+    else:
+        wrapped = {"model": ctx.wrap(GeneratorPasses(modules["model"])),
+                   "discriminator": ctx.wrap(modules["discriminator"])}
+    if ctx.main:
+        save_config(config, run_dir / kind / "config.yaml")
+        log = RunLog(run_dir, kind, resume_step=start)
     step_losses = _ldm_losses if kind == "ldm" else _stargan_losses
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=kind, unit="step",
-               disable=not progress)
+               disable=not progress or not ctx.main)
     for step in bar:
         set_learning_rate(list(optimizers.values()), learning_rate(step, settings.lr, settings.warmup_steps,
                                                                    settings.steps))
         rows = batch_indices(len(train_pairs), step, settings.batch_size, config.seed)
-        batch = _latent_batch(latents_NCDHW, train_pairs, rows, device)
+        micro = ctx.shard(list(range(len(rows))), settings.accumulation)
         for module in modules.values():
             module.train()
-        losses = step_losses(modules, optimizers, batch, config, settings.grad_clip, device)
+        losses = step_losses(modules, wrapped, optimizers, latents_NCDHW, train_pairs, rows, micro, config,
+                             settings.grad_clip, device)
         if not all(math.isfinite(v) for v in losses.values()):
             raise NeuroARError(f"{kind} loss became {losses} at step {step}; the last good checkpoint ({checkpoint}) "
                                f"is kept. Lower train_{kind}.lr and resume.")
         done = step + 1
+        if not ctx.main:
+            continue
         bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
         if done % settings.log_every == 0 or done == settings.steps:
             log.log(done, {**losses, "lr": optimizers["model"].param_groups[0]["lr"]})
@@ -117,7 +129,9 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
                 "step": done, "model": kind, "config": config.to_dict(), "latent_scale": scale,
                 "autoencoder_sha256": autoencoder, "preprocessing": config.to_dict()["data"],
                 "validation": metrics})
-    log.close()
+    if ctx.main:
+        log.close()
+    ctx.barrier()
     return metrics
 
 
@@ -143,41 +157,58 @@ def _latent_batch(latents_NCDHW: torch.Tensor, pairs: pd.DataFrame, rows: list[i
             "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device)}
 
 
-def _update(optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor, grad_clip: float) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+def _finish(optimizer: torch.optim.Optimizer, module: nn.Module, grad_clip: float) -> None:
     torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
     optimizer.step()
 
 
-def _ldm_losses(modules, optimizers, batch, config: Config, grad_clip: float, device) -> dict[str, float]:
-    model = modules["model"]
-    with autocast(device):
-        loss = model.loss(batch["later"], batch["earlier"], batch["earlier_age"], batch["target_age"])
-    _update(optimizers["model"], model, loss, grad_clip)
+def _ldm_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, config: Config, grad_clip: float,
+                device) -> dict[str, float]:
+    # Noise and timesteps drawn for the whole batch on every process; each takes those of its own rows.
+    noise = torch.randn(len(rows), *latents.shape[1:])
+    t = torch.randint(0, config.ldm.timesteps, (len(rows),))
+    optimizers["model"].zero_grad(set_to_none=True)
+    for i, positions in enumerate(micro):
+        batch = _latent_batch(latents, pairs, [rows[j] for j in positions], device)
+        with distributed.no_sync(wrapped["model"], last=i == len(micro) - 1):
+            with autocast(device):
+                loss = wrapped["model"](batch["later"], batch["earlier"], batch["earlier_age"], batch["target_age"],
+                                        noise[positions].to(device), t[positions].to(device))
+            (loss / len(micro)).backward()
+    _finish(optimizers["model"], modules["model"], grad_clip)
     return {"mse": loss.item()}
 
 
-def _stargan_losses(modules, optimizers, batch, config: Config, grad_clip: float, device) -> dict[str, float]:
+def _stargan_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, config: Config, grad_clip: float,
+                    device) -> dict[str, float]:
     generator, discriminator, weights = modules["model"], modules["discriminator"], config.stargan
-    earlier, later, age1, age2 = batch["earlier"], batch["later"], batch["earlier_age"], batch["target_age"]
-    with autocast(device):
-        fake = generator(earlier, age1, age2)
-        real_logits, real_age = discriminator(later)
-        fake_logits, _ = discriminator(fake.detach())
-        d_adversarial = F.mse_loss(real_logits.float(), torch.ones_like(real_logits.float())) + F.mse_loss(
-            fake_logits.float(), torch.zeros_like(fake_logits.float()))
-        d_age = F.l1_loss(real_age.float(), age2) / 10
-        d_loss = weights.adversarial_weight * d_adversarial + weights.age_weight * d_age
-    _update(optimizers["discriminator"], discriminator, d_loss, grad_clip)
-    with autocast(device):
-        fake_logits, fake_age = discriminator(fake)
-        g_adversarial = F.mse_loss(fake_logits.float(), torch.ones_like(fake_logits.float()))
-        g_age = F.l1_loss(fake_age.float(), age2) / 10
-        cycle = F.l1_loss(generator(fake, age2, age1).float(), earlier)
-        identity = F.l1_loss(generator(earlier, age1, age1).float(), earlier)
-        g_loss = (weights.adversarial_weight * g_adversarial + weights.age_weight * g_age
-                  + weights.cycle_weight * cycle + weights.identity_weight * identity)
-    _update(optimizers["model"], generator, g_loss, grad_clip)
+    batches = [_latent_batch(latents, pairs, [rows[j] for j in positions], device) for positions in micro]
+    optimizers["discriminator"].zero_grad(set_to_none=True)
+    for i, batch in enumerate(batches):
+        with torch.no_grad():
+            fake = generator(batch["earlier"], batch["earlier_age"], batch["target_age"])
+        with distributed.no_sync(wrapped["discriminator"], last=i == len(batches) - 1), autocast(device):
+            real_logits, real_age = wrapped["discriminator"](torch.cat([batch["later"], fake]))
+            real_logits, fake_logits = real_logits.float().chunk(2)
+            d_adversarial = (F.mse_loss(real_logits, torch.ones_like(real_logits))
+                             + F.mse_loss(fake_logits, torch.zeros_like(fake_logits)))
+            d_age = F.l1_loss(real_age.float().chunk(2)[0], batch["target_age"]) / 10
+            d_loss = weights.adversarial_weight * d_adversarial + weights.age_weight * d_age
+            (d_loss / len(batches)).backward()
+    _finish(optimizers["discriminator"], discriminator, grad_clip)
+    optimizers["model"].zero_grad(set_to_none=True)
+    for i, batch in enumerate(batches):
+        earlier = batch["earlier"]
+        with distributed.no_sync(wrapped["model"], last=i == len(batches) - 1), autocast(device):
+            fake, cycled, same = wrapped["model"](earlier, batch["earlier_age"], batch["target_age"])
+            fake_logits, fake_age = discriminator(fake)  # its gradients are discarded at its next step
+            g_adversarial = F.mse_loss(fake_logits.float(), torch.ones_like(fake_logits.float()))
+            g_age = F.l1_loss(fake_age.float(), batch["target_age"]) / 10
+            cycle = F.l1_loss(cycled.float(), earlier)
+            identity = F.l1_loss(same.float(), earlier)
+            g_loss = (weights.adversarial_weight * g_adversarial + weights.age_weight * g_age
+                      + weights.cycle_weight * cycle + weights.identity_weight * identity)
+            (g_loss / len(batches)).backward()
+    _finish(optimizers["model"], generator, grad_clip)
     return {"generator": g_loss.item(), "discriminator": d_loss.item(), "adversarial_g": g_adversarial.item(),
             "age_g": g_age.item(), "age_d": d_age.item(), "cycle": cycle.item(), "identity": identity.item()}

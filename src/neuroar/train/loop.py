@@ -56,7 +56,6 @@ def split_scan_paths(run_dir: Path) -> tuple[list[str], list[str]]:
     return train, list(scans.loc[scans["split"] == "val", "preprocessed"])
 
 
-def volume_batch(paths: list[str], step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """A step's batch of preprocessed volumes, (B, 1, D, H, W)."""
-    chosen = batch_indices(len(paths), step, batch_size, seed)
-    return torch.stack([torch.from_numpy(load_preprocessed(paths[i])[0])[None] for i in chosen])
+def volume_batch(paths: list[str], rows: list[int]) -> torch.Tensor:
+    """The preprocessed volumes of the given rows, (B, 1, D, H, W)."""
+    return torch.stack([torch.from_numpy(load_preprocessed(paths[i])[0])[None] for i in rows])

@@ -24,6 +24,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
 from tqdm.auto import tqdm
 
+from neuroar import distributed
 from neuroar.config import Config, save_config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
@@ -31,7 +32,7 @@ from neuroar.evaluate.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
 from neuroar.train.log import RunLog
-from neuroar.train.loop import autocast, learning_rate, set_learning_rate, split_scan_paths, volume_batch
+from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate, split_scan_paths, volume_batch
 
 
 def tokenizer_checkpoint(run_dir: str | Path) -> Path:
@@ -39,11 +40,13 @@ def tokenizer_checkpoint(run_dir: str | Path) -> Path:
 
 
 def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
-    """Train (or resume) the tokenizer of a run prepared by `neuroar preprocess`; returns the last validation."""
+    """Train (or resume) the tokenizer of a run prepared by `neuroar preprocess`; returns the last validation.
+    Under `torchrun`, each process takes its share of every batch (see neuroar.distributed)."""
     run_dir = Path(run_dir)
     train_paths, val_paths = split_scan_paths(run_dir)
     settings = config.train_tokenizer
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = distributed.init()
+    device = ctx.device
     torch.manual_seed(config.seed)
     model = MSVQVAE(config.tokenizer).to(device)
     discriminator = PatchDiscriminator(spatial_dims=3, channels=settings.discriminator_channels, in_channels=1,
@@ -57,47 +60,59 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
     start = 0
     if checkpoint.with_suffix(".json").is_file():
         start = load_checkpoint(checkpoint, modules, optimizers, restore_rng=True)["step"]
-    save_config(config, run_dir / "config.yaml")
-    print("tokenizer: perceptual loss off (it needs pretrained weights, which are never downloaded)")
-    log = RunLog(run_dir, "tokenizer", resume_step=start)
+    model_ddp, discriminator_ddp = ctx.wrap(model), ctx.wrap(discriminator)
+    if ctx.main:
+        save_config(config, run_dir / "config.yaml")
+        print("tokenizer: perceptual loss off (it needs pretrained weights, which are never downloaded)")
+        log = RunLog(run_dir, "tokenizer", resume_step=start)
     brain = template_brain_mask(config.data)
     metrics: dict[str, float] = {}
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="tokenizer",
-               unit="step", disable=not progress)
+               unit="step", disable=not progress or not ctx.main)
     for step in bar:
         model.train()
         set_learning_rate([optimizer, optimizer_d], learning_rate(step, settings.lr, settings.warmup_steps,
                                                                    settings.steps))
-        x = volume_batch(train_paths, step, settings.batch_size, config.seed).to(device)
-        weights = 1.0 + settings.head_weight * (x > 0.05).float()
-        with autocast(device):
-            reconstruction, vq_loss, stats = model(x)
-            l1 = (weights * (reconstruction.float() - x).abs()).mean()
-            loss = l1 + vq_loss
-            use_adversarial = step >= settings.adversarial_start and settings.adversarial_weight > 0
-            adversarial_g = torch.zeros((), device=device)
-            if use_adversarial:
-                adversarial_g = adversarial(discriminator(reconstruction)[-1], target_is_real=True,
-                                            for_discriminator=False)
-                weight = _adaptive_weight(l1, adversarial_g, model.decoder.blocks[-1].conv.weight)
-                loss = loss + settings.adversarial_weight * weight * adversarial_g
-        if not torch.isfinite(loss):
-            raise NeuroARError(f"tokenizer loss became {loss.item()} at step {step}; training stopped and the "
-                               f"last good checkpoint ({checkpoint}) is kept. Lower train_tokenizer.lr and resume.")
+        micro = ctx.shard(batch_indices(len(train_paths), step, settings.batch_size, config.seed),
+                          settings.accumulation)
+        use_adversarial = step >= settings.adversarial_start and settings.adversarial_weight > 0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        pairs = []  # (scans, reconstructions) of each micro-batch, for the discriminator
+        for i, rows in enumerate(micro):
+            x = volume_batch(train_paths, rows).to(device)
+            weights = 1.0 + settings.head_weight * (x > 0.05).float()
+            with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
+                with autocast(device):
+                    reconstruction, vq_loss, stats = model_ddp(x)
+                    l1 = (weights * (reconstruction.float() - x).abs()).mean()
+                    loss = l1 + vq_loss
+                    adversarial_g = torch.zeros((), device=device)
+                    if use_adversarial:
+                        adversarial_g = adversarial(discriminator(reconstruction)[-1], target_is_real=True,
+                                                    for_discriminator=False)
+                        weight = _adaptive_weight(l1, adversarial_g, model.decoder.blocks[-1].conv.weight)
+                        loss = loss + settings.adversarial_weight * weight * adversarial_g
+                if not torch.isfinite(loss):
+                    raise NeuroARError(f"tokenizer loss became {loss.item()} at step {step}; training stopped and "
+                                       f"the last good checkpoint ({checkpoint}) is kept. Lower train_tokenizer.lr "
+                                       "and resume.")
+                (loss / len(micro)).backward()
+            pairs.append((x, reconstruction.detach()))
         optimizer.step()
         adversarial_d = torch.zeros(())
         if use_adversarial:
-            with autocast(device):
-                real = adversarial(discriminator(x)[-1], target_is_real=True, for_discriminator=True)
-                fake = adversarial(discriminator(reconstruction.detach())[-1], target_is_real=False,
-                                   for_discriminator=True)
-                adversarial_d = 0.5 * (real + fake)
             optimizer_d.zero_grad(set_to_none=True)
-            adversarial_d.backward()
+            for i, (x, reconstruction) in enumerate(pairs):
+                with distributed.no_sync(discriminator_ddp, last=i == len(pairs) - 1), autocast(device):
+                    real = adversarial(discriminator_ddp(x)[-1], target_is_real=True, for_discriminator=True)
+                    fake = adversarial(discriminator_ddp(reconstruction)[-1], target_is_real=False,
+                                       for_discriminator=True)
+                    adversarial_d = 0.5 * (real + fake)
+                    (adversarial_d / len(pairs)).backward()
             optimizer_d.step()
         done = step + 1
+        if not ctx.main:
+            continue
         bar.set_postfix(l1=f"{l1.item():.4f}", vq=f"{vq_loss.item():.4f}")
         if done % settings.log_every == 0 or done == settings.steps:
             log.log(done, {"l1": l1.item(), "vq": vq_loss.item(), "adversarial_g": adversarial_g.item(),
@@ -110,7 +125,9 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
             save_checkpoint(checkpoint, modules, optimizers, {
                 "step": done, "config": config.to_dict(), "scales": [list(s) for s in config.tokenizer.scales],
                 "preprocessing": config.to_dict()["data"], "validation": metrics})
-    log.close()
+    if ctx.main:
+        log.close()
+    ctx.barrier()
     return metrics
 
 
@@ -119,16 +136,17 @@ def validate(model: MSVQVAE, paths: list[str], device: torch.device, brain: np.n
     """Reconstruction PSNR and SSIM (3D, data range 1) of the whole volume and inside the brain mask, and
     per-scale code use, averaged over the given scans."""
     model.eval()
+    # Per-scan values rather than MONAI's aggregate(), which would all-gather across processes while only rank
+    # 0 validates.
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0)
     rows = []
     for path in paths:
         x, tokens, reconstruction = _reconstruct(model, path, device)
-        psnr(reconstruction, x)
-        ssim(reconstruction, x)
         rebuilt, original = reconstruction[0, 0].cpu().numpy(), x[0, 0].cpu().numpy()
-        rows.append({"psnr_brain": masked_psnr(rebuilt, original, brain),
+        rows.append({"psnr": float(psnr(reconstruction, x).mean()), "ssim": float(ssim(reconstruction, x).mean()),
+                     "psnr_brain": masked_psnr(rebuilt, original, brain),
                      "ssim_brain": masked_ssim(rebuilt, original, brain), **model.quantizer.usage_stats(tokens)})
-    return {"psnr": float(psnr.aggregate()), "ssim": float(ssim.aggregate()), **pd.DataFrame(rows).mean().to_dict()}
+    return pd.DataFrame(rows).mean().to_dict()
 
 
 def _reconstruct(model: MSVQVAE, path: str, device: torch.device

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from neuroar import distributed
 from neuroar.config import Config, save_config
 from neuroar.data.tokens import load_tokenizer, load_tokens
 from neuroar.errors import NeuroARError
@@ -98,7 +99,8 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     metrics. Models with other names (ablations) share the run's tokenizer and tokens."""
     run_dir = Path(run_dir)
     settings = config.train_transformer
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = distributed.init()
+    device = ctx.device
     tokens, scans = load_tokens(run_dir)
     sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens)
     train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
@@ -107,6 +109,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                            "scans at different ages in the training split.")
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
+    model.activation_checkpointing = settings.activation_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=settings.weight_decay)
     checkpoint = transformer_checkpoint(run_dir, name)
@@ -118,29 +121,37 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
             raise NeuroARError(f"{checkpoint} was trained on tokens of another tokenizer; move {checkpoint.parent} "
                                "away to train a new transformer on the current tokens.")
         start = meta["step"]
-    save_config(config, run_dir / name / "config.yaml")
-    log = RunLog(run_dir, name, resume_step=start)
+    model_ddp = ctx.wrap(model)
+    if ctx.main:
+        save_config(config, run_dir / name / "config.yaml")
+        log = RunLog(run_dir, name, resume_step=start)
     metrics: dict[str, float] = {}
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="neuroar", unit="step",
-               disable=not progress)
+               disable=not progress or not ctx.main)
     for step in bar:
         model.train()
         set_learning_rate([optimizer], learning_rate(step, settings.lr, settings.warmup_steps, settings.steps))
-        batch = sequences.batch(train_pairs, batch_indices(len(train_pairs), step, settings.batch_size,
-                                                           config.seed), device)
-        drop = torch.rand(len(batch["tokens"])) < config.transformer.condition_dropout
-        with autocast(device):
-            logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_age"], batch["target_age"],
-                           drop.to(device))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
-        if not torch.isfinite(loss):
-            raise NeuroARError(f"NeuroAR loss became {loss.item()} at step {step}; the last good checkpoint "
-                               f"({checkpoint}) is kept. Lower train_transformer.lr and resume.")
+        rows = batch_indices(len(train_pairs), step, settings.batch_size, config.seed)
+        # Drawn for the whole batch on every process, so each takes the draws of its own rows.
+        drop = torch.rand(len(rows)) < config.transformer.condition_dropout
+        micro = ctx.shard(list(range(len(rows))), settings.accumulation)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for i, positions in enumerate(micro):
+            batch = sequences.batch(train_pairs, [rows[j] for j in positions], device)
+            with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
+                with autocast(device):
+                    logits = model_ddp(batch["target_inputs"], batch["earlier"], batch["earlier_age"],
+                                       batch["target_age"], drop[positions].to(device))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
+                if not torch.isfinite(loss):
+                    raise NeuroARError(f"NeuroAR loss became {loss.item()} at step {step}; the last good checkpoint "
+                                       f"({checkpoint}) is kept. Lower train_transformer.lr and resume.")
+                (loss / len(micro)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         done = step + 1
+        if not ctx.main:
+            continue
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if done % settings.log_every == 0 or done == settings.steps:
             log.log(done, {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
@@ -153,7 +164,9 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                 "step": done, "model": MODEL_NAME, "config": config.to_dict(), "tokenizer_sha256": tokenizer_sha,
                 "scales": [list(s) for s in config.tokenizer.scales], "preprocessing": config.to_dict()["data"],
                 "validation": metrics})
-    log.close()
+    if ctx.main:
+        log.close()
+    ctx.barrier()
     return metrics
 
 

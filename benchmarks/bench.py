@@ -1,0 +1,276 @@
+"""`make bench`: speed and memory of the tokenizer, NeuroAR and the LDM, measured side by side in one run.
+
+Each case runs in a fresh subprocess (so peak memory is its own), timed as the best of a few repeats after a
+warm-up. Weights are random: speed and memory do not depend on them. Writes benchmarks/results/bench.json
+and benchmarks/RESULTS.md (naming the machine, with the targets met or missed).
+
+Run: .venv/bin/python benchmarks/bench.py [--repeats 3] [--only CASE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).parent
+RESULTS_JSON, RESULTS_MD = HERE / "results" / "bench.json", HERE / "RESULTS.md"
+# An LDM U-Net sized like the demo NeuroAR transformer (1.2 M parameters), for a fair latency ratio.
+LDM_COMPARABLE = ["ldm.channels=[24,48,48]", "ldm.head_channels=24", "ldm.ddim_steps=50"]
+SCALES = {3: "[[1,1,1],[5,6,6],[10,12,11]]", 5: "[[1,1,1],[3,4,3],[5,6,6],[8,9,8],[10,12,11]]",
+          7: "[[1,1,1],[2,2,2],[3,4,3],[5,6,6],[7,8,8],[8,10,9],[10,12,11]]"}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _timed(work, repeats: int) -> float:
+    """Best wall time of `repeats` runs after one warm-up, in seconds."""
+    device = _device()
+    work()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb(before_mb: float) -> float:
+    """Peak memory the measured work added: CUDA allocations on a GPU, resident memory on a CPU."""
+    if _device().type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before_mb
+
+
+def case_tokenizer(config_name: str, repeats: int) -> dict:
+    from neuroar.config import load_config
+    from neuroar.models.tokenizer import MSVQVAE
+
+    config = load_config(config_name)
+    model = MSVQVAE(config.tokenizer).to(_device()).eval()
+    x = torch.rand(1, 1, *config.data.shape, device=_device())
+    before = _rss_mb()
+    with torch.no_grad():
+        tokens = model.tokenize(x)
+        encode = _timed(lambda: model.tokenize(x), repeats)
+        decode = _timed(lambda: model.decode_tokens(tokens), repeats)
+    return {"shape": list(config.data.shape), "encode_volumes_per_s": 1 / encode, "decode_volumes_per_s": 1 / decode,
+            "peak_mb": _peak_mb(before)}
+
+
+def _neuroar(overrides: list[str]):
+    from neuroar.config import load_config
+    from neuroar.models.tokenizer import MSVQVAE
+    from neuroar.train.transformer import build_transformer
+
+    config = load_config("demo", overrides)
+    torch.manual_seed(0)
+    tokenizer = MSVQVAE(config.tokenizer).to(_device()).eval()
+    return config, tokenizer, build_transformer(config).to(_device()).eval()
+
+
+def case_neuroar_predict(scales: int, repeats: int, samples: int = 4) -> dict:
+    """One scan's prediction: sampling `samples` follow-ups, with and without the KV cache, and decoding."""
+    config, tokenizer, model = _neuroar([f"tokenizer.scales={SCALES[scales]}"])
+    codes = config.tokenizer.codebook_size
+    earlier = [torch.randint(0, codes, (samples, *s), device=_device()) for s in config.tokenizer.scales]
+    ages = torch.full((samples,), 70.0, device=_device()), torch.full((samples,), 73.0, device=_device())
+
+    def sample(use_cache: bool):
+        return model.sample(tokenizer.quantizer, earlier, *ages, config.sampling, torch.Generator(_device())
+                            .manual_seed(0), use_cache=use_cache)
+
+    before = _rss_mb()
+    with torch.no_grad():
+        same = all(torch.equal(a, b) for a, b in zip(sample(True), sample(False)))
+        cached = _timed(lambda: sample(True), repeats)
+        peak = _peak_mb(before)
+        uncached = _timed(lambda: sample(False), repeats)
+        decode = _timed(lambda: tokenizer.decode_tokens(sample(True)), repeats) - cached
+    return {"scales": scales, "tokens": sum(int(torch.tensor(s).prod()) for s in config.tokenizer.scales),
+            "samples": samples, "parameters": sum(p.numel() for p in model.parameters()),
+            "sample_s_kv_cache": cached, "sample_s_no_cache": uncached, "decode_s": decode,
+            "same_tokens": same, "peak_mb": peak}
+
+
+def case_ldm_predict(repeats: int, samples: int = 4) -> dict:
+    """One scan's prediction by the LDM: 50 DDIM steps for `samples` follow-ups, and decoding."""
+    from neuroar.config import load_config
+    from neuroar.models.autoencoder import build_autoencoder
+    from neuroar.models.ldm import LatentDiffusion
+
+    config = load_config("demo", LDM_COMPARABLE)
+    torch.manual_seed(0)
+    model = LatentDiffusion(config.ldm, config.autoencoder.latent_channels, config.autoencoder.norm_groups)
+    model = model.to(_device()).eval()
+    autoencoder = build_autoencoder(config.autoencoder).to(_device()).eval()
+    latent = torch.randn(samples, config.autoencoder.latent_channels, *config.autoencoder_latent_shape,
+                         device=_device())
+    ages = torch.full((samples,), 70.0, device=_device()), torch.full((samples,), 73.0, device=_device())
+    before = _rss_mb()
+    with torch.no_grad():
+        sample = _timed(lambda: model.sample(latent, *ages), max(1, repeats - 1))
+        peak = _peak_mb(before)
+        decode = _timed(lambda: autoencoder.decode(latent), repeats)
+    return {"ddim_steps": config.ldm.ddim_steps, "samples": samples,
+            "parameters": sum(p.numel() for p in model.parameters()), "sample_s": sample, "decode_s": decode,
+            "peak_mb": peak}
+
+
+def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
+    """Training steps per second on cached tokens vs tokenizing both scans of each pair on the fly."""
+    from neuroar.models.transformer import earlier_scale_features, flatten, teacher_forcing_sequence
+
+    config, tokenizer, model = _neuroar([])
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    volumes = torch.rand(2 * batch, 1, *config.data.shape, device=_device())
+    with torch.no_grad():
+        cached_tokens = tokenizer.tokenize(volumes)
+
+    def step(tokens):
+        later, earlier = [t[:batch] for t in tokens], [t[batch:] for t in tokens]
+        with torch.no_grad():
+            inputs = teacher_forcing_sequence(tokenizer.quantizer, later)
+            earlier_BLC = torch.cat([flatten(f) for f in earlier_scale_features(tokenizer.quantizer, earlier)], 1)
+        ages = torch.full((batch,), 70.0, device=_device()), torch.full((batch,), 73.0, device=_device())
+        logits = model(inputs, earlier_BLC, *ages)
+        loss = F.cross_entropy(logits.flatten(0, 1), torch.cat([t.flatten(1) for t in later], 1).flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def on_the_fly():
+        with torch.no_grad():
+            tokens = tokenizer.tokenize(volumes)
+        step(tokens)
+
+    before = _rss_mb()
+    cached = _timed(lambda: step(cached_tokens), repeats)
+    peak_cached = _peak_mb(before)
+    fly = _timed(on_the_fly, max(1, repeats - 1))
+    return {"batch_pairs": batch, "cached_steps_per_s": 1 / cached, "on_the_fly_steps_per_s": 1 / fly,
+            "peak_mb_cached": peak_cached, "peak_mb_on_the_fly": _peak_mb(before)}
+
+
+CASES = {
+    "tokenizer_2mm": lambda r: case_tokenizer("demo", r),
+    "tokenizer_1mm": lambda r: case_tokenizer("paper", 1),
+    "neuroar_predict_3_scales": lambda r: case_neuroar_predict(3, r),
+    "neuroar_predict_5_scales": lambda r: case_neuroar_predict(5, r),
+    "neuroar_predict_7_scales": lambda r: case_neuroar_predict(7, r),
+    "ldm_predict": lambda r: case_ldm_predict(r),
+    "neuroar_training": lambda r: case_neuroar_training(r),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", choices=list(CASES))
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # a subprocess's one case
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(CASES[args.case](args.repeats)))
+        return
+    results = {}
+    for name in args.only or CASES:
+        print(f"== {name}", flush=True)
+        done = subprocess.run([sys.executable, __file__, "--case", name, "--repeats", str(args.repeats)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            results[name] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+        else:
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[name]), flush=True)
+    machine = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "cpu_cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d")}
+    RESULTS_JSON.parent.mkdir(exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    RESULTS_MD.write_text(results_markdown(machine, results))
+    print(RESULTS_MD.read_text())
+
+
+def results_markdown(machine: dict, results: dict) -> str:
+    def get(case: str, key: str) -> float:
+        return results.get(case, {}).get(key, float("nan"))
+
+    n5, ldm, train = "neuroar_predict_5_scales", "ldm_predict", "neuroar_training"
+    neuroar_total = get(n5, "sample_s_kv_cache") + get(n5, "decode_s")
+    ldm_total = get(ldm, "sample_s") + get(ldm, "decode_s")
+    speed = ldm_total / neuroar_total
+    kv = get(n5, "sample_s_no_cache") / get(n5, "sample_s_kv_cache")
+    cached = get(train, "cached_steps_per_s") / get(train, "on_the_fly_steps_per_s")
+
+    def verdict(value: float, target: float) -> str:
+        return "met" if value >= target else "**missed**"
+
+    lines = ["# Benchmarks", "",
+             f"`make bench` on {machine['device']} ({machine['cpu_cores']} CPU cores, {machine['platform']}, "
+             f"torch {machine['torch']}), {machine['date']}. Random weights; best of a few repeats after a warm-up; "
+             "each case in its own process. Memory: peak resident memory the case added on a CPU, peak CUDA "
+             "allocation on a GPU. Raw numbers: `benchmarks/results/bench.json`.", "",
+             "## Targets", "", "| target | measured | |", "|---|---|---|",
+             f"| NeuroAR prediction >= 20x faster than the LDM with 50 DDIM steps | {speed:.1f}x | "
+             f"{verdict(speed, 20)} |",
+             f"| KV cache >= 2x faster than recomputing the prefix | {kv:.2f}x | {verdict(kv, 2)} |",
+             f"| training on cached tokens >= 10x more steps/s than on-the-fly encoding | {cached:.1f}x | "
+             f"{verdict(cached, 10)} |", "",
+             "## Prediction of one scan (4 samples, one target age)", "",
+             "| model | parameters | sampling (s) | decoding (s) | total (s) | peak memory (MB) |",
+             "|---|---|---|---|---|---|",
+             f"| NeuroAR, KV cache ({results.get(n5, {}).get('tokens', '?')} tokens, 5 scales) | "
+             f"{results.get(n5, {}).get('parameters', 0):,} | {get(n5, 'sample_s_kv_cache'):.3f} | "
+             f"{get(n5, 'decode_s'):.3f} | {neuroar_total:.3f} | {get(n5, 'peak_mb'):.0f} |",
+             f"| NeuroAR, no cache | | {get(n5, 'sample_s_no_cache'):.3f} | | | |",
+             f"| LDM, {results.get(ldm, {}).get('ddim_steps', '?')} DDIM steps | "
+             f"{results.get(ldm, {}).get('parameters', 0):,} | {get(ldm, 'sample_s'):.3f} | {get(ldm, 'decode_s'):.3f} "
+             f"| {ldm_total:.3f} | {get(ldm, 'peak_mb'):.0f} |", "",
+             "## NeuroAR with the number of scales (same 10x12x11 latent grid)", "",
+             "| scales | tokens | sampling, KV cache (s) | no cache (s) | cache speed-up | peak memory (MB) |",
+             "|---|---|---|---|---|---|"]
+    for k in (3, 5, 7):
+        case = f"neuroar_predict_{k}_scales"
+        ratio = get(case, "sample_s_no_cache") / get(case, "sample_s_kv_cache")
+        lines.append(f"| {k} | {results.get(case, {}).get('tokens', '?')} | {get(case, 'sample_s_kv_cache'):.3f} | "
+                     f"{get(case, 'sample_s_no_cache'):.3f} | {ratio:.2f}x | {get(case, 'peak_mb'):.0f} |")
+    lines += ["", "## Tokenizer, 2 mm (demo config) and 1 mm (paper config), one volume", "",
+              "| config | volume | encode (volumes/s) | decode (volumes/s) | peak memory (MB) |",
+              "|---|---|---|---|---|"]
+    for case, name in (("tokenizer_2mm", "demo"), ("tokenizer_1mm", "paper")):
+        lines.append(f"| {name} | {results.get(case, {}).get('shape', '?')} | {get(case, 'encode_volumes_per_s'):.3f} "
+                     f"| {get(case, 'decode_volumes_per_s'):.3f} | {get(case, 'peak_mb'):.0f} |")
+    lines += ["", "## NeuroAR training (demo config, batch of 8 pairs)", "",
+              "| input | steps/s | peak memory (MB) |", "|---|---|---|",
+              f"| cached tokens | {get(train, 'cached_steps_per_s'):.3f} | {get(train, 'peak_mb_cached'):.0f} |",
+              f"| both scans of each pair tokenized on the fly | {get(train, 'on_the_fly_steps_per_s'):.3f} | "
+              f"{get(train, 'peak_mb_on_the_fly'):.0f} |", ""]
+    errors = {k: v["error"] for k, v in results.items() if "error" in v}
+    if errors:
+        lines += ["## Cases that failed", "", *[f"- {k}: {v}" for k, v in errors.items()], ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Training on several processes with PyTorch's own engine: `torchrun` (or SLURM through it) starts one
+process per GPU (or several gloo processes on a CPU) and sets RANK, WORLD_SIZE and LOCAL_RANK.
+
+Every trainer draws the same global batch on every process (the batch order is a function of seed and
+step) and takes its rank's share: rows rank, rank + W, rank + 2W, ... DistributedDataParallel averages the
+gradients, so W processes take the step one process would take on the whole batch. Only rank 0 logs,
+validates and writes checkpoints; every rank resumes from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from neuroar.errors import NeuroARError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, rows: list[int], accumulation: int = 1) -> list[list[int]]:
+        """This rank's share of a global batch, split into `accumulation` micro-batches."""
+        if len(rows) % (self.world * accumulation):
+            raise NeuroARError(f"a batch of {len(rows)} does not split evenly over {self.world} processes x "
+                               f"{accumulation} accumulation steps; make the batch size a multiple of "
+                               f"{self.world * accumulation}.")
+        mine = rows[self.rank::self.world]
+        size = len(mine) // accumulation
+        return [mine[i * size:(i + 1) * size] for i in range(accumulation)]
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module under DistributedDataParallel when there are several processes."""
+        if self.world == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init() -> Context:
+    """The process group of a `torchrun` launch (NCCL on GPUs, gloo on CPUs), or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Context(device=torch.device("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Context(dist.get_rank(), world, torch.device("cuda", local) if cuda else torch.device("cpu"))
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def no_sync(module: nn.Module, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if isinstance(module, DistributedDataParallel) and not last:
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def gather_batch(x_B: torch.Tensor) -> torch.Tensor:
+    """The global batch from every rank's share (rows rank::W), in the global order; no gradient. A single
+    process gets its input back."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_B
+    parts = [torch.empty_like(x_B) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x_B.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)  # item j of rank r was global row j * W + r

@@ -1,0 +1,80 @@
+"""Several processes under `torchrun` (gloo on CPU) train exactly like one process with the same global
+batch: the tokenizer (whose codebook restarts see the gathered global batch) and NeuroAR (whose condition
+dropout is drawn for the global batch)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import make_tiny_run
+from neuroar.cli import main
+from neuroar.train.checkpoint import weights_path
+from neuroar.train.tokenizer import tokenizer_checkpoint
+from neuroar.train.transformer import transformer_checkpoint
+
+TOKENIZER = ["train_tokenizer.steps=4", "train_tokenizer.batch_size=4", "train_tokenizer.val_every=100",
+             "train_tokenizer.adversarial_weight=0"]
+NEUROAR = ["train_transformer.steps=4", "train_transformer.batch_size=2", "train_transformer.val_every=100",
+           "train_transformer.lr=0.001", "transformer.condition_dropout=0.5"]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m neuroar ARGS` (a free port, two gloo processes)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "neuroar", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def weight_difference(a_stem, b_stem) -> float:
+    """The largest absolute difference between the model weights of two checkpoints."""
+    a, b = load_file(weights_path(a_stem)), load_file(weights_path(b_stem))
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if k.startswith("model."))
+
+
+# Adam turns the float rounding of an all-reduced gradient into weight differences of ~1e-5 after 4 steps;
+# training on a different batch (e.g. one process's half alone) moves weights by ~1e-3 (checked below).
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    one = make_tiny_run(root)
+    return one, shutil.copytree(one, root / "two")
+
+
+def test_two_processes_train_the_tokenizer_like_one(runs):
+    one, two = runs
+    assert main(["train-tokenizer", "--run", str(one), *TOKENIZER]) == 0
+    done = torchrun("train-tokenizer", "--run-dir", str(two), *TOKENIZER)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert weight_difference(tokenizer_checkpoint(one), tokenizer_checkpoint(two)) < TOLERANCE
+    half = shutil.copytree(two, one.parent / "half")
+    shutil.rmtree(half / "tokenizer")
+    assert main(["train-tokenizer", "--run", str(half), *TOKENIZER, "train_tokenizer.batch_size=2"]) == 0
+    assert weight_difference(tokenizer_checkpoint(one), tokenizer_checkpoint(half)) > 10 * TOLERANCE
+
+
+def test_two_processes_train_neuroar_like_one(runs, tmp_path):
+    one, _ = runs
+    assert main(["tokenize", "--run", str(one)]) == 0
+    two = shutil.copytree(one, tmp_path / "two")
+    accumulated = shutil.copytree(one, tmp_path / "accumulated")
+    assert main(["train-ar", "--run", str(one), *NEUROAR]) == 0
+    done = torchrun("train-ar", "--run-dir", str(two), *NEUROAR)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert weight_difference(transformer_checkpoint(one), transformer_checkpoint(two)) < TOLERANCE
+    assert main(["train-ar", "--run", str(accumulated), *NEUROAR, "train_transformer.accumulation=2"]) == 0
+    assert weight_difference(transformer_checkpoint(one), transformer_checkpoint(accumulated)) < TOLERANCE
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(runs, tmp_path):
+    odd = shutil.copytree(runs[0], tmp_path / "odd")
+    shutil.rmtree(odd / "tokenizer", ignore_errors=True)
+    done = torchrun("train-tokenizer", "--run-dir", str(odd), *TOKENIZER, "train_tokenizer.batch_size=3")
+    assert done.returncode != 0 and "multiple of 2" in done.stderr
