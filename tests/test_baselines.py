@@ -108,3 +108,26 @@ def test_a_baseline_of_another_autoencoder_is_refused(run_dir):
     with pytest.raises(NeuroARError, match="another autoencoder"):
         train_baseline(run_dir, load_config(run_dir / "config.yaml", settings("stargan", 4)), "stargan",
                        progress=False)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon", "sample"])
+def test_ddim_sampling_with_a_perfect_denoiser_returns_the_clean_latent(prediction, monkeypatch):
+    """An oracle that knows the clean latent x0 answers every step exactly; DDIM must then land on x0."""
+    import torch
+
+    from neuroar.models.ldm import LatentDiffusion
+
+    config = load_config("demo", [f"ldm.prediction={prediction}", "ldm.ddim_steps=10"])
+    model = LatentDiffusion(config.ldm, 2, 8)
+    x0 = torch.randn(2, 2, 6, 6, 6, generator=torch.Generator().manual_seed(0)).clamp(-3, 3)
+    alphas = model.scheduler.alphas_cumprod
+
+    def oracle(noisy, earlier, t_B, earlier_age, target_age):
+        a = alphas[t_B].view(-1, 1, 1, 1, 1)
+        noise = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+        return {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction]
+
+    monkeypatch.setattr(model, "denoise", oracle)
+    ages = torch.tensor([70.0, 71.0])
+    sampled = model.sample(torch.zeros_like(x0), ages, ages + 2, torch.Generator().manual_seed(1))
+    assert torch.allclose(sampled, x0, atol=1e-4)

@@ -136,6 +136,8 @@ class LDMConfig:
     res_blocks: int = 1
     head_channels: int = 32
     timesteps: int = 1000
+    # What the U-Net predicts: the velocity (well conditioned at every noise level), the noise, or the latent.
+    prediction: Literal["v_prediction", "epsilon", "sample"] = "v_prediction"
     ddim_steps: int = 50  # sampling steps; a prediction costs this many U-Net passes
 
 

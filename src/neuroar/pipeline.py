@@ -84,7 +84,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     out_dir = Path(out_dir)
     config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}", *(QUICK if quick else []),
                                   *overrides])
-    options = SynthOptions(subjects=10 if quick else 24, visits=3, seed=seed)
+    options = SynthOptions(subjects=10 if quick else 20, visits=3, seed=seed)
     timings: dict[str, float] = {}
 
     def stage(name: str, work):

@@ -1,7 +1,7 @@
-"""The latent diffusion baseline: MONAI's DiffusionModelUNet predicts the noise of the follow-up latent,
-given the earlier scan's latent (concatenated channels) and both ages (cross-attention to three age tokens:
-earlier age, target age, years between). DDPM noise schedule for training, DDIM for sampling; the latent
-grid is zero-padded to what the U-Net's levels can halve."""
+"""The latent diffusion baseline: MONAI's DiffusionModelUNet denoises the follow-up latent (by default it
+predicts the velocity), given the earlier scan's latent (concatenated channels) and both ages
+(cross-attention to three age tokens: earlier age, target age, years between). DDPM noise schedule for
+training, DDIM for sampling; the latent grid is zero-padded to what the U-Net's levels can halve."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class LatentDiffusion(nn.Module):
         # it divides the noise prediction's error by sqrt(alpha_bar) ~ 0.015, which can otherwise explode.
         self.scheduler = DDIMScheduler(num_train_timesteps=config.timesteps, schedule="scaled_linear_beta",
                                        beta_start=0.0015, beta_end=0.0195, clip_sample=True,
-                                       clip_sample_min=-5.0, clip_sample_max=5.0)
+                                       clip_sample_min=-5.0, clip_sample_max=5.0, prediction_type=config.prediction)
 
     def denoise(self, noisy_BCDHW: torch.Tensor, earlier_BCDHW: torch.Tensor, t_B: torch.Tensor,
                 earlier_age_B: torch.Tensor, target_age_B: torch.Tensor) -> torch.Tensor:
@@ -46,9 +46,12 @@ class LatentDiffusion(nn.Module):
 
     def forward(self, later_BCDHW: torch.Tensor, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor,
                 target_age_B: torch.Tensor, noise_BCDHW: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
-        """The training loss: mean squared error of the noise predicted at timesteps `t_B`."""
+        """The training loss at timesteps `t_B`: mean squared error of the predicted noise, clean latent or
+        velocity (`ldm.prediction`)."""
         noisy = self.scheduler.add_noise(later_BCDHW, noise_BCDHW, t_B)
-        return F.mse_loss(self.denoise(noisy, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float(), noise_BCDHW)
+        target = {"epsilon": noise_BCDHW, "sample": later_BCDHW,
+                  "v_prediction": self.scheduler.get_velocity(later_BCDHW, noise_BCDHW, t_B)}[self.config.prediction]
+        return F.mse_loss(self.denoise(noisy, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float(), target)
 
     @torch.no_grad()
     def sample(self, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor,
@@ -58,6 +61,6 @@ class LatentDiffusion(nn.Module):
         x = torch.randn(earlier_BCDHW.shape, generator=generator, device=earlier_BCDHW.device)
         for t in self.scheduler.timesteps:
             t_B = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-            noise = self.denoise(x, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float()
-            x, _ = self.scheduler.step(noise, int(t), x)
+            prediction = self.denoise(x, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float()
+            x, _ = self.scheduler.step(prediction, int(t), x)
         return x
