@@ -79,6 +79,18 @@ def test_dropped_ages_make_the_prediction_age_blind():
     assert not torch.allclose(model(target_BLC, earlier_BLC, a1, a2), model(target_BLC, earlier_BLC, *older))
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    gradients = []
+    for checkpointing in (False, True):
+        model, quantizer = build()
+        model.train().activation_checkpointing = checkpointing
+        target, target_BLC, earlier_BLC, ages = inputs(quantizer)
+        labels = torch.cat([t.flatten(1) for t in target], 1)
+        F.cross_entropy(model(target_BLC, earlier_BLC, *ages).flatten(0, 1), labels.flatten()).backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*gradients))
+
+
 @pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(guidance=2.5, top_k=8, top_p=0.9,
                                                                        temperature=0.7)])
 def test_kv_cache_sampling_gives_exactly_the_tokens_of_full_recomputation(sampling):

@@ -59,9 +59,9 @@ def prepare_dataset(source: str | Path, config: Config, out_dir: str | Path, pro
 
 
 # --quick: a smaller cohort and shorter training, for a first look in a few minutes.
-QUICK = ["train_tokenizer.steps=60", "train_tokenizer.val_every=60", "train_transformer.steps=60",
-         "train_transformer.val_every=60", "sampling.samples=2", "train_autoencoder.steps=20", "train_ldm.steps=60",
-         "train_stargan.steps=60", "ldm.ddim_steps=10", "brain_age.steps=60"]
+QUICK = ["train_tokenizer.steps=30", "train_tokenizer.val_every=30", "train_transformer.steps=40",
+         "train_transformer.val_every=40", "train_autoencoder.steps=10", "train_ldm.steps=40",
+         "train_stargan.steps=40", "ldm.ddim_steps=10", "brain_age.steps=40"]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overrides: Sequence[str] = ()

@@ -4,7 +4,8 @@ device (shapes only, no memory, no data); and, on request, one measured training
 
 Memory estimate per process: weights, gradients and Adam's two moments in float32 (16 bytes per parameter)
 plus the activations a step saves for its backward pass, counted as they are saved (float32 on the meta
-device; bf16 autocast on a GPU stores many of them at half that size, so the estimate errs high).
+device; bf16 autocast on a GPU stores many of them at half that size, so the estimate errs high). With
+`train_transformer.activation_checkpointing`, the block inputs plus one block's recomputed activations.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def step_costs(config: Config, batch: int | None = None) -> list[StepCost]:
     transformer_batch = batch or config.train_transformer.batch_size
     with torch.device("meta"):
         tokenizer, transformer = MSVQVAE(config.tokenizer).train(), build_transformer(config).train()
+    transformer.activation_checkpointing = config.train_transformer.activation_checkpointing
     length = sum(d * h * w for d, h, w in config.tokenizer.scales)
     ages = torch.full((transformer_batch,), 70.0, device="meta")
 
@@ -73,8 +75,15 @@ def step_costs(config: Config, batch: int | None = None) -> list[StepCost]:
         labels = torch.zeros(transformer_batch * length, dtype=torch.long, device="meta")
         F.cross_entropy(logits.flatten(0, 1), labels).backward()
 
-    return [_measure("tokenizer", tokenizer, tokenizer_step, tokenizer_batch),
-            _measure("NeuroAR", transformer, transformer_step, transformer_batch)]
+    costs = [_measure("tokenizer", tokenizer, tokenizer_step, tokenizer_batch),
+             _measure("NeuroAR", transformer, transformer_step, transformer_batch)]
+    if transformer.activation_checkpointing:
+        # Only block inputs are kept; the backward pass then recomputes one block at a time, whose
+        # activations (a 1/depth share of the full count) exist on top of them.
+        transformer.activation_checkpointing = False
+        full = _measure("NeuroAR", transformer, transformer_step, transformer_batch).activation_bytes
+        costs[1].activation_bytes += full // config.transformer.depth
+    return costs
 
 
 def plan_markdown(config: Config, batch: int | None = None) -> str:

@@ -173,6 +173,8 @@ class LatentPredictor(Predictor):
                    device)
 
     def decoded_samples(self, x, age, target_ages, samples, generator):
+        if self.kind == "stargan":
+            samples = 1  # deterministic: every sample would be this one
         latent = self.autoencoder.encode(x)[0]
         earlier_decoded = self.autoencoder.decode(latent)[0, 0].clamp(0, 1).cpu().numpy()
         latent_S = (latent * self.latent_scale).expand(samples, -1, -1, -1, -1)
