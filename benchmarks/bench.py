@@ -25,7 +25,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).parent
 RESULTS_JSON, RESULTS_MD = HERE / "results" / "bench.json", HERE / "RESULTS.md"
 # An LDM U-Net of 1.8 M parameters beside the demo NeuroAR transformer's 1.2 M (widths 16 or 24 per level give
-# 0.8 M or 1.8 M): the closer of the two that errs on the LDM's side.
+# 0.8 M or 1.8 M). Being the larger, it favours NeuroAR in the ratio: RESULTS.md names both counts.
 LDM_COMPARABLE = ["ldm.channels=[24,48,48]", "ldm.head_channels=24", "ldm.ddim_steps=50"]
 SCALES = {3: "[[1,1,1],[5,6,6],[10,12,11]]", 5: "[[1,1,1],[3,4,3],[5,6,6],[8,9,8],[10,12,11]]",
           7: "[[1,1,1],[2,2,2],[3,4,3],[5,6,6],[7,8,8],[8,10,9],[10,12,11]]"}
