@@ -137,7 +137,8 @@ def test_an_interrupted_demo_continues_where_it_stopped(tmp_path):
     assert demo.returncode == 130 and "interrupted" in stderr
     assert not (out / "ldm" / "last.json").exists() and not (out / "evaluation").exists()
     finished = {p: p.stat().st_mtime_ns for folder in ("tokenizer", "neuroar", "autoencoder", "tokens", "latents")
-                for p in (out / folder).iterdir()}
+                for p in (out / folder).glob("*.safetensors")}
+    assert len(finished) == 5
     again = run("demo", "--quick", "--out", str(out), *SMALL_DEMO, "train_ldm.steps=400", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not retrained, not re-encoded
