@@ -22,7 +22,6 @@ from neuroar.data.pairs import longitudinal_pairs
 from neuroar.data.preprocess import load_preprocessed, preprocess_scans
 from neuroar.data.scans import read_scans
 from neuroar.files import atomic_path, sha256_json, write_json, write_text
-from neuroar.train.baselines import BASELINES
 
 
 @dataclass
@@ -124,6 +123,7 @@ def evaluate_run(run_dir: Path, seed: int = 0) -> Path:
     """Evaluate a run's NeuroAR model and its baselines (those trained) on its test split (or val, when there
     is no test split) into RUN/evaluation, unless that was already done for the same checkpoints."""
     from neuroar.evaluate.compare import evaluate_models
+    from neuroar.train.baselines import BASELINES
 
     out = run_dir / "evaluation"
     pairs = pd.read_csv(run_dir / "pairs.csv", keep_default_na=False)

@@ -41,12 +41,11 @@ class StepCost:
 
 
 def parameter_counts(config: Config) -> dict[str, int]:
+    from neuroar.models.autoencoder import build_autoencoder
     from neuroar.train.baselines import build_baseline
 
     with torch.device("meta"):
         models = {"tokenizer (MS-VQVAE)": MSVQVAE(config.tokenizer), "NeuroAR transformer": build_transformer(config)}
-        from neuroar.models.autoencoder import build_autoencoder
-
         models["autoencoder (AutoencoderKL)"] = build_autoencoder(config.autoencoder)
         models["LDM U-Net"] = build_baseline("ldm", config)["model"]
         stargan = build_baseline("stargan", config)
