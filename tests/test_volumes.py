@@ -7,7 +7,7 @@ import pytest
 from neuroar.config import load_config
 from neuroar.data.nifti import read_volume
 from neuroar.data.preprocess import preprocess_image
-from neuroar.evaluate.volumes import REGIONS, regional_volumes, template_regions, true_volumes
+from neuroar.evaluate.volumes import REGIONS, intensity_mixture, regional_volumes, template_regions, true_volumes
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,21 @@ def test_identical_images_have_identical_volumes_and_every_region_is_positive(me
     first = regional_volumes(volume_DHW, template_regions(config))
     assert first == regional_volumes(volume_DHW.copy(), template_regions(config))
     assert set(first) == set(REGIONS) and all(v > 0 for v in first.values())
+
+
+def test_the_histogram_mixture_recovers_known_components_and_agrees_with_scikit_learn():
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    weights, means, sds = np.array([0.25, 0.45, 0.3]), np.array([0.35, 0.7, 0.9]), np.array([0.08, 0.05, 0.03])
+    component = rng.choice(3, 100_000, p=weights)
+    values = rng.normal(means[component], sds[component])
+    fitted_weights, fitted_means, fitted_variances = intensity_mixture(values)
+    np.testing.assert_allclose(fitted_weights, weights, atol=0.01)
+    np.testing.assert_allclose(fitted_means, means, atol=0.005)
+    np.testing.assert_allclose(np.sqrt(fitted_variances), sds, atol=0.005)
+    reference = GaussianMixture(3, means_init=means[:, None], tol=1e-8, max_iter=2000).fit(values[:, None])
+    np.testing.assert_allclose(fitted_means, reference.means_[:, 0], atol=0.002)
 
 
 def first_to_last(measured: pd.DataFrame) -> pd.DataFrame:
