@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL
-from tqdm.auto import tqdm
 
 from neuroar import distributed
 from neuroar.config import Config
@@ -24,9 +23,8 @@ from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
 from neuroar.evaluate.metrics import masked_psnr
 from neuroar.models.autoencoder import build_autoencoder
-from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
-from neuroar.train.log import RunLog
-from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate, split_scan_paths, volume_batch
+from neuroar.train.checkpoint import load_checkpoint
+from neuroar.train.loop import autocast, batch_indices, run_steps, split_scan_paths, volume_batch
 
 
 def autoencoder_checkpoint(run_dir: str | Path) -> Path:
@@ -53,19 +51,9 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
     torch.manual_seed(config.seed)
     model = build_autoencoder(config.autoencoder).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    checkpoint = autoencoder_checkpoint(run_dir)
-    start, metrics = 0, {}
-    if checkpoint.with_suffix(".json").is_file():
-        meta = load_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, restore_rng=True)
-        start, metrics = meta["step"], meta["validation"]
     model_ddp = ctx.wrap(model)
-    if ctx.main:
-        log = RunLog(run_dir, "autoencoder", resume_step=start)
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="autoencoder", unit="step",
-               disable=not progress or not ctx.main)
-    for step in bar:
-        model.train()
-        set_learning_rate([optimizer], learning_rate(step, settings.lr, settings.warmup_steps, settings.steps))
+
+    def train_step(step: int) -> dict[str, float]:
         micro = ctx.shard(batch_indices(len(train_paths), step, settings.batch_size, config.seed),
                           settings.accumulation)
         optimizer.zero_grad(set_to_none=True)
@@ -76,30 +64,16 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
                     reconstruction, mu, sigma = model_ddp(x)
                 l1 = F.l1_loss(reconstruction.float(), x)
                 kl = 0.5 * (mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-8) - 1).mean()
-                loss = l1 + config.autoencoder.kl_weight * kl
-                if not torch.isfinite(loss):
-                    raise NeuroARError(f"autoencoder loss became {loss.item()} at step {step}; the last good "
-                                       f"checkpoint ({checkpoint}) is kept. Lower train_autoencoder.lr and resume.")
-                (loss / len(micro)).backward()
+                (l1 + config.autoencoder.kl_weight * kl).div(len(micro)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
-        done = step + 1
-        if not ctx.main:
-            continue
-        bar.set_postfix(l1=f"{l1.item():.4f}")
-        if done % settings.log_every == 0 or done == settings.steps:
-            log.log(done, {"l1": l1.item(), "kl": kl.item(), "lr": optimizer.param_groups[0]["lr"]})
-        if done == settings.steps:
-            metrics = validate_autoencoder(model, val_paths or train_paths, device, template_brain_mask(config.data))
-            log.log(done, metrics, kind="val")
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, {
-                "step": done, "config": config.to_dict(), "preprocessing": config.to_dict()["data"],
-                "validation": metrics})
-    if ctx.main:
-        log.close()
-    ctx.barrier()
-    return metrics
+        return {"l1": l1.item(), "kl": kl.item()}
+
+    brain = template_brain_mask(config.data)
+    return run_steps(run_dir, "autoencoder", config, "train_autoencoder", autoencoder_checkpoint(run_dir),
+                     {"model": model}, {"model": optimizer}, train_step,
+                     lambda: validate_autoencoder(model, val_paths or train_paths, device, brain), ctx,
+                     progress=progress)
 
 
 @torch.no_grad()

@@ -13,14 +13,12 @@ RUN/KIND_train.csv, RUN/KIND_val.csv and TensorBoard. Resuming continues exactly
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from neuroar import distributed
 from neuroar.config import Config, save_config
@@ -29,9 +27,7 @@ from neuroar.errors import NeuroARError
 from neuroar.models.ldm import LatentDiffusion
 from neuroar.models.stargan import Discriminator, Generator, GeneratorPasses
 from neuroar.train.autoencoder import train_autoencoder
-from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
-from neuroar.train.log import RunLog
-from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate
+from neuroar.train.loop import autocast, batch_indices, run_steps
 from neuroar.train.transformer import token_pairs
 
 BASELINES = ("ldm", "stargan")
@@ -83,13 +79,12 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=settings.lr, betas=betas) for k, m in modules.items()}
     checkpoint = baseline_checkpoint(run_dir, kind)
     autoencoder = autoencoder_sha256(run_dir)
-    start, metrics = 0, {}
-    if checkpoint.with_suffix(".json").is_file():
-        meta = load_checkpoint(checkpoint, modules, optimizers, restore_rng=True)
+
+    def check_resumed(meta: dict) -> None:
         if meta["autoencoder_sha256"] != autoencoder:
             raise NeuroARError(f"{checkpoint} was trained in the latent space of another autoencoder; move "
                                f"{checkpoint.parent} away to train a new {kind} on the current one.")
-        start, metrics = meta["step"], meta["validation"]
+
     # What runs forward under DDP: the LDM's training loss, the generator's three passes, the discriminator.
     if kind == "ldm":
         wrapped = {"model": ctx.wrap(modules["model"])}
@@ -98,41 +93,19 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
                    "discriminator": ctx.wrap(modules["discriminator"])}
     if ctx.main:
         save_config(config, run_dir / kind / "config.yaml")
-        log = RunLog(run_dir, kind, resume_step=start)
     step_losses = _ldm_losses if kind == "ldm" else _stargan_losses
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=kind, unit="step",
-               disable=not progress or not ctx.main)
-    for step in bar:
-        set_learning_rate(list(optimizers.values()), learning_rate(step, settings.lr, settings.warmup_steps,
-                                                                   settings.steps))
+
+    def train_step(step: int) -> dict[str, float]:
         rows = batch_indices(len(train_pairs), step, settings.batch_size, config.seed)
         micro = ctx.shard(list(range(len(rows))), settings.accumulation)
-        for module in modules.values():
-            module.train()
-        losses = step_losses(modules, wrapped, optimizers, latents_NCDHW, train_pairs, rows, micro, config,
-                             settings.grad_clip, device)
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise NeuroARError(f"{kind} loss became {losses} at step {step}; the last good checkpoint ({checkpoint}) "
-                               f"is kept. Lower train_{kind}.lr and resume.")
-        done = step + 1
-        if not ctx.main:
-            continue
-        bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
-        if done % settings.log_every == 0 or done == settings.steps:
-            log.log(done, {**losses, "lr": optimizers["model"].param_groups[0]["lr"]})
-        if done == settings.steps:
-            metrics = validate_baseline(kind, modules["model"], latents_NCDHW,
-                                        val_pairs if len(val_pairs) else train_pairs, device, config.seed)
-            log.log(done, metrics, kind="val")
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(checkpoint, modules, optimizers, {
-                "step": done, "model": kind, "config": config.to_dict(), "latent_scale": scale,
-                "autoencoder_sha256": autoencoder, "preprocessing": config.to_dict()["data"],
-                "validation": metrics})
-    if ctx.main:
-        log.close()
-    ctx.barrier()
-    return metrics
+        return step_losses(modules, wrapped, optimizers, latents_NCDHW, train_pairs, rows, micro, config,
+                           settings.grad_clip, device)
+
+    held_out = val_pairs if len(val_pairs) else train_pairs
+    return run_steps(run_dir, kind, config, f"train_{kind}", checkpoint, modules, optimizers, train_step,
+                     lambda: validate_baseline(kind, modules["model"], latents_NCDHW, held_out, device, config.seed),
+                     ctx, meta={"model": kind, "latent_scale": scale, "autoencoder_sha256": autoencoder},
+                     check_resumed=check_resumed, progress=progress)
 
 
 @torch.no_grad()

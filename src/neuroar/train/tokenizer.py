@@ -22,17 +22,13 @@ from matplotlib.figure import Figure
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
-from tqdm.auto import tqdm
 
 from neuroar import distributed
 from neuroar.config import Config, save_config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
-from neuroar.errors import NeuroARError
 from neuroar.evaluate.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
-from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
-from neuroar.train.log import RunLog
-from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate, split_scan_paths, volume_batch
+from neuroar.train.loop import autocast, batch_indices, run_steps, split_scan_paths, volume_batch
 
 
 def tokenizer_checkpoint(run_dir: str | Path) -> Path:
@@ -54,25 +50,14 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.5, 0.9))
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, betas=(0.5, 0.9))
     adversarial = PatchAdversarialLoss(criterion="least_squares")
-    modules = {"model": model, "discriminator": discriminator}
-    optimizers = {"model": optimizer, "discriminator": optimizer_d}
-    checkpoint = tokenizer_checkpoint(run_dir)
-    start = 0
-    if checkpoint.with_suffix(".json").is_file():
-        start = load_checkpoint(checkpoint, modules, optimizers, restore_rng=True)["step"]
     model_ddp, discriminator_ddp = ctx.wrap(model), ctx.wrap(discriminator)
     if ctx.main:
         save_config(config, run_dir / "config.yaml")
         print("tokenizer: perceptual loss off (it needs pretrained weights, which are never downloaded)")
-        log = RunLog(run_dir, "tokenizer", resume_step=start)
     brain = template_brain_mask(config.data)
-    metrics: dict[str, float] = {}
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="tokenizer",
-               unit="step", disable=not progress or not ctx.main)
-    for step in bar:
-        model.train()
-        set_learning_rate([optimizer, optimizer_d], learning_rate(step, settings.lr, settings.warmup_steps,
-                                                                   settings.steps))
+    held_out = val_paths or train_paths
+
+    def train_step(step: int) -> dict[str, float]:
         micro = ctx.shard(batch_indices(len(train_paths), step, settings.batch_size, config.seed),
                           settings.accumulation)
         use_adversarial = step >= settings.adversarial_start and settings.adversarial_weight > 0
@@ -92,10 +77,6 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
                                                     for_discriminator=False)
                         weight = _adaptive_weight(l1, adversarial_g, model.decoder.blocks[-1].conv.weight)
                         loss = loss + settings.adversarial_weight * weight * adversarial_g
-                if not torch.isfinite(loss):
-                    raise NeuroARError(f"tokenizer loss became {loss.item()} at step {step}; training stopped and "
-                                       f"the last good checkpoint ({checkpoint}) is kept. Lower train_tokenizer.lr "
-                                       "and resume.")
                 (loss / len(micro)).backward()
             pairs.append((x, reconstruction.detach()))
         optimizer.step()
@@ -110,25 +91,16 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
                     adversarial_d = 0.5 * (real + fake)
                     (adversarial_d / len(pairs)).backward()
             optimizer_d.step()
-        done = step + 1
-        if not ctx.main:
-            continue
-        bar.set_postfix(l1=f"{l1.item():.4f}", vq=f"{vq_loss.item():.4f}")
-        if done % settings.log_every == 0 or done == settings.steps:
-            log.log(done, {"l1": l1.item(), "vq": vq_loss.item(), "adversarial_g": adversarial_g.item(),
-                           "adversarial_d": adversarial_d.item(), **stats})
-        if done % settings.val_every == 0 or done == settings.steps:
-            metrics = validate(model, val_paths or train_paths, device, brain)
-            log.log(done, metrics, kind="val")
-            log.figure("val/reconstruction", _slice_figure(model, val_paths or train_paths, device), done)
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(checkpoint, modules, optimizers, {
-                "step": done, "config": config.to_dict(), "scales": [list(s) for s in config.tokenizer.scales],
-                "preprocessing": config.to_dict()["data"], "validation": metrics})
-    if ctx.main:
-        log.close()
-    ctx.barrier()
-    return metrics
+        return {"l1": l1.item(), "vq": vq_loss.item(), "adversarial_g": adversarial_g.item(),
+                "adversarial_d": adversarial_d.item(), **stats}
+
+    return run_steps(run_dir, "tokenizer", config, "train_tokenizer", tokenizer_checkpoint(run_dir),
+                     {"model": model, "discriminator": discriminator},
+                     {"model": optimizer, "discriminator": optimizer_d}, train_step,
+                     lambda: validate(model, held_out, device, brain), ctx,
+                     meta={"scales": [list(s) for s in config.tokenizer.scales]}, val_every=settings.val_every,
+                     figures=lambda: {"val/reconstruction": _slice_figure(model, held_out, device)},
+                     progress=progress)
 
 
 @torch.no_grad()

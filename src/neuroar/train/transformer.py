@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from neuroar import distributed
 from neuroar.config import Config, save_config
@@ -26,9 +25,8 @@ from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.transformer import NeuroAR, earlier_scale_features, flatten, teacher_forcing_sequence
-from neuroar.train.checkpoint import load_checkpoint, save_checkpoint, weights_path
-from neuroar.train.log import RunLog
-from neuroar.train.loop import autocast, batch_indices, learning_rate, set_learning_rate
+from neuroar.train.checkpoint import weights_path
+from neuroar.train.loop import autocast, batch_indices, is_log_step, run_steps
 from neuroar.train.tokenizer import tokenizer_checkpoint
 
 MODEL_NAME = "neuroar"  # the default model folder of a run; ablations train beside it under other names
@@ -114,23 +112,17 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                                   weight_decay=settings.weight_decay)
     checkpoint = transformer_checkpoint(run_dir, name)
     tokenizer_sha = sha256_file(weights_path(tokenizer_checkpoint(run_dir)))
-    start = 0
-    if checkpoint.with_suffix(".json").is_file():
-        meta = load_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, restore_rng=True)
+
+    def check_resumed(meta: dict) -> None:
         if meta["tokenizer_sha256"] != tokenizer_sha:
             raise NeuroARError(f"{checkpoint} was trained on tokens of another tokenizer; move {checkpoint.parent} "
                                "away to train a new transformer on the current tokens.")
-        start = meta["step"]
+
     model_ddp = ctx.wrap(model)
     if ctx.main:
         save_config(config, run_dir / name / "config.yaml")
-        log = RunLog(run_dir, name, resume_step=start)
-    metrics: dict[str, float] = {}
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="neuroar", unit="step",
-               disable=not progress or not ctx.main)
-    for step in bar:
-        model.train()
-        set_learning_rate([optimizer], learning_rate(step, settings.lr, settings.warmup_steps, settings.steps))
+
+    def train_step(step: int) -> dict[str, float]:
         rows = batch_indices(len(train_pairs), step, settings.batch_size, config.seed)
         # Drawn for the whole batch on every process, so each takes the draws of its own rows.
         drop = torch.rand(len(rows)) < config.transformer.condition_dropout
@@ -143,31 +135,20 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                     logits = model_ddp(batch["target_inputs"], batch["earlier"], batch["earlier_age"],
                                        batch["target_age"], drop[positions].to(device))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
-                if not torch.isfinite(loss):
-                    raise NeuroARError(f"NeuroAR loss became {loss.item()} at step {step}; the last good checkpoint "
-                                       f"({checkpoint}) is kept. Lower train_transformer.lr and resume.")
                 (loss / len(micro)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
-        done = step + 1
-        if not ctx.main:
-            continue
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if done % settings.log_every == 0 or done == settings.steps:
-            log.log(done, {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                           **per_scale_metrics(model, logits.detach(), batch["tokens"])})
-        if done % settings.val_every == 0 or done == settings.steps:
-            metrics = evaluate_teacher_forced(model, sequences, val_pairs if len(val_pairs) else train_pairs, device)
-            log.log(done, metrics, kind="val")
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(checkpoint, {"model": model}, {"model": optimizer}, {
-                "step": done, "model": MODEL_NAME, "config": config.to_dict(), "tokenizer_sha256": tokenizer_sha,
-                "scales": [list(s) for s in config.tokenizer.scales], "preprocessing": config.to_dict()["data"],
-                "validation": metrics})
-    if ctx.main:
-        log.close()
-    ctx.barrier()
-    return metrics
+        # Per-scale metrics only where they are logged: they cost a second pass over the logits.
+        logged = per_scale_metrics(model, logits.detach(), batch["tokens"]) if is_log_step(step, settings) else {}
+        return {"loss": loss.item(), **logged}
+
+    return run_steps(run_dir, name, config, "train_transformer", checkpoint, {"model": model},
+                     {"model": optimizer}, train_step,
+                     lambda: evaluate_teacher_forced(model, sequences, val_pairs if len(val_pairs) else train_pairs,
+                                                     device), ctx,
+                     meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
+                           "scales": [list(s) for s in config.tokenizer.scales]},
+                     check_resumed=check_resumed, val_every=settings.val_every, progress=progress)
 
 
 def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor) -> dict[str, float]:
