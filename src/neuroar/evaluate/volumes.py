@@ -3,12 +3,12 @@
 Tissue: a three-class Gaussian mixture of the intensities inside MNI152's brain mask, leaving out
 background-dark voxels (a subject's brain rarely fills the template mask); components ordered dark to
 bright are CSF, grey and white matter. The mixture is fitted by EM to the intensity histogram: each
-iteration then costs 512 bins instead of ~200k voxels, so the fit runs to convergence in a few
-milliseconds (scikit-learn's GaussianMixture takes no sample weights, and on every voxel it had to stop
-early, which left earlier scan and prediction at different points of a flat likelihood). CSF is counted
-with a partial-volume model (the share of the way from the grey-matter mean down to the CSF mean), which
-follows small changes of the ventricles far better than hard labels; grey and white matter are the
-mixture's posterior probabilities.
+iteration then costs 512 bins instead of ~200k voxels, so the fit runs to convergence in about 30 ms
+(scikit-learn's GaussianMixture takes no sample weights, and on every voxel it had to stop early, which
+left earlier scan and prediction at different points of a flat likelihood). CSF is counted with a
+partial-volume model (the share of the way from the grey-matter mean down to the CSF mean), which follows
+small changes of the ventricles far better than hard labels; grey and white matter are the mixture's
+posterior probabilities.
 Regions: the template's lateral ventricles and hippocampi (as located in the synthetic anatomy), dilated so
 that a subject's structure stays inside them as it grows or moves. Ventricles = CSF inside the ventricle
 region; hippocampus = grey matter inside the hippocampus regions; whole brain = everything but CSF.
