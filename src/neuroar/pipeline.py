@@ -58,9 +58,9 @@ def prepare_dataset(source: str | Path, config: Config, out_dir: str | Path, pro
 
 
 # --quick: a smaller cohort and shorter training, for a first look in a few minutes.
-QUICK = ["train_tokenizer.steps=20", "train_tokenizer.val_every=20", "train_transformer.steps=40",
-         "train_transformer.val_every=40", "train_autoencoder.steps=6", "train_ldm.steps=40",
-         "train_stargan.steps=20", "ldm.ddim_steps=10", "brain_age.seeds=2", "brain_age.steps=30"]
+QUICK = ["train_tokenizer.steps=15", "train_tokenizer.val_every=15", "train_transformer.steps=40",
+         "train_transformer.val_every=40", "train_autoencoder.steps=4", "train_ldm.steps=40",
+         "train_stargan.steps=20", "ldm.ddim_steps=10", "brain_age.seeds=2", "brain_age.steps=20"]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overrides: Sequence[str] = ()
