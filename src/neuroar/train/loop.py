@@ -70,9 +70,10 @@ def run_steps(run_dir: Path, name: str, config: Config, settings_name: str, chec
             for tag, figure in (figures() if figures else {}).items():
                 log.figure(tag, figure, done)
         if done % settings.checkpoint_every == 0 or done == settings.steps:
+            resolved = config.to_dict()
             save_checkpoint(checkpoint, modules, optimizers, {
-                "step": done, "config": config.to_dict(), "preprocessing": config.to_dict()["data"],
-                **(meta or {}), "validation": metrics})
+                "step": done, "config": resolved, "preprocessing": resolved["data"], **(meta or {}),
+                "validation": metrics})
     if log is not None:
         log.close()
     ctx.barrier()
