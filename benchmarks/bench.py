@@ -153,9 +153,10 @@ def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
         later, earlier = [t[:batch] for t in tokens], [t[batch:] for t in tokens]
         with torch.no_grad():
             inputs = teacher_forcing_sequence(tokenizer.quantizer, later)
-            earlier_BLC = torch.cat([flatten(f) for f in earlier_scale_features(tokenizer.quantizer, earlier)], 1)
+            earlier_BLC = torch.cat([flatten(f) for f in earlier_scale_features(tokenizer.quantizer, earlier,
+                                                                                 config.transformer.earlier)], 1)
         ages = torch.full((batch,), 70.0, device=_device()), torch.full((batch,), 73.0, device=_device())
-        logits = model(inputs, earlier_BLC, *ages)
+        logits = model(inputs, earlier_BLC, torch.cat([t.flatten(1) for t in earlier], 1), *ages)
         loss = F.cross_entropy(logits.flatten(0, 1), torch.cat([t.flatten(1) for t in later], 1).flatten())
         optimizer.zero_grad()
         loss.backward()

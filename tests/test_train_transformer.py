@@ -8,17 +8,18 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import ball, make_tiny_run, write_nifti
 from neuroar.cli import main
 from neuroar.config import load_config
-from neuroar.data.tokens import tokenize_run
+from neuroar.data.tokens import load_tokenizer, load_tokens, tokenize_run
 from neuroar.errors import NeuroARError
 from neuroar.predict import Predictor
 from neuroar.train.checkpoint import weights_path
 from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
-from neuroar.train.transformer import train_transformer, transformer_checkpoint
+from neuroar.train.transformer import token_pairs, train_transformer, transformer_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,28 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(run_dir):
     metrics = train_transformer(run_dir, config, progress=False)
     log = pd.read_csv(run_dir / "neuroar_train.csv")
     assert log["loss"].iloc[-5:].mean() < 0.7 * log["loss"].iloc[:5].mean()
-    assert {"scale0_accuracy", "scale2_loss", "lr"} <= set(log.columns)
+    assert {"scale0_accuracy", "scale2_loss", "scale2_copy_accuracy", "lr"} <= set(log.columns)
     assert {"loss", "accuracy", "scale1_accuracy"} <= set(metrics)
+    # The logged copy accuracy is the share of equal tokens between each validation pair's two scans.
+    tokens, scans = load_tokens(run_dir)
+    pairs = token_pairs(run_dir, scans, "val")
+    for k, maps in enumerate(tokens):
+        equal = (maps[pairs["earlier_index"]] == maps[pairs["later_index"]]).float().flatten(1).mean(1)
+        assert metrics[f"scale{k}_copy_accuracy"] == pytest.approx(equal.mean().item(), abs=1e-6)
     meta = json.loads(transformer_checkpoint(run_dir).with_suffix(".json").read_text())
     assert meta["step"] == 30 and len(meta["tokenizer_sha256"]) == 64
     assert (run_dir / "neuroar_val.csv").is_file()
+
+
+def test_the_logged_loss_is_the_whole_steps_not_one_micro_batchs(run_dir, tmp_path):
+    other = shutil.copytree(run_dir, tmp_path / "other")
+    common = ["train_transformer.steps=1", "train_transformer.log_every=1", "train_transformer.batch_size=2"]
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", common), progress=False)
+    train_transformer(other, load_config(other / "config.yaml", [*common, "train_transformer.accumulation=2"]),
+                      progress=False)
+    whole, accumulated = pd.read_csv(run_dir / "neuroar_train.csv"), pd.read_csv(other / "neuroar_train.csv")
+    for column in ("loss", "accuracy", "scale2_accuracy", "copy_accuracy"):
+        assert accumulated[column].iloc[0] == pytest.approx(whole[column].iloc[0], rel=1e-5)
 
 
 def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path):
@@ -123,13 +141,14 @@ def test_bad_requests_are_refused_clearly(run_dir, tmp_path, capsys):
 
 def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines(run_dir, tmp_path):
     train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=2"]), progress=False)
-    ablation = load_config(run_dir / "config.yaml", ["train_transformer.steps=2", "transformer.concat_earlier=false"])
-    train_transformer(run_dir, ablation, progress=False, name="no-concat")
+    ablation = load_config(run_dir / "config.yaml", ["train_transformer.steps=2", "transformer.earlier=none"])
+    train_transformer(run_dir, ablation, progress=False, name="no-earlier")
     out = tmp_path / "evaluation"
-    assert main(["evaluate", "--models", str(run_dir), str(run_dir / "no-concat"), "--split", "val",
+    assert main(["evaluate", "--models", str(run_dir), str(run_dir / "no-earlier"), "--split", "val",
                  "--samples", "2", "--out", str(out)]) == 0
     per_pair = pd.read_csv(out / "pairs.csv", dtype={"subject_id": str})
-    names = ["copy", "tokenizer-copy", "run", "run+detail", "run/no-concat", "run/no-concat+detail"]
+    names = ["copy", "tokenizer-copy", "tokenizer-oracle", "run", "run+detail", "run/no-earlier",
+             "run/no-earlier+detail"]
     assert list(per_pair["model"].unique()) == names
     pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str})
     assert (per_pair.groupby("model").size() == (pairs["split"] == "val").sum()).all()
@@ -144,6 +163,18 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     copy = per_pair[(per_pair["model"] == "copy") & (per_pair["earlier_age"] == val["earlier_age"])]
     assert copy["psnr"].iloc[0] == pytest.approx(expected)
     assert (per_pair.loc[per_pair["model"] == "copy", "predicted_change_ventricles"] == 0).all()
+    # The oracle adds the true follow-up's token change to the earlier scan (computed here independently).
+    tokenizer = load_tokenizer(run_dir, load_config(run_dir / "config.yaml"))
+    earlier_DHW, later_DHW = load_preprocessed(val["earlier_path"])[0], load_preprocessed(val["later_path"])[0]
+
+    @torch.no_grad()
+    def decoded(volume_DHW):
+        x = torch.from_numpy(volume_DHW)[None, None]
+        return tokenizer.decode(tokenizer.quantizer.tokens_to_fhat(tokenizer.tokenize(x)))[0, 0].clamp(0, 1).numpy()
+
+    oracle = np.clip(earlier_DHW + decoded(later_DHW) - decoded(earlier_DHW), 0, 1)
+    row = per_pair[(per_pair["model"] == "tokenizer-oracle") & (per_pair["earlier_age"] == val["earlier_age"])]
+    assert row["psnr"].iloc[0] == pytest.approx(masked_psnr(oracle, later_DHW, brain), rel=1e-5)
 
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["model"]) == names
@@ -151,7 +182,7 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     table = (out / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in names)
     sweep = pd.read_csv(out / "sweep.csv")
-    assert set(sweep["model"]) == set(names[2:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
+    assert set(sweep["model"]) == set(names[3:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
     assert {p.name for p in (out / "figures").iterdir()} == {"metrics.png", "ventricle_change.png",
                                                            "psnr_vs_years.png", "age_sweep.png"}
 

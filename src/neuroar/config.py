@@ -40,7 +40,10 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    downsample: int = 8  # encoder stride: 8 at 2 mm, 16 at 1 mm
+    downsample: int = 8  # voxels per latent cell along each axis: 8 at 2 mm, 16 at 1 mm
+    # The first `patch` of the downsampling is a space-to-channel rearrangement (pixel unshuffle: a 2x2x2
+    # patch becomes 8 channels), so no convolution runs at full resolution: 1 = convolutions from the voxels.
+    patch: int = 2
     channels: int = 32  # width of the first encoder level, doubled at each downsampling up to 4x
     res_blocks: int = 1  # residual blocks per level
     norm_groups: int = 8  # GroupNorm groups; must divide every level's width
@@ -51,7 +54,7 @@ class TokenizerConfig:
 
     @property
     def level_channels(self) -> tuple[int, ...]:
-        levels = self.downsample.bit_length()  # log2(downsample) + 1
+        levels = (self.downsample // self.patch).bit_length()  # log2(convolutional downsampling) + 1
         return tuple(self.channels * min(2**i, 4) for i in range(levels))
 
 
@@ -64,7 +67,8 @@ class TokenizerTrainingConfig:
     adversarial_weight: float = 0.1  # times the adaptive weight (reconstruction / adversarial gradient norms)
     adversarial_start: int = 1000  # step at which the patch discriminator joins
     discriminator_channels: int = 16
-    head_weight: float = 0.0  # extra L1 weight on voxels inside the head (intensity > 0.05); 0 = uniform
+    # Extra L1 weight inside the template brain mask (where the evaluation measures); 0 = uniform.
+    brain_weight: float = 0.0
     accumulation: int = 1  # micro-batches per step (gradient accumulation); batch_size is the whole step's
     log_every: int = 10
     val_every: int = 250
@@ -76,9 +80,13 @@ class TransformerConfig:
     depth: int = 8  # number of blocks; the one knob that sizes the model: width = 64 * depth, heads = depth
     mlp_ratio: float = 4.0
     condition_dropout: float = 0.1  # share of training pairs without their ages (classifier-free guidance)
-    # Ablation switches: the earlier scan's features concatenated at every scale, age tokens reached by
-    # cross-attention, and the age embedding modulating every block through AdaLN.
-    concat_earlier: bool = True
+    dropout: float = 0.0  # on every block's attention and MLP output (residual dropout)
+    # The earlier scan at scale k: "tokens" = its scale-k code vectors concatenated with the target's input
+    # plus a learned embedding of its token ids (the paper's input; keeping a token is one linear map away),
+    # "fhat" = its whole f_hat area-downsampled to scale k, "none" = no earlier scan (an ablation).
+    earlier: Literal["tokens", "fhat", "none"] = "tokens"
+    # Ablation switches: age tokens reached by cross-attention, the age embedding modulating every block
+    # through AdaLN.
     cross_attention: bool = True
     adaln: bool = True
 
@@ -269,6 +277,8 @@ def validate(config: Config, source: str = "config") -> None:
                                      f"got {data.split_fractions}.")
     if tok.downsample < 1 or tok.downsample & (tok.downsample - 1):
         fail("tokenizer.downsample", f"must be a power of two (8 at 2 mm, 16 at 1 mm), got {tok.downsample}.")
+    if tok.patch < 1 or tok.patch & (tok.patch - 1) or tok.downsample % tok.patch:
+        fail("tokenizer.patch", f"must be a power of two that divides downsample={tok.downsample}, got {tok.patch}.")
     if any(s % tok.downsample for s in data.shape):
         fail("data.shape", f"{data.shape} is not divisible by tokenizer.downsample={tok.downsample}; "
                            f"pick a shape whose sizes are multiples of {tok.downsample}.")
@@ -295,10 +305,12 @@ def validate(config: Config, source: str = "config") -> None:
                 "accumulation"):
         if getattr(train, key) < 1:
             fail(f"train_tokenizer.{key}", f"must be at least 1, got {getattr(train, key)}.")
-    if train.lr <= 0 or train.adversarial_weight < 0 or train.head_weight < 0 or train.adversarial_start < 0:
-        fail("train_tokenizer", "lr must be positive; adversarial_weight, head_weight, adversarial_start >= 0.")
+    if train.lr <= 0 or train.adversarial_weight < 0 or train.brain_weight < 0 or train.adversarial_start < 0:
+        fail("train_tokenizer", "lr must be positive; adversarial_weight, brain_weight, adversarial_start >= 0.")
     if config.transformer.depth < 1:
         fail("transformer.depth", f"must be at least 1, got {config.transformer.depth}.")
+    if not 0 <= config.transformer.dropout < 1:
+        fail("transformer.dropout", f"must be in [0, 1), got {config.transformer.dropout}.")
     if not 0 <= config.transformer.condition_dropout < 1:
         fail("transformer.condition_dropout", f"must be in [0, 1), got {config.transformer.condition_dropout}.")
     ar = config.train_transformer

@@ -47,6 +47,14 @@ class Context:
             return module
         return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over the processes (every rank gets the same dict back)."""
+        if self.world == 1 or not values:
+            return values
+        stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(stacked)
+        return dict(zip(values, (stacked / self.world).tolist()))
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

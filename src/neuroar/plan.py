@@ -172,9 +172,10 @@ def _steps(config: Config, batch: int, device: torch.device):
         model.activation_checkpointing = config.train_transformer.activation_checkpointing
         inputs = torch.randn(batch, length, config.tokenizer.latent_dim, device=device)
         labels = torch.randint(0, config.tokenizer.codebook_size, (batch * length,), device=device)
+        earlier_tokens = torch.randint(0, config.tokenizer.codebook_size, (batch, length), device=device)
 
         def step():
-            logits = model(inputs, torch.randn_like(inputs), ages, ages + 3)
+            logits = model(inputs, torch.randn_like(inputs), earlier_tokens, ages, ages + 3)
             return F.cross_entropy(logits.float().flatten(0, 1), labels)
 
         return model, step

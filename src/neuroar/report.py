@@ -123,8 +123,9 @@ def sweep_section(predictor: Predictor, run_dir: Path, subject: str, split: str,
 
 
 def training_figure(run_dir: Path) -> Figure:
-    panels = [("tokenizer_train.csv", "l1", "tokenizer L1"), ("tokenizer_val.csv", "psnr", "tokenizer val PSNR"),
-              ("neuroar_train.csv", "loss", "NeuroAR loss"), ("neuroar_val.csv", "accuracy", "NeuroAR val accuracy"),
+    panels = [("tokenizer_train.csv", "l1", "tokenizer L1"), ("tokenizer_val.csv", "psnr_brain",
+                                                              "tokenizer val PSNR in the brain"),
+              ("neuroar_train.csv", "loss", "NeuroAR loss"), ("neuroar_val.csv", None, "NeuroAR val accuracy vs copy"),
               ("autoencoder_train.csv", "l1", "autoencoder L1"), ("ldm_train.csv", "mse", "LDM noise MSE"),
               ("stargan_train.csv", "generator", "StarGAN generator loss"),
               ("stargan_train.csv", "discriminator", "StarGAN discriminator loss")]
@@ -133,7 +134,15 @@ def training_figure(run_dir: Path) -> Figure:
         path = run_dir / name
         if path.is_file():
             log = pd.read_csv(path)
-            axis.plot(log["step"], log[column], marker="." if len(log) < 20 else None)
+            marker = "." if len(log) < 20 else None
+            if column is not None:
+                axis.plot(log["step"], log[column], marker=marker)
+            else:  # per scale: the model's teacher-forced accuracy (solid) against copying the earlier tokens
+                for k in range(sum(c.endswith("_copy_accuracy") for c in log.columns)):
+                    line, = axis.plot(log["step"], log[f"scale{k}_accuracy"], marker=marker, label=f"scale {k}")
+                    axis.plot(log["step"], log[f"scale{k}_copy_accuracy"], ls="--", color=line.get_color())
+                if axis.lines:
+                    axis.legend(fontsize=7, title="dashed: copy", title_fontsize=7)
         axis.set_title(title)
         axis.set_xlabel("step")
     return figure

@@ -1,6 +1,7 @@
 """`neuroar evaluate`: every model on every held-out pair, the same way, with the trivial baselines beside.
 
-Per pair (earlier -> later scan of a subject of the split) and model output: PSNR, SSIM (3D, data range 1)
+Per pair (earlier -> later scan of a subject of the split) and model output (with the tokenizer-oracle, the
+bound that the tokenizer sets on every token model): PSNR, SSIM (3D, data range 1)
 and MAE inside MNI152's brain mask, and the predicted and true change of each region's volume (both
 measured by `volumes.regional_volumes`, predicted change = volume of the prediction - volume of the earlier
 scan). Summary per model: mean +- std and a bootstrap 95% CI of the mean for each image metric, a paired
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from neuroar.config import load_config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
-from neuroar.evaluate.forecasters import TRIVIAL, ModelForecaster, load_forecasters
+from neuroar.evaluate.forecasters import TRIVIAL, ModelForecaster, TokenizerCopy, load_forecasters
 from neuroar.evaluate.metrics import masked_mae, masked_psnr, masked_ssim
 from neuroar.evaluate.volumes import REGIONS, regional_volumes, template_regions
 from neuroar.files import write_text
@@ -62,17 +63,22 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
     for pair in tqdm(pairs.to_dict("records"), desc=f"evaluate {split}", unit="pair", disable=not progress):
         earlier_DHW, later_DHW = load_preprocessed(pair["earlier_path"])[0], load_preprocessed(pair["later_path"])[0]
         before, after = volumes_of(pair["earlier_path"], earlier_DHW), volumes_of(pair["later_path"], later_DHW)
+        predictions: dict[str, np.ndarray] = {}
         for forecaster in forecasters:
             for name, (predicted_DHW,) in forecaster.predict(earlier_DHW, pair["earlier_age"], [pair["later_age"]],
                                                              seed).items():
-                predicted = regional_volumes(predicted_DHW, regions)
-                rows.append({"model": name, "subject_id": pair["subject_id"], "earlier_age": pair["earlier_age"],
-                             "later_age": pair["later_age"], "years": pair["years"],
-                             "psnr": masked_psnr(predicted_DHW, later_DHW, brain),
-                             "ssim": masked_ssim(predicted_DHW, later_DHW, brain),
-                             "mae": masked_mae(predicted_DHW, later_DHW, brain),
-                             **{f"true_change_{r}": after[r] - before[r] for r in REGIONS},
-                             **{f"predicted_change_{r}": predicted[r] - before[r] for r in REGIONS}})
+                predictions[name] = predicted_DHW
+            if isinstance(forecaster, TokenizerCopy):
+                predictions["tokenizer-oracle"] = forecaster.oracle(earlier_DHW, later_DHW)
+        for name, predicted_DHW in predictions.items():
+            predicted = regional_volumes(predicted_DHW, regions)
+            rows.append({"model": name, "subject_id": pair["subject_id"], "earlier_age": pair["earlier_age"],
+                         "later_age": pair["later_age"], "years": pair["years"],
+                         "psnr": masked_psnr(predicted_DHW, later_DHW, brain),
+                         "ssim": masked_ssim(predicted_DHW, later_DHW, brain),
+                         "mae": masked_mae(predicted_DHW, later_DHW, brain),
+                         **{f"true_change_{r}": after[r] - before[r] for r in REGIONS},
+                         **{f"predicted_change_{r}": predicted[r] - before[r] for r in REGIONS}})
     per_pair = pd.DataFrame(rows)
     reference = next((n for n in per_pair["model"].unique() if n not in TRIVIAL and "+" not in n), None)
     models_only = [f for f in forecasters if isinstance(f, ModelForecaster)]

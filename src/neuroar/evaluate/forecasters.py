@@ -4,6 +4,9 @@ predicted preprocessed scan per target age out.
 - `copy`: the follow-up is the earlier scan. What any model must beat on the change it predicts.
 - `tokenizer-copy`: the earlier scan through the run's tokenizer: the ceiling that tokenization leaves, and
   what a model that only reproduces its input's tokens would score.
+- `tokenizer-oracle` (pairs only: it reads the true follow-up): the earlier scan + decode(tokens of the true
+  later scan) - decode(tokens of the earlier scan), the best change any token model can deliver with this
+  tokenizer. If its volume change is poor, the tokenizer, not the transformer, holds a model back.
 - a trained model: a run folder (its NeuroAR model), an ablation's folder, RUN/ldm or RUN/stargan: the
   sample mean of its predictions, and the earlier scan plus its predicted change ("+detail").
 """
@@ -22,7 +25,7 @@ from neuroar.data.tokens import load_tokenizer
 from neuroar.predict import Predictor
 from neuroar.train.transformer import MODEL_NAME, resolve_model
 
-TRIVIAL = ("copy", "tokenizer-copy")
+TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle")
 
 
 class Forecaster(Protocol):
@@ -41,11 +44,19 @@ class TokenizerCopy:
     def __init__(self, run_dir: Path, config: Config):
         self.tokenizer = load_tokenizer(run_dir, config)
 
-    @torch.no_grad()
     def predict(self, earlier_DHW, earlier_age, target_ages, seed):
-        x = torch.from_numpy(np.ascontiguousarray(earlier_DHW))[None, None]
-        decoded = self.tokenizer.decode_tokens(self.tokenizer.tokenize(x))[0, 0].clamp(0, 1).numpy()
+        decoded = self.reconstruct(earlier_DHW)
         return {"tokenizer-copy": [decoded for _ in target_ages]}
+
+    def oracle(self, earlier_DHW: np.ndarray, later_DHW: np.ndarray) -> np.ndarray:
+        """The true follow-up's token change added to the earlier scan: what a perfect token model would give."""
+        change_DHW = self.reconstruct(later_DHW) - self.reconstruct(earlier_DHW)
+        return np.clip(earlier_DHW + change_DHW, 0, 1).astype(np.float32)
+
+    @torch.no_grad()
+    def reconstruct(self, volume_DHW: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(volume_DHW))[None, None]
+        return self.tokenizer.decode_tokens(self.tokenizer.tokenize(x))[0, 0].clamp(0, 1).numpy()
 
 
 class ModelForecaster:

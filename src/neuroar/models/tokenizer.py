@@ -2,7 +2,9 @@
 
 The encoder and decoder are MONAI's (residual blocks, GroupNorm, SiLU, one self-attention block at the
 bottleneck computed with `scaled_dot_product_attention`); a 1x1x1 convolution on each side of the
-quantizer separates the encoder's output space from the codebook's.
+quantizer separates the encoder's output space from the codebook's. The volume enters as non-overlapping
+`patch`^3 patches folded into channels and leaves the decoder the same way (as video and 3D tokenizers do):
+the convolutions never run at full resolution, where they cost most of a step on a CPU.
 """
 
 from __future__ import annotations
@@ -19,20 +21,22 @@ class MSVQVAE(nn.Module):
     def __init__(self, config: TokenizerConfig, in_channels: int = 1):
         super().__init__()
         self.config = config
+        self.patch = config.patch
         channels = config.level_channels
         levels = len(channels)
         common = dict(spatial_dims=3, channels=channels, num_res_blocks=[config.res_blocks] * levels,
                       norm_num_groups=config.norm_groups, norm_eps=1e-6, attention_levels=[False] * levels,
                       with_nonlocal_attn=True, use_flash_attention=True)
-        self.encoder = Encoder(in_channels=in_channels, out_channels=config.latent_dim, **common)
-        self.decoder = Decoder(in_channels=config.latent_dim, out_channels=in_channels, **common)
+        folded = in_channels * self.patch**3
+        self.encoder = Encoder(in_channels=folded, out_channels=config.latent_dim, **common)
+        self.decoder = Decoder(in_channels=config.latent_dim, out_channels=folded, **common)
         self.quant_conv = nn.Conv3d(config.latent_dim, config.latent_dim, 1)
         self.post_quant_conv = nn.Conv3d(config.latent_dim, config.latent_dim, 1)
         self.quantizer = MultiScaleQuantizer(config.codebook_size, config.latent_dim, config.scales, beta=config.beta)
 
     def features(self, x_B1DHW: torch.Tensor) -> torch.Tensor:
         """The continuous latent grid f (B, C, d, h, w) that the quantizer tokenizes."""
-        return self.quant_conv(self.encoder(x_B1DHW))
+        return self.quant_conv(self.encoder(space_to_channels(x_B1DHW, self.patch)))
 
     def forward(self, x_B1DHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Reconstruction, vq loss and codebook statistics."""
@@ -44,8 +48,28 @@ class MSVQVAE(nn.Module):
         return self.quantizer.encode(self.features(x_B1DHW))
 
     def decode(self, f_hat_BCdhw: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(f_hat_BCdhw))
+        return channels_to_space(self.decoder(self.post_quant_conv(f_hat_BCdhw)), self.patch)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         return self.decode(self.quantizer.tokens_to_fhat(tokens))
+
+
+def space_to_channels(x_BCDHW: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, C * p^3, D / p, H / p, W / p): each p x p x p patch folded into channels."""
+    if patch == 1:
+        return x_BCDHW
+    B, C, D, H, W = x_BCDHW.shape
+    p = patch
+    x = x_BCDHW.reshape(B, C, D // p, p, H // p, p, W // p, p)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, C * p**3, D // p, H // p, W // p)
+
+
+def channels_to_space(x_BCdhw: torch.Tensor, patch: int) -> torch.Tensor:
+    """The inverse of `space_to_channels`."""
+    if patch == 1:
+        return x_BCdhw
+    B, Cp, d, h, w = x_BCdhw.shape
+    p = patch
+    x = x_BCdhw.reshape(B, Cp // p**3, p, p, p, d, h, w)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, Cp // p**3, d * p, h * p, w * p)

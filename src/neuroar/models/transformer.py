@@ -3,9 +3,12 @@ both ages.
 
 The sequence is every scale of the target scan, coarse to fine (token maps flattened in (d, h, w) order).
 The input of scale k is the target's cumulative f_hat of scales < k, area-downsampled to scale k (zeros at
-scale 0), concatenated channel-wise with the earlier scan's f_hat area-downsampled to the same scale, then
-projected to the width, plus a level embedding and a learned 3D position per token. Attention is
-block-causal by scale. The ages enter every block twice: an embedding of (earlier age, target age, years
+scale 0), concatenated channel-wise with the earlier scan's scale-k code vectors (the residual that scan used
+at that scale), then projected to the width, plus a learned embedding of the earlier scan's scale-k token
+ids, a level embedding and a learned 3D position per token. Both scans share one tokenizer and one grid, so
+most tokens do not change between them: with the earlier token's id in its input, "keep this token" is one
+linear map away from the logits. (`transformer.earlier` selects this input, the earlier scan's pooled f_hat,
+or none, for ablations.) Attention is block-causal by scale. The ages enter every block twice: an embedding of (earlier age, target age, years
 between) modulates it through AdaLN (shift, scale and gate, zero-initialised so each block starts as the
 identity), and the same three age tokens are reached through cross-attention. Dropping the ages for a
 share of training pairs (learned "no age" tokens) allows classifier-free guidance at sampling time.
@@ -37,9 +40,10 @@ class NeuroAR(nn.Module):
         self.lengths = [d * h * w for d, h, w in self.scales]
         self.starts = [sum(self.lengths[:k]) for k in range(len(self.scales))]
         width = config.width
-        self.input_proj = nn.Linear(latent_dim * (2 if config.concat_earlier else 1), width)
+        self.input_proj = nn.Linear(latent_dim * (1 if config.earlier == "none" else 2), width)
+        self.earlier_token = nn.Embedding(codebook_size, width) if config.earlier == "tokens" else None
         self.level = nn.Embedding(len(self.scales), width)
-        self.position = nn.Parameter(torch.randn(1, sum(self.lengths), width) * 0.02)
+        self.position = nn.Parameter(torch.empty(1, sum(self.lengths), width))
         self.ages = AgeEmbedding(width)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.head_norm = nn.LayerNorm(width, elementwise_affine=not config.adaln, eps=1e-6)
@@ -50,12 +54,41 @@ class NeuroAR(nn.Module):
         # Block-causal: a token sees every token of its own and coarser scales.
         self.register_buffer("mask", levels_L[None, :] <= levels_L[:, None], persistent=False)
         self.activation_checkpointing = False  # trade compute for memory when training: blocks recompute
+        self._init_weights()
 
-    def forward(self, target_inputs_BLC: torch.Tensor, earlier_BLC: torch.Tensor, earlier_age_B: torch.Tensor,
-                target_age_B: torch.Tensor, drop_ages_B: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, L, V) for every token of the sequence."""
+    def _init_weights(self) -> None:
+        """As GPT-2 and VAR: every linear map and embedding N(0, 0.02), biases zero, the projections back into
+        the residual stream scaled down by sqrt(2 * depth); AdaLN and cross-attention outputs stay zero, so
+        every block starts as the identity."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.position, std=0.02)
+        for block in self.blocks:
+            for projection in (block.proj, block.mlp[-1]):
+                nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+            block.zero_init()
+        if self.head_modulation is not None:
+            nn.init.zeros_(self.head_modulation[-1].weight)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups as nanoGPT forms them: weight decay on the weights of linear maps only; none on biases,
+        norms, embeddings, positions or the age and "no age" tokens (the last train on 10 % of pairs only)."""
+        decayed = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = list(self.parameters())
+        return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+                {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+    def forward(self, target_inputs_BLC: torch.Tensor, earlier_BLC: torch.Tensor | None,
+                earlier_tokens_BL: torch.Tensor | None, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor,
+                drop_ages_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, L, V) for every token of the sequence. `earlier_BLC` is the earlier scan's
+        input (`earlier_scale_features`, flattened), `earlier_tokens_BL` its token ids; the model reads what
+        `config.earlier` asks for (None is fine for the rest)."""
         age_tokens, condition = self.ages(earlier_age_B, target_age_B, drop_ages_B)
-        x_BLW = self._embed(target_inputs_BLC, earlier_BLC, 0, self.levels.numel())
+        x_BLW = self._embed(target_inputs_BLC, earlier_BLC, earlier_tokens_BL, 0, self.levels.numel())
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 x_BLW = checkpoint(block, x_BLW, condition, age_tokens, self.mask, use_reentrant=False)
@@ -63,9 +96,13 @@ class NeuroAR(nn.Module):
                 x_BLW = block(x_BLW, condition, age_tokens, self.mask)
         return self._logits(x_BLW, condition)
 
-    def _embed(self, target_BlC: torch.Tensor, earlier_BlC: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        x = torch.cat([target_BlC, earlier_BlC], -1) if self.config.concat_earlier else target_BlC
-        return self.input_proj(x) + self.position[:, start:end] + self.level(self.levels[start:end])
+    def _embed(self, target_BlC: torch.Tensor, earlier_BlC: torch.Tensor | None, earlier_tokens_Bl: torch.Tensor | None,
+               start: int, end: int) -> torch.Tensor:
+        x = target_BlC if self.config.earlier == "none" else torch.cat([target_BlC, earlier_BlC], -1)
+        x_BlW = self.input_proj(x) + self.position[:, start:end] + self.level(self.levels[start:end])
+        if self.earlier_token is not None:
+            x_BlW = x_BlW + self.earlier_token(earlier_tokens_Bl)
+        return x_BlW
 
     def _logits(self, x_BlW: torch.Tensor, condition_BW: torch.Tensor) -> torch.Tensor:
         x_BlW = self.head_norm(x_BlW)
@@ -82,12 +119,13 @@ class NeuroAR(nn.Module):
 
         Without the cache every scale re-runs the whole prefix under the block-causal mask; both ways give
         the same logits, the cache only saves the work."""
-        earlier_maps = earlier_scale_features(quantizer, earlier_tokens)
+        earlier_maps = earlier_scale_features(quantizer, earlier_tokens, self.config.earlier)
         batch = earlier_age_B.shape[0]
         guided = sampling.guidance != 1.0
         drop = torch.zeros(batch, dtype=torch.bool, device=earlier_age_B.device)
         if guided:  # conditional and unconditional halves of one batch
             earlier_maps = [torch.cat([m, m]) for m in earlier_maps]
+            earlier_tokens = [torch.cat([t, t]) for t in earlier_tokens]
             earlier_age_B, target_age_B = earlier_age_B.repeat(2), target_age_B.repeat(2)
             drop = torch.cat([drop, ~drop])
         age_tokens, condition = self.ages(earlier_age_B, target_age_B, drop)
@@ -98,7 +136,8 @@ class NeuroAR(nn.Module):
             start, end = self.starts[k], self.starts[k] + self.lengths[k]
             if guided and k:
                 next_input = torch.cat([next_input, next_input])
-            embedded.append(self._embed(flatten(next_input), flatten(earlier_maps[k]), start, end))
+            embedded.append(self._embed(flatten(next_input), flatten(earlier_maps[k]),
+                                        earlier_tokens[k].flatten(1), start, end))
             if use_cache:
                 x, mask = embedded[-1], None
             else:
@@ -153,6 +192,14 @@ class Block(nn.Module):
         hidden = int(width * config.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.modulation = _modulation(width, 6) if config.adaln else None
+        self.drop = nn.Dropout(config.dropout)
+
+    def zero_init(self) -> None:
+        """AdaLN-Zero and a zero cross-attention output: the block starts as the identity of the stream."""
+        if self.modulation is not None:
+            nn.init.zeros_(self.modulation[-1].weight)
+        if self.cross is not None:
+            nn.init.zeros_(self.cross.proj.weight)
 
     def forward(self, x_BLW: torch.Tensor, condition_BW: torch.Tensor, age_tokens_B3W: torch.Tensor,
                 mask_LL: torch.Tensor | None, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -161,10 +208,10 @@ class Block(nn.Module):
         else:
             shift1 = scale1 = shift2 = scale2 = torch.zeros((), device=x_BLW.device)
             gate1 = gate2 = torch.ones((), device=x_BLW.device)
-        x_BLW = x_BLW + gate1 * self._attend(self.norm1(x_BLW) * (1 + scale1) + shift1, mask_LL, cache)
+        x_BLW = x_BLW + gate1 * self.drop(self._attend(self.norm1(x_BLW) * (1 + scale1) + shift1, mask_LL, cache))
         if self.cross is not None:
             x_BLW = x_BLW + self.cross(x_BLW, age_tokens_B3W)
-        return x_BLW + gate2 * self.mlp(self.norm2(x_BLW) * (1 + scale2) + shift2)
+        return x_BLW + gate2 * self.drop(self.mlp(self.norm2(x_BLW) * (1 + scale2) + shift2))
 
     def _attend(self, x_BLW: torch.Tensor, mask_LL: torch.Tensor | None, cache: dict[str, torch.Tensor] | None
                 ) -> torch.Tensor:
@@ -186,8 +233,6 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
-        nn.init.zeros_(self.proj.weight)  # starts as the identity of the residual stream
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x_BLW: torch.Tensor, context_BTW: torch.Tensor) -> torch.Tensor:
         B, L, W = x_BLW.shape
@@ -210,10 +255,17 @@ def flatten(map_BCdhw: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def earlier_scale_features(quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The earlier scan's f_hat (from all its scales) area-downsampled to every scale: (B, C, d, h, w) each."""
-    f_hat = quantizer.tokens_to_fhat(tokens)
-    return [area_down(f_hat, scale) for scale in quantizer.scales]
+def earlier_scale_features(quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor], kind: str
+                           ) -> list[torch.Tensor]:
+    """The earlier scan's input at every scale, (B, C, d, h, w) each: its scale-k code vectors ("tokens"),
+    its f_hat of all scales area-downsampled to scale k ("fhat"), or zeros ("none": unused)."""
+    if kind == "tokens":
+        return [quantizer.codebook(idx_Bdhw).permute(0, 4, 1, 2, 3) for idx_Bdhw in tokens]
+    if kind == "fhat":
+        f_hat = quantizer.tokens_to_fhat(tokens)
+        return [area_down(f_hat, scale) for scale in quantizer.scales]
+    channels = quantizer.codebook.embedding_dim
+    return [torch.zeros(len(idx), channels, *idx.shape[1:], device=idx.device) for idx in tokens]
 
 
 @torch.no_grad()

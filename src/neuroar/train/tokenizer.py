@@ -1,6 +1,6 @@
 """Training the MS-VQVAE on the preprocessed scans of a run folder.
 
-Losses: L1 (optionally weighted up inside the head) + the quantizer's vq/commitment loss + an adversarial
+Losses: L1 (optionally weighted up inside the template brain mask, where the evaluation measures) + the quantizer's vq/commitment loss + an adversarial
 loss from MONAI's 3D PatchDiscriminator, which joins after `adversarial_start` steps with VQGAN's adaptive
 weight (the ratio of the reconstruction and adversarial gradient norms at the decoder's last layer).
 The learning rate warms up linearly, then follows a cosine down to a tenth of its peak.
@@ -55,6 +55,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
         save_config(config, run_dir / "config.yaml")
         print("tokenizer: perceptual loss off (it needs pretrained weights, which are never downloaded)")
     brain = template_brain_mask(config.data)
+    brain_BDHW = torch.from_numpy(brain).float()[None, None].to(device)
     held_out = val_paths or train_paths
 
     def train_step(step: int) -> dict[str, float]:
@@ -65,7 +66,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
         pairs = []  # (scans, reconstructions) of each micro-batch, for the discriminator
         for i, rows in enumerate(micro):
             x = volume_batch(train_paths, rows).to(device)
-            weights = 1.0 + settings.head_weight * (x > 0.05).float()
+            weights = 1.0 + settings.brain_weight * brain_BDHW
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
                 with autocast(device):
                     reconstruction, vq_loss, stats = model_ddp(x)

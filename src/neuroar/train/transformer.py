@@ -3,7 +3,9 @@
 Every (earlier, later) pair of scans of a training subject is one example: the later scan's tokens are the
 target, cross-entropy with teacher forcing. The frozen tokenizer's quantizer turns each scan's tokens once
 into the two sequences the model reads (its teacher-forcing inputs, and its features as an earlier scan);
-batches are then only indexing. Ages are dropped for `transformer.condition_dropout` of the pairs so that
+batches are then only indexing. Logged losses and accuracies are those of the whole step (every micro-batch
+and process), beside the accuracy of copying the earlier scan's tokens: a model below it has not learned
+to keep what stays. Ages are dropped for `transformer.condition_dropout` of the pairs so that
 sampling can use classifier-free guidance. A model lives in RUN/NAME/ (NAME = "neuroar" unless an ablation
 gets its own): last.* (with the sha256 of the tokenizer weights the tokens came from) and config.yaml; logs
 go to RUN/NAME_train.csv, RUN/NAME_val.csv and TensorBoard.
@@ -54,28 +56,30 @@ def build_transformer(config: Config) -> NeuroAR:
 
 @dataclass
 class ScanSequences:
-    """Per scan of the run (N scans, L tokens over all scales, C latent channels): target tokens (N, L), the
-    teacher-forcing inputs (N, L, C) and the features it offers as an earlier scan (N, L, C)."""
+    """Per scan of the run (N scans, L tokens over all scales, C latent channels): its tokens (N, L), its
+    teacher-forcing inputs as a target (N, L, C) and its input as an earlier scan (N, L, C; `earlier` is
+    `transformer.earlier`)."""
 
     tokens_NL: torch.Tensor
     inputs_NLC: torch.Tensor
     earlier_NLC: torch.Tensor
 
     @classmethod
-    def build(cls, quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor], chunk: int = 32) -> ScanSequences:
-        inputs, earlier = [], []
+    def build(cls, quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor], earlier: str, chunk: int = 32
+              ) -> ScanSequences:
+        inputs, features = [], []
         for start in range(0, len(tokens[0]), chunk):
             part = [t[start:start + chunk] for t in tokens]
             inputs.append(teacher_forcing_sequence(quantizer, part))
-            earlier.append(torch.cat([flatten(f) for f in earlier_scale_features(quantizer, part)], 1))
-        return cls(torch.cat([t.flatten(1) for t in tokens], 1), torch.cat(inputs), torch.cat(earlier))
+            features.append(torch.cat([flatten(f) for f in earlier_scale_features(quantizer, part, earlier)], 1))
+        return cls(torch.cat([t.flatten(1) for t in tokens], 1), torch.cat(inputs), torch.cat(features))
 
     def batch(self, pairs: pd.DataFrame, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
         chosen = pairs.iloc[rows]
         earlier = torch.as_tensor(chosen["earlier_index"].to_numpy(copy=True))
         later = torch.as_tensor(chosen["later_index"].to_numpy(copy=True))
         return {"target_inputs": self.inputs_NLC[later].to(device), "earlier": self.earlier_NLC[earlier].to(device),
-                "tokens": self.tokens_NL[later].to(device),
+                "earlier_tokens": self.tokens_NL[earlier].to(device), "tokens": self.tokens_NL[later].to(device),
                 "earlier_age": torch.tensor(chosen["earlier_age"].to_numpy(), dtype=torch.float32, device=device),
                 "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device)}
 
@@ -100,7 +104,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     ctx = distributed.init()
     device = ctx.device
     tokens, scans = load_tokens(run_dir)
-    sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens)
+    sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens, config.transformer.earlier)
     train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
     if train_pairs.empty:
         raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; NeuroAR needs subjects with at least two "
@@ -108,8 +112,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
     model.activation_checkpointing = settings.activation_checkpointing
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95),
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameter_groups(settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     checkpoint = transformer_checkpoint(run_dir, name)
     tokenizer_sha = sha256_file(weights_path(tokenizer_checkpoint(run_dir)))
 
@@ -127,20 +130,25 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
         # Drawn for the whole batch on every process, so each takes the draws of its own rows.
         drop = torch.rand(len(rows)) < config.transformer.condition_dropout
         micro = ctx.shard(list(range(len(rows))), settings.accumulation)
+        log_step = is_log_step(step, settings)
         optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
         for i, positions in enumerate(micro):
             batch = sequences.batch(train_pairs, [rows[j] for j in positions], device)
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
                 with autocast(device):
-                    logits = model_ddp(batch["target_inputs"], batch["earlier"], batch["earlier_age"],
-                                       batch["target_age"], drop[positions].to(device))
+                    logits = model_ddp(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"],
+                                       batch["earlier_age"], batch["target_age"], drop[positions].to(device))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
                 (loss / len(micro)).backward()
+            # Per-scale metrics only where they are logged: they cost a second pass over the logits.
+            values = {"loss": loss.item(), **(per_scale_metrics(model, logits.detach(), batch["tokens"],
+                                                                batch["earlier_tokens"]) if log_step else {})}
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro)
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
-        # Per-scale metrics only where they are logged: they cost a second pass over the logits.
-        logged = per_scale_metrics(model, logits.detach(), batch["tokens"]) if is_log_step(step, settings) else {}
-        return {"loss": loss.item(), **logged}
+        return ctx.mean(totals)
 
     return run_steps(run_dir, name, config, "train_transformer", checkpoint, {"model": model},
                      {"model": optimizer}, train_step,
@@ -151,14 +159,18 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                      check_resumed=check_resumed, val_every=settings.val_every, progress=progress)
 
 
-def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor) -> dict[str, float]:
-    """Cross-entropy and top-1 accuracy of the teacher-forced predictions, in total and per scale."""
+def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor,
+                      earlier_tokens_BL: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy and top-1 accuracy of the teacher-forced predictions, in total and per scale, beside the
+    accuracy of copying the earlier scan's tokens (the bar a model must clear)."""
     loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), tokens_BL, reduction="none")
     correct_BL = (logits_BLV.argmax(-1) == tokens_BL).float()
-    metrics = {"accuracy": correct_BL.mean().item()}
+    copied_BL = (earlier_tokens_BL == tokens_BL).float()
+    metrics = {"accuracy": correct_BL.mean().item(), "copy_accuracy": copied_BL.mean().item()}
     for k, (start, length) in enumerate(zip(model.starts, model.lengths)):
         metrics[f"scale{k}_loss"] = loss_BL[:, start:start + length].mean().item()
         metrics[f"scale{k}_accuracy"] = correct_BL[:, start:start + length].mean().item()
+        metrics[f"scale{k}_copy_accuracy"] = copied_BL[:, start:start + length].mean().item()
     return metrics
 
 
@@ -171,9 +183,10 @@ def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences, pairs: pd.
     for start in range(0, len(pairs), chunk):
         rows = list(range(start, min(start + chunk, len(pairs))))
         batch = sequences.batch(pairs, rows, device)
-        logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_age"], batch["target_age"])
+        logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"], batch["earlier_age"],
+                       batch["target_age"])
         values = {"loss": F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten()).item(),
-                  **per_scale_metrics(model, logits, batch["tokens"])}
+                  **per_scale_metrics(model, logits, batch["tokens"], batch["earlier_tokens"])}
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value * len(rows) / len(pairs)
     return totals
