@@ -8,9 +8,10 @@ at that scale), then projected to the width, plus a learned embedding of the ear
 ids, a level embedding and a learned 3D position per token. Both scans share one tokenizer and one grid, so
 most tokens do not change between them: with the earlier token's id in its input, "keep this token" is one
 linear map away from the logits. (`transformer.earlier` selects this input, the earlier scan's pooled f_hat,
-or none, for ablations.) Attention is block-causal by scale. The ages enter every block twice: an embedding of (earlier age, target age, years
-between) modulates it through AdaLN (shift, scale and gate, zero-initialised so each block starts as the
-identity), and the same three age tokens are reached through cross-attention. Dropping the ages for a
+or none, for ablations.) Attention is block-causal by scale. The ages enter every block twice: an embedding
+of (earlier age, target age, years between) modulates it through AdaLN (shift, scale and gate,
+zero-initialised so each block starts as the identity), and the same three age tokens are reached through
+cross-attention. Dropping the ages for a
 share of training pairs (learned "no age" tokens) allows classifier-free guidance at sampling time.
 
 Sampling runs scale by scale with a KV cache; each scale's tokens go through the quantizer's `add_scale`,
