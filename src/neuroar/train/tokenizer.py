@@ -2,7 +2,8 @@
 
 Losses: L1 (optionally weighted up inside the template brain mask, where the evaluation measures) + the
 quantizer's vq/commitment loss + an adversarial loss from MONAI's 3D PatchDiscriminator, which joins after
-`adversarial_start` steps with VQGAN's adaptive weight (the ratio of the reconstruction and adversarial gradient norms at the decoder's last layer).
+`adversarial_start` steps with VQGAN's adaptive weight (the ratio of the reconstruction and adversarial
+gradient norms at the decoder's last layer).
 The learning rate warms up linearly, then follows a cosine down to a tenth of its peak.
 A perceptual loss needs pretrained weights, which this project never downloads; it is off.
 
