@@ -79,6 +79,42 @@ def case_tokenizer(config_name: str, repeats: int) -> dict:
             "peak_mb": _peak_mb(before)}
 
 
+# The architectures before the patch embedding (convolutions from the voxels), beside the shipped ones.
+OLD_TOKENIZER = ["tokenizer.patch=1", "tokenizer.channels=8"]
+OLD_AUTOENCODER = ["autoencoder.patch=1", "autoencoder.channels=[8,16,16]"]
+
+
+def case_training(kind: str, config_name: str, overrides: list[str], repeats: int, batch: int = 2) -> dict:
+    """Training samples per second of the tokenizer or the baselines' autoencoder (forward, L1, backward,
+    Adam step) on 2 mm volumes."""
+    from neuroar.config import load_config
+    from neuroar.models.autoencoder import build_autoencoder
+    from neuroar.models.tokenizer import MSVQVAE
+
+    config = load_config(config_name, overrides)
+    torch.manual_seed(0)
+    model = (MSVQVAE(config.tokenizer) if kind == "tokenizer" else build_autoencoder(config.autoencoder))
+    model = model.to(_device()).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.rand(batch, 1, *config.data.shape, device=_device())
+
+    def step():
+        if kind == "tokenizer":
+            reconstruction, loss, _ = model(x)
+        else:
+            reconstruction, mu, sigma = model(x)
+            loss = 1e-6 * (mu.square() + sigma.square()).mean()
+        loss = loss + (reconstruction - x).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    before = _rss_mb()
+    seconds = _timed(step, repeats)
+    return {"config": config_name, "overrides": overrides, "batch": batch, "samples_per_s": batch / seconds,
+            "parameters": sum(p.numel() for p in model.parameters()), "peak_mb": _peak_mb(before)}
+
+
 def _neuroar(overrides: list[str]):
     from neuroar.config import load_config
     from neuroar.models.tokenizer import MSVQVAE
@@ -176,6 +212,10 @@ def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
 
 
 CASES = {
+    "tokenizer_training_old": lambda r: case_training("tokenizer", "reference", OLD_TOKENIZER, r),
+    "tokenizer_training_new": lambda r: case_training("tokenizer", "reference", [], r),
+    "autoencoder_training_old": lambda r: case_training("autoencoder", "reference", OLD_AUTOENCODER, r),
+    "autoencoder_training_new": lambda r: case_training("autoencoder", "reference", [], r),
     "tokenizer_2mm": lambda r: case_tokenizer("demo", r),
     "tokenizer_1mm": lambda r: case_tokenizer("paper", 1),
     "neuroar_predict_3_scales": lambda r: case_neuroar_predict(3, r),
@@ -230,6 +270,9 @@ def results_markdown(machine: dict, results: dict) -> str:
     sampling_speed = get(ldm, "sample_s") / get(n5, "sample_s_kv_cache")
     kv = get(n5, "sample_s_no_cache") / get(n5, "sample_s_kv_cache")
     cached = get(train, "cached_steps_per_s") / get(train, "on_the_fly_steps_per_s")
+    tokenizer_speed = get("tokenizer_training_new", "samples_per_s") / get("tokenizer_training_old", "samples_per_s")
+    autoencoder_speed = (get("autoencoder_training_new", "samples_per_s")
+                         / get("autoencoder_training_old", "samples_per_s"))
 
     def verdict(value: float, target: float) -> str:
         return "met" if value >= target else "**missed**"
@@ -246,7 +289,11 @@ def results_markdown(machine: dict, results: dict) -> str:
              f"{verdict(sampling_speed, 20)} |",
              f"| KV cache >= 2x faster than recomputing the prefix | {kv:.2f}x | {verdict(kv, 2)} |",
              f"| training on cached tokens >= 10x more steps/s than on-the-fly encoding | {cached:.1f}x | "
-             f"{verdict(cached, 10)} |", "",
+             f"{verdict(cached, 10)} |",
+             f"| tokenizer training (reference config) >= 4x the samples/s of the old full-resolution architecture | "
+             f"{tokenizer_speed:.1f}x | {verdict(tokenizer_speed, 4)} |",
+             f"| baselines' autoencoder training (reference config) >= 2x the old | {autoencoder_speed:.1f}x | "
+             f"{verdict(autoencoder_speed, 2)} |", "",
              f"Where the time goes: NeuroAR spends {get(n5, 'decode_s'):.2f} of its {neuroar_total:.2f} s decoding the "
              f"samples with the tokenizer's decoder, so end to end it is {speed:.1f}x faster than the LDM while its "
              f"sampling alone is {sampling_speed:.1f}x faster. The KV cache saves only the prefix recomputation, "
@@ -278,6 +325,15 @@ def results_markdown(machine: dict, results: dict) -> str:
     for case, name in (("tokenizer_2mm", "demo"), ("tokenizer_1mm", "paper")):
         lines.append(f"| {name} | {results.get(case, {}).get('shape', '?')} | {get(case, 'encode_volumes_per_s'):.3f} "
                      f"| {get(case, 'decode_volumes_per_s'):.3f} | {get(case, 'peak_mb'):.0f} |")
+    lines += ["", "## Training the tokenizer and the autoencoder (reference config, 2 mm, batch of 2)", "",
+              "Old: convolutions from the voxels (" + ", ".join(OLD_TOKENIZER) + "; " + ", ".join(OLD_AUTOENCODER)
+              + "). New: the shipped reference config (2x2x2 patches folded into channels first).", "",
+              "| model | architecture | parameters | samples/s | peak memory (MB) |", "|---|---|---|---|---|"]
+    for model in ("tokenizer", "autoencoder"):
+        for age in ("old", "new"):
+            case = f"{model}_training_{age}"
+            lines.append(f"| {model} | {age} | {results.get(case, {}).get('parameters', 0):,} | "
+                         f"{get(case, 'samples_per_s'):.3f} | {get(case, 'peak_mb'):.0f} |")
     lines += ["", "## NeuroAR training (demo config, batch of 8 pairs)", "",
               "| input | steps/s | peak memory (MB) |", "|---|---|---|",
               f"| cached tokens | {get(train, 'cached_steps_per_s'):.3f} | {get(train, 'peak_mb_cached'):.0f} |",

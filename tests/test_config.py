@@ -5,10 +5,12 @@ from neuroar.errors import ConfigError
 
 
 def test_shipped_configs_have_the_documented_shapes():
-    demo, paper = load_config("configs/demo.yaml"), load_config("paper")
-    assert (demo.data.spacing, demo.data.shape, demo.tokenizer.downsample) == (2.0, (80, 96, 88), 8)
+    demo, reference, paper = load_config("configs/demo.yaml"), load_config("reference"), load_config("paper")
+    assert (demo.data.spacing, demo.data.shape, demo.tokenizer.downsample) == (4.0, (40, 48, 44), 4)
+    assert (reference.data.spacing, reference.data.shape, reference.tokenizer.downsample) == (2.0, (80, 96, 88), 8)
     assert (paper.data.spacing, paper.data.shape, paper.tokenizer.downsample) == (1.0, (160, 192, 176), 16)
-    assert demo.latent_shape == paper.latent_shape == (10, 12, 11)
+    assert demo.latent_shape == reference.latent_shape == paper.latent_shape == (10, 12, 11)
+    assert demo.autoencoder_latent_shape == (10, 12, 11) and reference.autoencoder_latent_shape == (20, 24, 22)
     assert len(paper.tokenizer.scales) == 5 and paper.tokenizer.scales[-1] == (10, 12, 11)
     assert paper.tokenizer.codebook_size == 2048 and paper.transformer.depth == 32
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from neuroar.config import TokenizerConfig, load_config
+from neuroar.models.patches import channels_to_space, space_to_channels
 from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.tokenizer import MSVQVAE
 
@@ -104,6 +105,17 @@ def test_configs_give_the_latent_grid_and_token_counts(name):
 def tiny_config():
     return TokenizerConfig(downsample=4, channels=8, norm_groups=4, latent_dim=8, codebook_size=32,
                            scales=((1, 1, 1), (2, 2, 2), (4, 4, 4)))
+
+
+def test_patch_fold_puts_each_patch_into_channels_and_back():
+    x = torch.randn(2, 3, 4, 6, 8)
+    folded = space_to_channels(x, 2)
+    assert folded.shape == (2, 24, 2, 3, 4)
+    # Independently: channel c * 8 + (i * 4 + j * 2 + k) at (d, h, w) holds voxel (2d + i, 2h + j, 2w + k).
+    for c, d, h, w, i, j, k in [(0, 0, 0, 0, 0, 0, 0), (2, 1, 2, 3, 1, 0, 1), (1, 0, 1, 2, 1, 1, 1)]:
+        assert folded[1, c * 8 + i * 4 + j * 2 + k, d, h, w] == x[1, c, 2 * d + i, 2 * h + j, 2 * w + k]
+    assert torch.equal(channels_to_space(folded, 2), x)
+    assert torch.equal(space_to_channels(x, 1), x)
 
 
 def test_tokenizer_shapes_and_token_roundtrip():

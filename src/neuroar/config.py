@@ -127,7 +127,8 @@ class SamplingConfig:
 class AutoencoderConfig:
     """MONAI's AutoencoderKL, the latent space of both the LDM and the latent StarGAN baselines."""
 
-    channels: tuple[int, ...] = (32, 64, 64)  # one level each; downsampling by 2 ** (levels - 1)
+    channels: tuple[int, ...] = (32, 64, 64)  # one level each; downsampling by patch * 2 ** (levels - 1)
+    patch: int = 1  # p x p x p patches folded into channels before the first convolution (as the tokenizer's)
     latent_channels: int = 4
     res_blocks: int = 1
     norm_groups: int = 8
@@ -217,7 +218,7 @@ class Config:
 
     @property
     def autoencoder_latent_shape(self) -> Shape3:
-        d = 2 ** (len(self.autoencoder.channels) - 1)
+        d = self.autoencoder.patch * 2 ** (len(self.autoencoder.channels) - 1)
         return tuple(s // d for s in self.data.shape)  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,10 +335,12 @@ def _validate_baselines(config: Config, fail) -> None:
         fail("autoencoder", "needs at least one level, latent_channels and res_blocks >= 1, kl_weight >= 0.")
     if any(c % ae.norm_groups for c in ae.channels):
         fail("autoencoder.norm_groups", f"{ae.norm_groups} must divide every level's width {ae.channels}.")
-    down = 2 ** (len(ae.channels) - 1)
+    if ae.patch < 1 or ae.patch & (ae.patch - 1):
+        fail("autoencoder.patch", f"must be a power of two, got {ae.patch}.")
+    down = ae.patch * 2 ** (len(ae.channels) - 1)
     if any(s % down for s in config.data.shape):
-        fail("autoencoder.channels", f"{len(ae.channels)} levels downsample by {down}, which does not divide "
-                                     f"data.shape {config.data.shape}.")
+        fail("autoencoder.channels", f"patch {ae.patch} and {len(ae.channels)} levels downsample by {down}, which "
+                                     f"does not divide data.shape {config.data.shape}.")
     if len(ldm.attention_levels) != len(ldm.channels) or not any(ldm.attention_levels):
         fail("ldm.attention_levels", f"needs one flag per level of ldm.channels {ldm.channels}, at least one "
                                      "true (the ages reach the U-Net by cross-attention there).")

@@ -70,8 +70,8 @@ def step_costs(config: Config, batch: int | None = None) -> list[StepCost]:
 
     def transformer_step():
         inputs = torch.randn(transformer_batch, length, config.tokenizer.latent_dim, device="meta")
-        logits = transformer(inputs, torch.randn_like(inputs), ages, ages + 3)
         labels = torch.zeros(transformer_batch * length, dtype=torch.long, device="meta")
+        logits = transformer(inputs, torch.randn_like(inputs), labels.view(transformer_batch, length), ages, ages + 3)
         F.cross_entropy(logits.flatten(0, 1), labels).backward()
 
     costs = [_measure("tokenizer", tokenizer, tokenizer_step, tokenizer_batch),

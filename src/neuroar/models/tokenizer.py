@@ -14,6 +14,7 @@ from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from torch import nn
 
 from neuroar.config import TokenizerConfig
+from neuroar.models.patches import channels_to_space, space_to_channels
 from neuroar.models.quantizer import MultiScaleQuantizer
 
 
@@ -54,22 +55,3 @@ class MSVQVAE(nn.Module):
     def decode_tokens(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         return self.decode(self.quantizer.tokens_to_fhat(tokens))
 
-
-def space_to_channels(x_BCDHW: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, C * p^3, D / p, H / p, W / p): each p x p x p patch folded into channels."""
-    if patch == 1:
-        return x_BCDHW
-    B, C, D, H, W = x_BCDHW.shape
-    p = patch
-    x = x_BCDHW.reshape(B, C, D // p, p, H // p, p, W // p, p)
-    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, C * p**3, D // p, H // p, W // p)
-
-
-def channels_to_space(x_BCdhw: torch.Tensor, patch: int) -> torch.Tensor:
-    """The inverse of `space_to_channels`."""
-    if patch == 1:
-        return x_BCdhw
-    B, Cp, d, h, w = x_BCdhw.shape
-    p = patch
-    x = x_BCdhw.reshape(B, Cp // p**3, p, p, p, d, h, w)
-    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, Cp // p**3, d * p, h * p, w * p)

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import AutoencoderKL
 
 from neuroar import distributed
 from neuroar.config import Config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
 from neuroar.evaluate.metrics import masked_psnr
-from neuroar.models.autoencoder import build_autoencoder
+from neuroar.models.autoencoder import PatchAutoencoderKL, build_autoencoder
 from neuroar.train.checkpoint import load_checkpoint
 from neuroar.train.loop import autocast, batch_indices, run_steps, split_scan_paths, volume_batch
 
@@ -31,7 +30,7 @@ def autoencoder_checkpoint(run_dir: str | Path) -> Path:
     return Path(run_dir) / "autoencoder" / "last"
 
 
-def load_autoencoder(run_dir: str | Path, config: Config) -> AutoencoderKL:
+def load_autoencoder(run_dir: str | Path, config: Config) -> PatchAutoencoderKL:
     checkpoint = autoencoder_checkpoint(run_dir)
     if not checkpoint.with_suffix(".json").is_file():
         raise NeuroARError(f"no trained autoencoder in {run_dir}; run `neuroar train-baseline ldm --run {run_dir}` "
@@ -77,7 +76,7 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
 
 
 @torch.no_grad()
-def validate_autoencoder(model: AutoencoderKL, paths: list[str], device: torch.device, brain: np.ndarray
+def validate_autoencoder(model: PatchAutoencoderKL, paths: list[str], device: torch.device, brain: np.ndarray
                          ) -> dict[str, float]:
     """Reconstruction PSNR (from the latent mean) of the whole volume and inside the brain mask."""
     model.eval()
