@@ -121,6 +121,8 @@ class SamplingConfig:
     top_k: int = 0  # 0 = all codes
     top_p: float = 1.0  # nucleus; 1.0 = off
     guidance: float = 1.0  # classifier-free guidance on the ages; 1.0 = off (conditional logits only)
+    # How the samples become one prediction: the mean of the decoded volumes, or the decoded mean f_hat.
+    average: Literal["volumes", "fhat"] = "volumes"
 
 
 @dataclass

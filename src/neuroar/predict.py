@@ -103,16 +103,16 @@ class Predictor:
         earlier_decoded, per_age = self.decoded_samples(x, age, target_ages, samples or self.config.sampling.samples,
                                                         generator)
         outputs = []
-        for decoded_SDHW in per_age:
-            mean = decoded_SDHW.mean(0)
+        for mean, decoded_SDHW in per_age:
             detail = np.clip(volume_DHW + mean - earlier_decoded, 0, 1)
             outputs.append((mean, decoded_SDHW.std(0), detail.astype(np.float32)))
         return outputs
 
     def decoded_samples(self, x: torch.Tensor, age: float, target_ages: Sequence[float], samples: int,
-                        generator: torch.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The earlier scan (1, 1, D, H, W) through the model's own encoder and decoder (D, H, W), and
-        `samples` decoded follow-ups (S, D, H, W) per target age, clamped to [0, 1]."""
+                        generator: torch.Generator) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """The earlier scan (1, 1, D, H, W) through the model's own encoder and decoder (D, H, W), and per
+        target age the prediction (D, H, W) with the `samples` decoded follow-ups (S, D, H, W) it combines,
+        clamped to [0, 1]."""
         raise NotImplementedError
 
     def _ages(self, age: float, samples: int) -> torch.Tensor:
@@ -146,7 +146,13 @@ class NeuroARPredictor(Predictor):
         for target_age in target_ages:
             tokens = self.model.sample(self.tokenizer.quantizer, earlier_tokens, self._ages(age, samples),
                                        self._ages(target_age, samples), self.config.sampling, generator)
-            per_age.append(self.tokenizer.decode_tokens(tokens)[:, 0].clamp(0, 1).cpu().numpy())
+            f_hat_S = self.tokenizer.quantizer.tokens_to_fhat(tokens)
+            decoded = self.tokenizer.decode(f_hat_S)[:, 0].clamp(0, 1).cpu().numpy()
+            if self.config.sampling.average == "fhat":  # decode the samples' mean latent
+                mean = self.tokenizer.decode(f_hat_S.mean(0, keepdim=True))[0, 0].clamp(0, 1).cpu().numpy()
+            else:
+                mean = decoded.mean(0)
+            per_age.append((mean, decoded))
         return earlier_decoded, per_age
 
 
@@ -182,7 +188,8 @@ class LatentPredictor(Predictor):
         for target_age in target_ages:
             predicted = predict_latent(self.kind, self.model, latent_S, self._ages(age, samples),
                                        self._ages(target_age, samples), generator)
-            per_age.append(self.autoencoder.decode(predicted / self.latent_scale)[:, 0].clamp(0, 1).cpu().numpy())
+            decoded = self.autoencoder.decode(predicted / self.latent_scale)[:, 0].clamp(0, 1).cpu().numpy()
+            per_age.append((decoded.mean(0), decoded))
         return earlier_decoded, per_age
 
 

@@ -53,13 +53,13 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
     first_prediction = None
     for pair in shown.to_dict("records"):
         earlier_DHW, later_DHW = load_preprocessed(pair["earlier_path"])[0], load_preprocessed(pair["later_path"])[0]
-        (mean, std, _), = predictor.predict_preprocessed(earlier_DHW, pair["earlier_age"], [pair["later_age"]],
+        (mean, std, detail), = predictor.predict_preprocessed(earlier_DHW, pair["earlier_age"], [pair["later_age"]],
                                                          seed=seed)
         first_prediction = mean if first_prediction is None else first_prediction
         title = (f"{pair['subject_id']}: {pair['earlier_age']:.1f} -> {pair['later_age']:.1f} years "
                  f"({pair['years']:.1f} years)")
-        sections += [f"<h3>{html.escape(title)}</h3>", _image(_png(pair_figure(earlier_DHW, mean, later_DHW, std)),
-                                                               title)]
+        figure = pair_figure(earlier_DHW, mean, later_DHW, std, detail)
+        sections += [f"<h3>{html.escape(title)}</h3>", _image(_png(figure), title)]
     if len(shown):
         sections += ["<h2>Age sweep</h2>", sweep_section(predictor, run_dir, shown.iloc[0]["subject_id"], split,
                                                          config, seed)]
@@ -78,11 +78,13 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
     return out
 
 
-def pair_figure(earlier_DHW, predicted_DHW, later_DHW, std_DHW) -> Figure:
+def pair_figure(earlier_DHW, predicted_DHW, later_DHW, std_DHW, detail_DHW) -> Figure:
+    """The predicted change is the model's own (decoded prediction - decoded earlier scan, i.e. the
+    detail-preserving output - the earlier scan), so the tokenizer's reconstruction error does not show as change."""
     rows = [("earlier scan", earlier_DHW, "gray", (0, 1)), ("prediction", predicted_DHW, "gray", (0, 1)),
             ("true follow-up", later_DHW, "gray", (0, 1)),
-            ("predicted change", predicted_DHW - earlier_DHW, "RdBu_r", (-0.3, 0.3)),
-            ("true change", later_DHW - earlier_DHW, "RdBu_r", (-0.3, 0.3)),
+            ("predicted change", detail_DHW - earlier_DHW, "RdBu_r", (-0.15, 0.15)),
+            ("true change", later_DHW - earlier_DHW, "RdBu_r", (-0.15, 0.15)),
             ("uncertainty (std)", std_DHW, "magma", (0, max(float(std_DHW.max()), 1e-3)))]
     figure = Figure(figsize=(3 * len(rows), 8), layout="constrained")
     axes = figure.subplots(3, len(rows))
