@@ -35,7 +35,8 @@ def blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
     return (inside * (100 + 20 * rng.random(shape))).astype(np.float32)
 
 
-# A tiny run: 4 mm, 32^3, a 4x-downsampling tokenizer with scales 1^3, 4^3, 8^3, an 8^3 autoencoder latent;
+# A tiny run: 4 mm, 32^3, a 4x-downsampling tokenizer with scales 1^3, 4^3, 8^3, an 8^3 autoencoder latent
+# (both fold 2x2x2 patches into channels first, as the demo config does);
 # seconds per training step.
 TINY = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
         "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
@@ -43,7 +44,7 @@ TINY = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "to
         "train_tokenizer.log_every=1", "train_tokenizer.adversarial_start=3", "train_tokenizer.adversarial_weight=0.1",
         "data.split_fractions=[0.75,0.25,0]", "transformer.depth=1", "train_transformer.batch_size=2",
         "train_transformer.log_every=1", "train_transformer.warmup_steps=5", "sampling.samples=2",
-        "autoencoder.channels=[8,8,8]", "autoencoder.latent_channels=2", "train_autoencoder.log_every=1",
+        "autoencoder.channels=[8,8]", "autoencoder.latent_channels=2", "train_autoencoder.log_every=1",
         "ldm.channels=[16,32]", "ldm.attention_levels=[false,true]", "ldm.head_channels=16", "ldm.ddim_steps=5",
         "train_ldm.batch_size=2",
         "train_ldm.log_every=1", "stargan.channels=16", "stargan.res_blocks=1", "train_stargan.batch_size=2",

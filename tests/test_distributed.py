@@ -18,8 +18,9 @@ from neuroar.train.transformer import transformer_checkpoint
 
 TOKENIZER = ["train_tokenizer.steps=4", "train_tokenizer.batch_size=4", "train_tokenizer.val_every=100",
              "train_tokenizer.adversarial_weight=0"]
+# Dropout masks come from each process's own random stream, so they cannot match one process's: off here.
 NEUROAR = ["train_transformer.steps=4", "train_transformer.batch_size=2", "train_transformer.val_every=100",
-           "train_transformer.lr=0.001", "transformer.condition_dropout=0.5"]
+           "train_transformer.lr=0.001", "transformer.condition_dropout=0.5", "transformer.dropout=0"]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

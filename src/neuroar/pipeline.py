@@ -58,8 +58,8 @@ def prepare_dataset(source: str | Path, config: Config, out_dir: str | Path, pro
 
 
 # --quick: a smaller cohort and shorter training, for a first look in a few minutes.
-QUICK = ["train_tokenizer.steps=15", "train_tokenizer.val_every=15", "train_transformer.steps=40",
-         "train_transformer.val_every=40", "train_autoencoder.steps=4", "train_ldm.steps=40",
+QUICK = ["train_tokenizer.steps=200", "train_tokenizer.val_every=200", "train_transformer.steps=100",
+         "train_transformer.val_every=50", "train_autoencoder.steps=50", "train_ldm.steps=40",
          "train_stargan.steps=20", "ldm.ddim_steps=10", "brain_age.seeds=2", "brain_age.steps=20"]
 
 
@@ -83,7 +83,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     out_dir = Path(out_dir)
     config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}", *(QUICK if quick else []),
                                   *overrides])
-    options = SynthOptions(subjects=10 if quick else 20, visits=3, seed=seed)
+    # 30 subjects x 4 visits: ~130 training pairs and ~27 test pairs, enough for the change to show.
+    options = SynthOptions(subjects=10 if quick else 30, visits=3 if quick else 4, seed=seed)
     timings: dict[str, float] = {}
 
     def stage(name: str, work):
