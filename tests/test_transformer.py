@@ -122,7 +122,7 @@ def test_no_weight_decay_on_embeddings_norms_biases_and_condition_tokens():
     decayed_names = {names[id(p)] for p in decayed["params"]}
     plain_names = {names[id(p)] for p in plain["params"]}
     assert len(decayed_names) + len(plain_names) == len(names)
-    for name in ("position", "level.weight", "earlier_token.weight", "ages.kind", "ages.dropped",
+    for name in ("position", "level.weight", "earlier_token.weight", "copy_logit", "ages.kind", "ages.dropped",
                  "blocks.0.qkv.bias"):
         assert name in plain_names
     assert {"input_proj.weight", "head.weight", "blocks.0.qkv.weight", "blocks.1.mlp.0.weight"} <= decayed_names
@@ -132,6 +132,24 @@ def test_embeddings_start_small_beside_the_positions():
     model = NeuroAR(TransformerConfig(depth=2), DIM, CODES, SCALES)
     for weight in (model.level.weight, model.earlier_token.weight, model.position):
         assert 0.01 < weight.std().item() < 0.03
+
+
+def test_copy_logits_start_the_model_as_a_calibrated_copy():
+    torch.manual_seed(0)
+    quantizer = MultiScaleQuantizer(CODES, DIM, SCALES).eval()
+    model = NeuroAR(TransformerConfig(depth=2), DIM, CODES, SCALES).eval()
+    rates = [0.95, 0.7, 0.4]
+    model.init_copy_logits(rates)
+    target, earlier = random_tokens(4, seed=0), random_tokens(4, seed=1)
+    a1 = torch.full((4,), 70.0)
+    with torch.no_grad():
+        logits = model(teacher_forcing_sequence(quantizer, target), *earlier_inputs(model, quantizer, earlier),
+                       a1, a1 + 2)
+    probability_BL = logits.softmax(-1).gather(-1, sequence(earlier)[..., None])[..., 0]
+    assert torch.equal(logits.argmax(-1), sequence(earlier))
+    for k, rate in enumerate(rates):
+        start, length = model.starts[k], model.lengths[k]
+        assert probability_BL[:, start:start + length].mean().item() == pytest.approx(rate, abs=0.03)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -7,11 +7,13 @@ scale 0), concatenated channel-wise with the earlier scan's scale-k code vectors
 at that scale), then projected to the width, plus a learned embedding of the earlier scan's scale-k token
 ids, a level embedding and a learned 3D position per token. Both scans share one tokenizer and one grid, so
 most tokens do not change between them: with the earlier token's id in its input, "keep this token" is one
-linear map away from the logits. (`transformer.earlier` selects this input, the earlier scan's pooled f_hat,
-or none, for ablations.) Attention is block-causal by scale. The ages enter every block twice: an embedding
-of (earlier age, target age, years between) modulates it through AdaLN (shift, scale and gate,
-zero-initialised so each block starts as the identity), and the same three age tokens are reached through
-cross-attention. Dropping the ages for a
+linear map away from the logits, and a learned copy logit per scale (a pointer, as in pointer-generator
+networks) adds to the earlier token's logit directly: initialised from the training pairs' copy rates, the
+model starts as the copy baseline and learns what changes. (`transformer.earlier` selects this input, the
+earlier scan's pooled f_hat, or none, for ablations.) Attention is block-causal by scale. The ages enter
+every block twice: an embedding of (earlier age, target age, years between) modulates it through AdaLN
+(shift, scale and gate, zero-initialised so each block starts as the identity), and the same three age
+tokens are reached through cross-attention. Dropping the ages for a
 share of training pairs (learned "no age" tokens) allows classifier-free guidance at sampling time.
 
 Sampling runs scale by scale with a KV cache; each scale's tokens go through the quantizer's `add_scale`,
@@ -43,6 +45,8 @@ class NeuroAR(nn.Module):
         width = config.width
         self.input_proj = nn.Linear(latent_dim * (1 if config.earlier == "none" else 2), width)
         self.earlier_token = nn.Embedding(codebook_size, width) if config.earlier == "tokens" else None
+        # Added to the logit of the earlier scan's token, per scale; see `init_copy_logits`.
+        self.copy_logit = nn.Parameter(torch.zeros(len(self.scales))) if config.earlier == "tokens" else None
         self.level = nn.Embedding(len(self.scales), width)
         self.position = nn.Parameter(torch.empty(1, sum(self.lengths), width))
         self.ages = AgeEmbedding(width)
@@ -95,7 +99,7 @@ class NeuroAR(nn.Module):
                 x_BLW = checkpoint(block, x_BLW, condition, age_tokens, self.mask, use_reentrant=False)
             else:
                 x_BLW = block(x_BLW, condition, age_tokens, self.mask)
-        return self._logits(x_BLW, condition)
+        return self._logits(x_BLW, condition, earlier_tokens_BL, 0)
 
     def _embed(self, target_BlC: torch.Tensor, earlier_BlC: torch.Tensor | None, earlier_tokens_Bl: torch.Tensor | None,
                start: int, end: int) -> torch.Tensor:
@@ -105,12 +109,28 @@ class NeuroAR(nn.Module):
             x_BlW = x_BlW + self.earlier_token(earlier_tokens_Bl)
         return x_BlW
 
-    def _logits(self, x_BlW: torch.Tensor, condition_BW: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x_BlW: torch.Tensor, condition_BW: torch.Tensor, earlier_tokens_Bl: torch.Tensor | None,
+                start: int) -> torch.Tensor:
         x_BlW = self.head_norm(x_BlW)
         if self.head_modulation is not None:
             shift, scale = self.head_modulation(condition_BW)[:, None].chunk(2, -1)
             x_BlW = x_BlW * (1 + scale) + shift
-        return self.head(x_BlW)
+        logits_BlV = self.head(x_BlW)
+        if self.copy_logit is None:
+            return logits_BlV
+        copy_Bl = self.copy_logit[self.levels[start:start + x_BlW.shape[1]]].expand(len(x_BlW), -1)
+        return logits_BlV.scatter_add(-1, earlier_tokens_Bl[..., None], copy_Bl[..., None].to(logits_BlV.dtype))
+
+    @torch.no_grad()
+    def init_copy_logits(self, copy_rates: list[float]) -> None:
+        """Start as the copy baseline, calibrated: with every other logit equal, the earlier scan's token gets
+        probability `copy_rates[k]` at scale k (the share of unchanged tokens in the training pairs)."""
+        if self.copy_logit is None:
+            return
+        others = self.head.out_features - 1
+        for k, rate in enumerate(copy_rates):
+            rate = min(max(rate, 1e-3), 1 - 1e-3)
+            self.copy_logit[k] = math.log(rate * others / (1 - rate))
 
     @torch.no_grad()
     def sample(self, quantizer: MultiScaleQuantizer, earlier_tokens: list[torch.Tensor], earlier_age_B: torch.Tensor,
@@ -145,7 +165,7 @@ class NeuroAR(nn.Module):
                 x, mask = torch.cat(embedded, 1), self.mask[:end, :end]
             for b, block in enumerate(self.blocks):
                 x = block(x, condition, age_tokens, mask, caches[b] if caches is not None else None)
-            logits_BlV = self._logits(x[:, -self.lengths[k]:], condition)
+            logits_BlV = self._logits(x[:, -self.lengths[k]:], condition, earlier_tokens[k].flatten(1), start)
             if guided:
                 conditional, unconditional = logits_BlV.chunk(2)
                 logits_BlV = unconditional + sampling.guidance * (conditional - unconditional)

@@ -111,6 +111,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                            "scans at different ages in the training split.")
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
+    model.init_copy_logits(copy_rates(model, sequences, train_pairs))
     model.activation_checkpointing = settings.activation_checkpointing
     optimizer = torch.optim.AdamW(model.parameter_groups(settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     checkpoint = transformer_checkpoint(run_dir, name)
@@ -157,6 +158,14 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                      meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
                            "scales": [list(s) for s in config.tokenizer.scales]},
                      check_resumed=check_resumed, val_every=settings.val_every, progress=progress)
+
+
+def copy_rates(model: NeuroAR, sequences: ScanSequences, pairs: pd.DataFrame) -> list[float]:
+    """Per scale, the share of the later scans' tokens equal to the earlier scans' over the given pairs."""
+    earlier = sequences.tokens_NL[torch.as_tensor(pairs["earlier_index"].to_numpy(copy=True))]
+    later = sequences.tokens_NL[torch.as_tensor(pairs["later_index"].to_numpy(copy=True))]
+    equal_NL = (earlier == later).float()
+    return [equal_NL[:, start:start + length].mean().item() for start, length in zip(model.starts, model.lengths)]
 
 
 def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor,
