@@ -187,6 +187,16 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
                                                            "psnr_vs_years.png", "age_sweep.png"}
 
 
+def test_evaluate_can_take_the_splits_first_subjects_only(run_dir, tmp_path):
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--run", str(run_dir), "--split", "train", "--subjects", "2", "--out", str(out)]) == 0
+    pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str})
+    first_two = sorted(pairs.loc[pairs["split"] == "train", "subject_id"].unique())[:2]
+    per_pair = pd.read_csv(out / "pairs.csv", dtype={"subject_id": str})
+    assert sorted(per_pair["subject_id"].unique()) == first_two
+    assert len(per_pair) == 3 * pairs["subject_id"].isin(first_two).sum()  # copy, tokenizer-copy, oracle
+
+
 def test_no_command_writes_into_the_folders_of_its_inputs(run_dir, tmp_path):
     inputs = {Path(p).parent for p in pd.read_csv(run_dir / "scans.csv")["path"]}
     scan = write_nifti(tmp_path / "mine" / "scan.nii.gz", ball((0, 0, 0), 2), np.diag([4.0, 4.0, 4.0, 1.0]))

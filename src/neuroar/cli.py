@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(evaluate, "run whose pairs are evaluated (default: the first model's)", required=False)
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--samples", type=int, help="NeuroAR samples per prediction (default: the config's)")
+    evaluate.add_argument("--subjects", type=int, help="only the split's first N subjects (a quicker look)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", type=Path, required=True, help="folder for tables and figures")
     evaluate.add_argument("overrides", nargs="*", metavar="sampling.KEY=VALUE",
@@ -266,7 +267,8 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from neuroar.evaluate.compare import evaluate_models
 
-    evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed, sampling=args.overrides)
+    evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed, sampling=args.overrides,
+                    subjects=args.subjects)
     print((args.out / "summary.md").read_text())
 
 

@@ -37,8 +37,9 @@ IMAGE_METRICS = ("psnr", "ssim", "mae")
 def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | Path | None = None,
                     split: str = "test", samples: int | None = None, seed: int = 0,
                     sweep_years: Sequence[float] = (1, 2, 4, 6, 8), progress: bool = True,
-                    sampling: Sequence[str] = ()) -> pd.DataFrame:
-    """Evaluate and write everything to `out_dir`; returns the summary table."""
+                    sampling: Sequence[str] = (), subjects: int | None = None) -> pd.DataFrame:
+    """Evaluate and write everything to `out_dir` (on the split's first `subjects` subjects, or all); returns
+    the summary table."""
     trained = [m for m in models if m not in TRIVIAL]
     if run_dir is None:
         if not trained:
@@ -50,6 +51,9 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
     pairs = pairs[pairs["split"] == split].reset_index(drop=True)
     if pairs.empty:
         raise NeuroARError(f"{run_dir}/pairs.csv has no pairs in the {split!r} split; choose another --split.")
+    if subjects is not None:
+        chosen = sorted(pairs["subject_id"].unique())[:subjects]
+        pairs = pairs[pairs["subject_id"].isin(chosen)].reset_index(drop=True)
     brain, regions = template_brain_mask(config.data), template_regions(config.data)
     forecasters = load_forecasters(trained, run_dir, config, samples, sampling)
     measured: dict[str, dict[str, float]] = {}
@@ -82,7 +86,8 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
     per_pair = pd.DataFrame(rows)
     reference = next((n for n in per_pair["model"].unique() if n not in TRIVIAL and "+" not in n), None)
     models_only = [f for f in forecasters if isinstance(f, ModelForecaster)]
-    sweep = age_sweep(models_only, run_dir, split, sweep_years, regions, seed, progress)
+    sweep = age_sweep(models_only, run_dir, split, sweep_years, regions, seed, progress,
+                      set(pairs["subject_id"]))
     summary = summarize(per_pair, reference, sweep, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "pairs.csv", per_pair.to_csv(index=False))
@@ -94,10 +99,11 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
 
 
 def age_sweep(forecasters, run_dir: Path, split: str, years: Sequence[float], regions, seed: int,
-              progress: bool) -> pd.DataFrame:
-    """Each subject's first scan of the split predicted at first age + `years`: ventricle volume per age."""
+              progress: bool, subjects: set[str]) -> pd.DataFrame:
+    """Each given subject's first scan of the split predicted at first age + `years`: ventricle volume per age."""
     scans = pd.read_csv(run_dir / "scans.csv", dtype={"subject_id": str}, keep_default_na=False)
-    firsts = scans[scans["split"] == split].sort_values("age").groupby("subject_id").head(1)
+    scans = scans[(scans["split"] == split) & scans["subject_id"].isin(subjects)]
+    firsts = scans.sort_values("age").groupby("subject_id").head(1)
     rows = []
     for scan in tqdm(firsts.to_dict("records"), desc="age sweep", unit="subject", disable=not progress or
                      not forecasters):
