@@ -68,7 +68,7 @@ def test_a_token_sees_only_its_own_and_coarser_scales():
     for changed in (model(changed_inputs, earlier_BLC, earlier_BL, a1, a2),
                     model(target_BLC, earlier_BLC, changed_tokens, a1, a2)):
         assert torch.allclose(logits[:, :start], changed[:, :start], atol=1e-5)
-        assert not torch.allclose(logits[:, start:start + 1], changed[:, start:start + 1], atol=1e-3)
+        assert not torch.equal(logits[:, start:start + 1], changed[:, start:start + 1])
         assert not torch.allclose(logits[:, end:], changed[:, end:], atol=1e-3)
 
 
@@ -92,17 +92,20 @@ def test_switches_remove_exactly_their_input(off):
             assert torch.equal(base, other)
 
 
-def test_the_earlier_input_is_the_scans_code_vectors_at_each_scale():
+def test_the_earlier_input_is_the_scans_code_vectors_and_own_input_at_each_scale():
     """"tokens": scale k's input is the codebook vector of the earlier scan's scale-k token (an independent
-    lookup); "fhat": the decoded f_hat pooled to scale k, which is not the same thing."""
+    lookup) beside the f_hat of its scales < k pooled to scale k; "fhat": the f_hat of all its scales pooled."""
     _, quantizer = build()
     earlier = random_tokens(2, seed=4)
-    codes = earlier_scale_features(quantizer, earlier, "tokens")
+    features = earlier_scale_features(quantizer, earlier, "tokens")
     for k, idx in enumerate(earlier):
-        expected = quantizer.codebook.weight[idx.flatten()].view(*idx.shape, DIM).permute(0, 4, 1, 2, 3)
-        assert torch.equal(codes[k], expected)
+        codes = quantizer.codebook.weight[idx.flatten()].view(*idx.shape, DIM).permute(0, 4, 1, 2, 3)
+        assert torch.equal(features[k][:, :DIM], codes)
+        coarser = (F.adaptive_avg_pool3d(quantizer.tokens_to_fhat(earlier[:k]), SCALES[k]) if k
+                   else torch.zeros_like(codes))
+        assert torch.allclose(features[k][:, DIM:], coarser, atol=1e-6)
     pooled = earlier_scale_features(quantizer, earlier, "fhat")
-    assert pooled[-1].shape == codes[-1].shape and not torch.allclose(pooled[-1], codes[-1])
+    assert pooled[-1].shape[1] == DIM and not torch.allclose(pooled[-1], features[-1][:, :DIM])
 
 
 def test_dropped_ages_make_the_prediction_age_blind():

@@ -3,18 +3,21 @@ both ages.
 
 The sequence is every scale of the target scan, coarse to fine (token maps flattened in (d, h, w) order).
 The input of scale k is the target's cumulative f_hat of scales < k, area-downsampled to scale k (zeros at
-scale 0), concatenated channel-wise with the earlier scan's scale-k code vectors (the residual that scan used
-at that scale), then projected to the width, plus a learned embedding of the earlier scan's scale-k token
-ids, a level embedding and a learned 3D position per token. Both scans share one tokenizer and one grid, so
-most tokens do not change between them: with the earlier token's id in its input, "keep this token" is one
-linear map away from the logits, and a learned copy logit per scale (a pointer, as in pointer-generator
-networks) adds to the earlier token's logit directly: initialised from the training pairs' copy rates, the
-model starts as the copy baseline and learns what changes. (`transformer.earlier` selects this input, the
-earlier scan's pooled f_hat, or none, for ablations.) Attention is block-causal by scale. The ages enter
-every block twice: an embedding of (earlier age, target age, years between) modulates it through AdaLN
-(shift, scale and gate, zero-initialised so each block starts as the identity), and the same three age
-tokens are reached through cross-attention. Dropping the ages for a
-share of training pairs (learned "no age" tokens) allows classifier-free guidance at sampling time.
+scale 0), concatenated channel-wise with the earlier scan's scale-k code vectors (the residual that scan
+used at that scale) and the earlier scan's own input of scale k (the same construction on its tokens: where
+the two scans' coarser scales agree these channels agree, and where a coarser token changed, the finer
+tokens that compensate for it change too), then projected to the width, plus a learned embedding of the
+earlier scan's scale-k token ids, a level embedding and a learned 3D position per token. Both scans share
+one tokenizer and one grid, so most tokens do not change between them: with the earlier token's id in its
+input, "keep this token" is one linear map away from the logits, and a learned copy logit per scale (a
+pointer, as in pointer-generator networks) adds to the earlier token's logit directly: initialised from the
+training pairs' copy rates, the model starts as the copy baseline and learns what changes.
+(`transformer.earlier` selects this input, the earlier scan's pooled f_hat, or none, for ablations.)
+Attention is block-causal by scale. The ages enter every block twice: an embedding of (earlier age, target
+age, years between) modulates it through AdaLN (shift, scale and gate, zero-initialised so each block
+starts as the identity), and the same three age tokens are reached through cross-attention. Dropping the
+ages for a share of training pairs (learned "no age" tokens) allows classifier-free guidance at sampling
+time.
 
 Sampling runs scale by scale with a KV cache; each scale's tokens go through the quantizer's `add_scale`,
 the same step that built the teacher-forcing inputs during training.
@@ -43,7 +46,7 @@ class NeuroAR(nn.Module):
         self.lengths = [d * h * w for d, h, w in self.scales]
         self.starts = [sum(self.lengths[:k]) for k in range(len(self.scales))]
         width = config.width
-        self.input_proj = nn.Linear(latent_dim * (1 if config.earlier == "none" else 2), width)
+        self.input_proj = nn.Linear(latent_dim * {"none": 1, "fhat": 2, "tokens": 3}[config.earlier], width)
         self.earlier_token = nn.Embedding(codebook_size, width) if config.earlier == "tokens" else None
         # Added to the logit of the earlier scan's token, per scale; see `init_copy_logits`.
         self.copy_logit = nn.Parameter(torch.zeros(len(self.scales))) if config.earlier == "tokens" else None
@@ -151,7 +154,8 @@ class NeuroAR(nn.Module):
             drop = torch.cat([drop, ~drop])
         age_tokens, condition = self.ages(earlier_age_B, target_age_B, drop)
         caches: list[dict[str, torch.Tensor]] | None = [{} for _ in self.blocks] if use_cache else None
-        f_hat, next_input = None, torch.zeros_like(earlier_maps[0])
+        f_hat = None
+        next_input = earlier_maps[0].new_zeros(len(earlier_maps[0]), quantizer.codebook.embedding_dim, *self.scales[0])
         embedded, tokens = [], []
         for k, scale in enumerate(self.scales):
             start, end = self.starts[k], self.starts[k] + self.lengths[k]
@@ -278,10 +282,13 @@ def flatten(map_BCdhw: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def earlier_scale_features(quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor], kind: str
                            ) -> list[torch.Tensor]:
-    """The earlier scan's input at every scale, (B, C, d, h, w) each: its scale-k code vectors ("tokens"),
-    its f_hat of all scales area-downsampled to scale k ("fhat"), or zeros ("none": unused)."""
+    """The earlier scan's input at every scale, (B, C', d, h, w) each: "tokens" = its scale-k code vectors
+    beside its own teacher-forcing input of scale k (C' = 2C); "fhat" = its f_hat of all scales
+    area-downsampled to scale k (C' = C); "none" = zeros (unused)."""
     if kind == "tokens":
-        return [quantizer.codebook(idx_Bdhw).permute(0, 4, 1, 2, 3) for idx_Bdhw in tokens]
+        codes = [quantizer.codebook(idx_Bdhw).permute(0, 4, 1, 2, 3) for idx_Bdhw in tokens]
+        inputs = [torch.zeros_like(codes[0]), *quantizer.teacher_forcing_inputs(tokens)]
+        return [torch.cat([c, i], 1) for c, i in zip(codes, inputs)]
     if kind == "fhat":
         f_hat = quantizer.tokens_to_fhat(tokens)
         return [area_down(f_hat, scale) for scale in quantizer.scales]
