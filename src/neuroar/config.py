@@ -81,9 +81,10 @@ class TransformerConfig:
     mlp_ratio: float = 4.0
     condition_dropout: float = 0.1  # share of training pairs without their ages (classifier-free guidance)
     dropout: float = 0.0  # on every block's attention and MLP output (residual dropout)
-    # The earlier scan at scale k: "tokens" = its scale-k code vectors concatenated with the target's input
-    # plus a learned embedding of its token ids (the paper's input; keeping a token is one linear map away),
-    # "fhat" = its whole f_hat area-downsampled to scale k, "none" = no earlier scan (an ablation).
+    # The earlier scan at scale k: "tokens" = its scale-k code vectors and its own scale-k input concatenated
+    # with the target's input, an embedding of its token ids and a copy logit (the paper's token input; keeping
+    # a token is one linear map away), "fhat" = its whole f_hat area-downsampled to scale k (the first design
+    # here), "none" = no earlier scan (an ablation).
     earlier: Literal["tokens", "fhat", "none"] = "tokens"
     # Ablation switches: age tokens reached by cross-attention, the age embedding modulating every block
     # through AdaLN.
