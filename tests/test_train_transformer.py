@@ -109,6 +109,10 @@ def test_python_api_gives_one_prediction_per_target_age_and_a_spread(run_dir):
     assert predictions[0].mean_DHW.shape == (32, 32, 32) and (predictions[0].std_DHW >= 0).all()
     again = predictor.predict(image, 70.0, [71.0, 74.0], samples=3, seed=1)
     assert np.array_equal(predictions[1].mean_DHW, again[1].mean_DHW)
+    # Every target age draws from the same random numbers: a trajectory is one coherent set of samples.
+    alone = predictor.predict(image, 70.0, [74.0], samples=3, seed=1)[0]
+    assert np.array_equal(alone.mean_DHW, predictions[1].mean_DHW)
+    assert not np.array_equal(predictor.predict(image, 70.0, [74.0], samples=3, seed=2)[0].mean_DHW, alone.mean_DHW)
 
     greedy = Predictor.from_checkpoint(run_dir, sampling=["sampling.top_k=1"])
     assert greedy.config.sampling.top_k == 1

@@ -11,7 +11,7 @@ scan). All three are returned in the input's own grid, affine and intensity rang
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +97,15 @@ class Predictor:
     def predict_preprocessed(self, volume_DHW: np.ndarray, age: float, target_ages: Sequence[float],
                              samples: int | None = None, seed: int = 0
                              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(mean, std, detail-preserving) volumes on the preprocessed grid, one triple per target age."""
+        """(mean, std, detail-preserving) volumes on the preprocessed grid, one triple per target age.
+
+        Every target age draws its samples from the same random numbers (the generator restarts at `seed`), so
+        a trajectory over several ages differs from age to age by what the ages change, not by fresh sampling
+        noise: predicting [71, 74] gives at 74 exactly what predicting [74] gives."""
         x = torch.from_numpy(np.ascontiguousarray(volume_DHW, dtype=np.float32))[None, None].to(self.device)
-        generator = torch.Generator(self.device).manual_seed(seed)
+        generator = torch.Generator(self.device)
         earlier_decoded, per_age = self.decoded_samples(x, age, target_ages, samples or self.config.sampling.samples,
-                                                        generator)
+                                                        lambda: generator.manual_seed(seed))
         outputs = []
         for mean, decoded_SDHW in per_age:
             detail = np.clip(volume_DHW + mean - earlier_decoded, 0, 1)
@@ -109,10 +113,11 @@ class Predictor:
         return outputs
 
     def decoded_samples(self, x: torch.Tensor, age: float, target_ages: Sequence[float], samples: int,
-                        generator: torch.Generator) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+                        generator: Callable[[], torch.Generator]
+                        ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """The earlier scan (1, 1, D, H, W) through the model's own encoder and decoder (D, H, W), and per
         target age the prediction (D, H, W) with the `samples` decoded follow-ups (S, D, H, W) it combines,
-        clamped to [0, 1]."""
+        clamped to [0, 1]. `generator()` gives the (restarted) random generator for each target age."""
         raise NotImplementedError
 
     def _ages(self, age: float, samples: int) -> torch.Tensor:
@@ -145,7 +150,7 @@ class NeuroARPredictor(Predictor):
         per_age = []
         for target_age in target_ages:
             tokens = self.model.sample(self.tokenizer.quantizer, earlier_tokens, self._ages(age, samples),
-                                       self._ages(target_age, samples), self.config.sampling, generator)
+                                       self._ages(target_age, samples), self.config.sampling, generator())
             f_hat_S = self.tokenizer.quantizer.tokens_to_fhat(tokens)
             decoded = self.tokenizer.decode(f_hat_S)[:, 0].clamp(0, 1).cpu().numpy()
             if self.config.sampling.average == "fhat":  # decode the samples' mean latent
@@ -187,7 +192,7 @@ class LatentPredictor(Predictor):
         per_age = []
         for target_age in target_ages:
             predicted = predict_latent(self.kind, self.model, latent_S, self._ages(age, samples),
-                                       self._ages(target_age, samples), generator)
+                                       self._ages(target_age, samples), generator())
             decoded = self.autoencoder.decode(predicted / self.latent_scale)[:, 0].clamp(0, 1).cpu().numpy()
             per_age.append((decoded.mean(0), decoded))
         return earlier_decoded, per_age
