@@ -200,7 +200,7 @@ def test_top_k_and_top_p_draw_only_from_the_kept_tokens():
     assert set(top2.unique().tolist()) == {0, 1}
     nucleus = sample_logits(logits, SamplingConfig(top_p=0.75), generator)  # 0.5 + 0.3 crosses 0.75
     assert set(nucleus.unique().tolist()) == {0, 1}
-    everything = sample_logits(logits, SamplingConfig(), generator)
+    everything = sample_logits(logits, SamplingConfig(temperature=1.0), generator)
     assert set(everything.unique().tolist()) == {0, 1, 2, 3}
     share = (everything == 0).float().mean().item()
     assert abs(share - 0.5) < 0.05
