@@ -4,7 +4,8 @@ Each case runs in a fresh subprocess (so peak memory is its own), timed as the b
 warm-up. Weights are random: speed and memory do not depend on them. Writes benchmarks/results/bench.json
 and benchmarks/RESULTS.md (naming the machine, with the targets met or missed).
 
-Run: .venv/bin/python benchmarks/bench.py [--repeats 3] [--only CASE ...]
+Run: .venv/bin/python benchmarks/bench.py [--repeats 3] [--only CASE ...]   (--only re-measures those cases and
+keeps the others' numbers from results/bench.json)
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def main() -> None:
     if args.case:
         print(json.dumps(CASES[args.case](args.repeats)))
         return
-    results = {}
+    # With --only, the other cases keep their last measured numbers (and the file says which machine made them).
+    results = json.loads(RESULTS_JSON.read_text())["results"] if args.only and RESULTS_JSON.is_file() else {}
     for name in args.only or CASES:
         print(f"== {name}", flush=True)
         done = subprocess.run([sys.executable, __file__, "--case", name, "--repeats", str(args.repeats)],
