@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from neuroar.config import Config
 from neuroar.errors import NeuroARError
 from neuroar.models.tokenizer import MSVQVAE
+from neuroar.models.transformer import earlier_channels
 from neuroar.train.transformer import build_transformer
 
 OPTIMIZER_BYTES_PER_PARAMETER = 16  # float32 weight, gradient, and Adam's two moments
@@ -70,8 +71,10 @@ def step_costs(config: Config, batch: int | None = None) -> list[StepCost]:
 
     def transformer_step():
         inputs = torch.randn(transformer_batch, length, config.tokenizer.latent_dim, device="meta")
+        earlier = torch.randn(transformer_batch, length, earlier_channels(config.transformer.earlier,
+                                                                          config.tokenizer.latent_dim), device="meta")
         labels = torch.zeros(transformer_batch * length, dtype=torch.long, device="meta")
-        logits = transformer(inputs, torch.randn_like(inputs), labels.view(transformer_batch, length), ages, ages + 3)
+        logits = transformer(inputs, earlier, labels.view(transformer_batch, length), ages, ages + 3)
         F.cross_entropy(logits.flatten(0, 1), labels).backward()
 
     costs = [_measure("tokenizer", tokenizer, tokenizer_step, tokenizer_batch),
@@ -173,9 +176,11 @@ def _steps(config: Config, batch: int, device: torch.device):
         inputs = torch.randn(batch, length, config.tokenizer.latent_dim, device=device)
         labels = torch.randint(0, config.tokenizer.codebook_size, (batch * length,), device=device)
         earlier_tokens = torch.randint(0, config.tokenizer.codebook_size, (batch, length), device=device)
+        earlier = torch.randn(batch, length, earlier_channels(config.transformer.earlier, config.tokenizer.latent_dim),
+                              device=device)
 
         def step():
-            logits = model(inputs, torch.randn_like(inputs), earlier_tokens, ages, ages + 3)
+            logits = model(inputs, earlier, earlier_tokens, ages, ages + 3)
             return F.cross_entropy(logits.float().flatten(0, 1), labels)
 
         return model, step

@@ -46,7 +46,7 @@ class NeuroAR(nn.Module):
         self.lengths = [d * h * w for d, h, w in self.scales]
         self.starts = [sum(self.lengths[:k]) for k in range(len(self.scales))]
         width = config.width
-        self.input_proj = nn.Linear(latent_dim * {"none": 1, "fhat": 2, "tokens": 3}[config.earlier], width)
+        self.input_proj = nn.Linear(latent_dim + earlier_channels(config.earlier, latent_dim), width)
         self.earlier_token = nn.Embedding(codebook_size, width) if config.earlier == "tokens" else None
         # Added to the logit of the earlier scan's token, per scale; see `init_copy_logits`.
         self.copy_logit = nn.Parameter(torch.zeros(len(self.scales))) if config.earlier == "tokens" else None
@@ -277,6 +277,11 @@ def _modulation(width: int, chunks: int) -> nn.Sequential:
 def flatten(map_BCdhw: torch.Tensor) -> torch.Tensor:
     """(B, C, d, h, w) -> (B, d*h*w, C), tokens in (d, h, w) order."""
     return map_BCdhw.flatten(2).transpose(1, 2)
+
+
+def earlier_channels(kind: str, latent_dim: int) -> int:
+    """Channels of the earlier scan's input (`earlier_scale_features`) that the model reads, per token."""
+    return {"none": 0, "fhat": latent_dim, "tokens": 2 * latent_dim}[kind]
 
 
 @torch.no_grad()
