@@ -57,8 +57,8 @@ def build_transformer(config: Config) -> NeuroAR:
 @dataclass
 class ScanSequences:
     """Per scan of the run (N scans, L tokens over all scales, C latent channels): its tokens (N, L), its
-    teacher-forcing inputs as a target (N, L, C) and its input as an earlier scan (N, L, C; `earlier` is
-    `transformer.earlier`)."""
+    teacher-forcing inputs as a target (N, L, C) and its input as an earlier scan (N, L, C'), as
+    `transformer.earlier` (`earlier`) asks for it."""
 
     tokens_NL: torch.Tensor
     inputs_NLC: torch.Tensor
