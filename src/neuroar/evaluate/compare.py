@@ -73,7 +73,8 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
                                                              seed).items():
                 predictions[name] = predicted_DHW
             if isinstance(forecaster, TokenizerCopy):
-                predictions["tokenizer-oracle"] = forecaster.oracle(earlier_DHW, later_DHW)
+                predictions["tokenizer-oracle"] = forecaster.oracle(earlier_DHW, later_DHW,
+                                                                    predictions["tokenizer-copy"])
         for name, predicted_DHW in predictions.items():
             predicted = regional_volumes(predicted_DHW, regions)
             rows.append({"model": name, "subject_id": pair["subject_id"], "earlier_age": pair["earlier_age"],

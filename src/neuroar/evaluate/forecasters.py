@@ -48,9 +48,11 @@ class TokenizerCopy:
         decoded = self.reconstruct(earlier_DHW)
         return {"tokenizer-copy": [decoded for _ in target_ages]}
 
-    def oracle(self, earlier_DHW: np.ndarray, later_DHW: np.ndarray) -> np.ndarray:
-        """The true follow-up's token change added to the earlier scan: what a perfect token model would give."""
-        change_DHW = self.reconstruct(later_DHW) - self.reconstruct(earlier_DHW)
+    def oracle(self, earlier_DHW: np.ndarray, later_DHW: np.ndarray, earlier_reconstructed_DHW: np.ndarray
+               ) -> np.ndarray:
+        """The true follow-up's token change added to the earlier scan: what a perfect token model would give.
+        `earlier_reconstructed_DHW` is `predict`'s output for the earlier scan (not encoded and decoded twice)."""
+        change_DHW = self.reconstruct(later_DHW) - earlier_reconstructed_DHW
         return np.clip(earlier_DHW + change_DHW, 0, 1).astype(np.float32)
 
     @torch.no_grad()
