@@ -119,7 +119,7 @@ def case_training(kind: str, config_name: str, overrides: list[str], repeats: in
 def _neuroar(overrides: list[str]):
     from neuroar.config import load_config
     from neuroar.models.tokenizer import MSVQVAE
-    from neuroar.train.transformer import build_transformer
+    from neuroar.models.transformer import build_transformer
 
     config = load_config("demo", overrides)
     torch.manual_seed(0)

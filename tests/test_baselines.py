@@ -11,13 +11,14 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import ball, make_tiny_run, write_nifti
+from neuroar.checkpoint import weights_path
 from neuroar.cli import main
 from neuroar.config import load_config
 from neuroar.errors import NeuroARError
 from neuroar.predict import Predictor
+from neuroar.runs import model_checkpoint
 from neuroar.train.autoencoder import train_autoencoder
-from neuroar.train.baselines import baseline_checkpoint, train_baseline
-from neuroar.train.checkpoint import weights_path
+from neuroar.train.baselines import train_baseline
 
 AUTOENCODER = ["train_autoencoder.steps=20", "train_autoencoder.lr=0.002", "train_autoencoder.warmup_steps=2"]
 
@@ -45,14 +46,14 @@ def test_ldm_loss_falls_and_the_checkpoint_holds_the_latent_scale(run_dir):
                              progress=False)
     log = pd.read_csv(run_dir / "ldm_train.csv")
     assert log["mse"].iloc[-8:].mean() < 0.8 * log["mse"].iloc[:8].mean()
-    meta = json.loads(baseline_checkpoint(run_dir, "ldm").with_suffix(".json").read_text())
+    meta = json.loads(model_checkpoint(run_dir, "ldm").with_suffix(".json").read_text())
     assert meta["model"] == "ldm" and meta["latent_scale"] > 0 and len(meta["autoencoder_sha256"]) == 64
     assert {"latent_mse", "copy_latent_mse"} <= set(metrics)
 
 
 def test_stargan_discriminator_learns_and_generator_starts_as_identity(run_dir):
     from neuroar.data.latents import load_latents
-    from neuroar.train.baselines import build_baseline
+    from neuroar.models.baselines import build_baseline
 
     config = load_config(run_dir / "config.yaml", settings("stargan", 30))
     train_baseline(run_dir, config, "stargan", progress=False)
@@ -73,8 +74,8 @@ def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path, kind):
     train_baseline(run_dir, load_config(run_dir / "config.yaml", settings(kind, 6, every)), kind, progress=False)
     train_baseline(other, load_config(other / "config.yaml", settings(kind, 3, every)), kind, progress=False)
     train_baseline(other, load_config(other / "config.yaml", settings(kind, 6, every)), kind, progress=False)
-    a = load_file(weights_path(baseline_checkpoint(run_dir, kind)))
-    b = load_file(weights_path(baseline_checkpoint(other, kind)))
+    a = load_file(weights_path(model_checkpoint(run_dir, kind)))
+    b = load_file(weights_path(model_checkpoint(other, kind)))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a if not k.startswith("rng."))
     assert list(pd.read_csv(other / f"{kind}_train.csv")["step"]) == list(range(1, 7))

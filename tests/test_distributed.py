@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_run
+from neuroar.checkpoint import weights_path
 from neuroar.cli import main
-from neuroar.train.checkpoint import weights_path
-from neuroar.train.tokenizer import tokenizer_checkpoint
-from neuroar.train.transformer import transformer_checkpoint
+from neuroar.runs import model_checkpoint, tokenizer_checkpoint
 
 TOKENIZER = ["train_tokenizer.steps=4", "train_tokenizer.batch_size=4", "train_tokenizer.val_every=100",
              "train_tokenizer.adversarial_weight=0"]
@@ -80,9 +79,9 @@ def test_two_processes_train_neuroar_like_one(runs, tmp_path):
     assert main(["train-ar", "--run", str(one), *NEUROAR]) == 0
     done = torchrun("train-ar", "--run-dir", str(two), *NEUROAR)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert weight_difference(transformer_checkpoint(one), transformer_checkpoint(two)) < TOLERANCE
+    assert weight_difference(model_checkpoint(one), model_checkpoint(two)) < TOLERANCE
     assert main(["train-ar", "--run", str(accumulated), *NEUROAR, "train_transformer.accumulation=2"]) == 0
-    assert weight_difference(transformer_checkpoint(one), transformer_checkpoint(accumulated)) < TOLERANCE
+    assert weight_difference(model_checkpoint(one), model_checkpoint(accumulated)) < TOLERANCE
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(runs, tmp_path):

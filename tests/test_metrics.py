@@ -4,7 +4,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from neuroar.config import DataConfig
 from neuroar.data.preprocess import template_brain_mask
-from neuroar.evaluate.metrics import masked_mae, masked_psnr, masked_ssim
+from neuroar.metrics import masked_mae, masked_psnr, masked_ssim
 
 
 @pytest.fixture

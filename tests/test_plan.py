@@ -8,8 +8,8 @@ from neuroar.cli import main
 from neuroar.config import load_config
 from neuroar.errors import NeuroARError
 from neuroar.models.tokenizer import MSVQVAE
-from neuroar.plan import parameter_counts, run_steps, step_costs
-from neuroar.train.transformer import build_transformer
+from neuroar.models.transformer import build_transformer
+from neuroar.plan import measure_steps, parameter_counts, step_costs
 
 
 def test_parameter_counts_match_the_built_models():
@@ -39,7 +39,7 @@ def test_plan_prints_tokens_per_scale_and_a_measured_step(capsys):
 def test_a_step_that_cannot_fit_is_refused(monkeypatch):
     monkeypatch.setattr("neuroar.plan.free_memory_bytes", lambda device: 2**20)
     with pytest.raises(NeuroARError, match="GiB free"):
-        run_steps(load_config("demo", TINY), 1, torch.device("cpu"))
+        measure_steps(load_config("demo", TINY), 1, torch.device("cpu"))
 
 
 def test_activation_checkpointing_trades_flops_for_memory():

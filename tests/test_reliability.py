@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_run
+from neuroar.checkpoint import load_checkpoint, read_meta, save_checkpoint, weights_path
 from neuroar.config import load_config
 from neuroar.errors import NeuroARError
-from neuroar.train.checkpoint import load_checkpoint, read_meta, save_checkpoint, weights_path
-from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
+from neuroar.runs import tokenizer_checkpoint
+from neuroar.train.tokenizer import train_tokenizer
 
 # Adversarial from step 3, so a resume must also restore the discriminator and its optimizer exactly.
 KILLABLE = ["train_tokenizer.steps=14", "train_tokenizer.checkpoint_every=2", "train_tokenizer.val_every=100",

@@ -8,9 +8,9 @@ from matplotlib.image import imread
 from scipy import ndimage
 
 from conftest import COHORT_OPTIONS
+from neuroar.data.atlas import CLASSES, load_anatomy
 from neuroar.data.bids import discover_bids
 from neuroar.data.manifest import read_manifest
-from neuroar.data.synth.anatomy import CLASSES, load_anatomy
 from neuroar.data.synth.cohort import SynthOptions, _flow, make_cohort, plan_subjects, subject_aging
 from neuroar.errors import NeuroARError
 

@@ -48,6 +48,42 @@ def test_teacher_forcing_inputs_equal_the_sampling_steps(quantizer):
     assert torch.allclose(f_hat, quantizer.tokens_to_fhat(tokens))
 
 
+def test_each_scale_picks_the_nearest_code_of_its_residual(quantizer):
+    """Brute force, independently of `add_scale`: at each scale the residual left by the coarser scales,
+    area-averaged to the scale, and its nearest code by `torch.cdist`."""
+    f = torch.randn(2, 8, 4, 5, 4)
+    tokens = quantizer.encode(f)
+    mix, codes = quantizer.phi_mix, quantizer.codebook.weight.detach()
+    f_hat = torch.zeros_like(f)
+    with torch.no_grad():
+        for k, scale in enumerate(SCALES):
+            z = F.adaptive_avg_pool3d(f - f_hat, scale)
+            z_NC = z.permute(0, 2, 3, 4, 1).reshape(-1, 8)
+            nearest = torch.cdist(z_NC, codes).argmin(1).view(2, *scale)
+            assert torch.equal(tokens[k], nearest), f"scale {k}"
+            h = F.interpolate(codes[tokens[k]].permute(0, 4, 1, 2, 3), size=SCALES[-1], mode="trilinear")
+            f_hat = f_hat + (1 - mix) * h + mix * quantizer.phis[k](h)
+
+
+def test_quantizer_runs_in_float32_under_bf16_autocast(quantizer):
+    """The decoder and the token cache must see the same tokens: under autocast (bf16 on this CPU, as on a
+    GPU) the quantizer still looks codes up and sums f_hat in float32."""
+    torch.manual_seed(1)
+    codes = quantizer.codebook.weight.detach()
+    # Features near the midpoint of two codes, where bf16 rounding of the distances would flip the choice.
+    f_NC = 0.5 * (codes[torch.randint(64, (160,))] + codes[torch.randint(64, (160,))]) + 1e-3 * torch.randn(160, 8)
+    f = f_NC.view(2, 4, 5, 4, 8).permute(0, 4, 1, 2, 3).contiguous()
+    first = quantizer.encode(f)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f_hat, tokens, _, _ = quantizer(f.bfloat16())
+        encoded = quantizer.encode(f.bfloat16())
+        _, next_input = quantizer.add_scale(0, None, first)
+    # Only the input's own rounding to bf16 may move a token (as it would without autocast).
+    assert all(torch.equal(a, b) for a, b in zip(encoded, quantizer.encode(f.bfloat16().float())))
+    assert all(torch.equal(a, b) for a, b in zip(tokens, encoded))
+    assert f_hat.dtype == next_input.dtype == torch.float32
+
+
 def test_finer_scales_shrink_the_residual(quantizer):
     f = torch.randn(1, 8, 4, 5, 4)
     tokens = quantizer.encode(f)

@@ -9,12 +9,13 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import make_tiny_run
+from neuroar.checkpoint import weights_path
 from neuroar.cli import main
 from neuroar.config import load_config
 from neuroar.data.tokens import load_tokens, tokenize_run
 from neuroar.errors import NeuroARError
-from neuroar.train.checkpoint import weights_path
-from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
+from neuroar.runs import tokenizer_checkpoint
+from neuroar.train.tokenizer import train_tokenizer
 
 
 @pytest.fixture

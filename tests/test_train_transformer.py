@@ -12,14 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ball, make_tiny_run, write_nifti
+from neuroar.checkpoint import weights_path
 from neuroar.cli import main
 from neuroar.config import load_config
-from neuroar.data.tokens import load_tokenizer, load_tokens, tokenize_run
+from neuroar.data.pairs import token_pairs
+from neuroar.data.tokens import load_tokens, tokenize_run
 from neuroar.errors import NeuroARError
 from neuroar.predict import Predictor
-from neuroar.train.checkpoint import weights_path
-from neuroar.train.tokenizer import tokenizer_checkpoint, train_tokenizer
-from neuroar.train.transformer import token_pairs, train_transformer, transformer_checkpoint
+from neuroar.runs import load_tokenizer, model_checkpoint, tokenizer_checkpoint
+from neuroar.train.tokenizer import train_tokenizer
+from neuroar.train.transformer import train_transformer
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(run_dir):
     for k, maps in enumerate(tokens):
         equal = (maps[pairs["earlier_index"]] == maps[pairs["later_index"]]).float().flatten(1).mean(1)
         assert metrics[f"scale{k}_copy_accuracy"] == pytest.approx(equal.mean().item(), abs=1e-6)
-    meta = json.loads(transformer_checkpoint(run_dir).with_suffix(".json").read_text())
+    meta = json.loads(model_checkpoint(run_dir).with_suffix(".json").read_text())
     assert meta["step"] == 30 and len(meta["tokenizer_sha256"]) == 64
     assert (run_dir / "neuroar_val.csv").is_file()
 
@@ -76,8 +78,8 @@ def test_resumed_training_equals_an_uninterrupted_run(run_dir, tmp_path):
                                                                             "train_transformer.val_every=100"]),
                       progress=False)
     train_transformer(other, load_config(other / "config.yaml", full), progress=False)
-    a = load_file(weights_path(transformer_checkpoint(run_dir)))
-    b = load_file(weights_path(transformer_checkpoint(other)))
+    a = load_file(weights_path(model_checkpoint(run_dir)))
+    b = load_file(weights_path(model_checkpoint(other)))
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a if not k.startswith("rng."))
 
 
@@ -159,7 +161,7 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
 
     # The copy baseline scores exactly the copy's error, and predicts no change at all.
     from neuroar.data.preprocess import load_preprocessed, template_brain_mask
-    from neuroar.evaluate.metrics import masked_psnr
+    from neuroar.metrics import masked_psnr
 
     brain = template_brain_mask(load_config(run_dir / "config.yaml").data)
     val = pairs[pairs["split"] == "val"].iloc[0]

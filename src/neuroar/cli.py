@@ -216,17 +216,9 @@ def _tokenize(args: argparse.Namespace) -> None:
 
 
 def _decode(args: argparse.Namespace) -> None:
-    import pandas as pd
+    from neuroar.data.tokens import write_decoded_scan
 
-    from neuroar.data.nifti import write_volume
-    from neuroar.data.tokens import decode_scan
-
-    config = _run_config(args.run, None, [])
-    scans = pd.read_csv(args.run / "scans.csv", keep_default_na=False)
-    if args.out.resolve() in {Path(p).resolve() for p in scans["path"]}:
-        raise NeuroARError(f"{args.out} is one of the run's input scans; choose another output path.")
-    image = decode_scan(args.run, config, args.subject, args.session)
-    write_volume(args.out, image.get_fdata(dtype="float32"), image.affine)
+    write_decoded_scan(args.run, _run_config(args.run, None, []), args.subject, args.session, args.out)
     print(f"decoded {args.subject} {args.session} -> {args.out}")
 
 
@@ -245,23 +237,11 @@ def _train_baseline(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from neuroar.data.nifti import read_volume, write_volume
-    from neuroar.predict import Predictor, check_ages
+    from neuroar.predict import write_predictions
 
-    if args.out.resolve() == args.input.resolve().parent:
-        raise NeuroARError(f"--out {args.out} is the input's folder; write predictions to a folder of their own.")
-    if args.samples is not None and args.samples < 1:
-        raise NeuroARError(f"--samples must be at least 1, got {args.samples}.")
-    check_ages(args.age, args.target_ages)
-    image = read_volume(args.input)
-    predictor = Predictor.from_checkpoint(args.checkpoint, sampling=args.overrides)
-    predictions = predictor.predict(image, args.age, args.target_ages, args.samples, args.seed)
-    stem = args.input.name.removesuffix(".gz").removesuffix(".nii")
-    for prediction in predictions:
-        for kind in ("mean", "std", "detail"):
-            out = args.out / f"{stem}_age-{prediction.target_age:g}_{kind}.nii.gz"
-            write_volume(out, getattr(prediction, kind).get_fdata(dtype="float32"), image.affine, image.header)
-            print(out)
+    for path in write_predictions(args.checkpoint, args.input, args.age, args.target_ages, args.out, args.samples,
+                                  args.seed, sampling=args.overrides):
+        print(path)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -288,14 +268,14 @@ def _report(args: argparse.Namespace) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from neuroar.config import load_config
-    from neuroar.plan import plan_markdown, run_steps
+    from neuroar.plan import measure_steps, plan_markdown
 
     if args.batch is not None and args.batch < 1:
         raise NeuroARError(f"--batch must be at least 1, got {args.batch}.")
     config = load_config(args.config, args.overrides)
     print(plan_markdown(config, args.batch))
     if args.run_step:
-        for result in run_steps(config, args.batch or 1):
+        for result in measure_steps(config, args.batch or 1):
             print(f"measured {result['model']} step, batch {result['batch']} on {result['device']}: "
                   f"{result['step_seconds']:.2f} s, peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB "
                   f"({result['memory']}; estimate {result['estimated_bytes'] / 2**30:.2f} GiB)")

@@ -55,6 +55,21 @@ class Context:
         dist.all_reduce(stacked)
         return dict(zip(values, (stacked / self.world).tolist()))
 
+    def gather_batch(self, x_B: torch.Tensor) -> torch.Tensor:
+        """The global batch from every rank's share (rows rank::W), in the global order; no gradient. A single
+        process gets its input back."""
+        if self.world == 1:
+            return x_B
+        parts = [torch.empty_like(x_B) for _ in range(self.world)]
+        dist.all_gather(parts, x_B.contiguous())
+        return torch.stack(parts, 1).flatten(0, 1)  # item j of rank r was global row j * W + r
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` overwritten in place with rank 0's values (and returned)."""
+        if self.world > 1:
+            dist.broadcast(x, src=0)
+        return x
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -83,13 +98,3 @@ def no_sync(module: nn.Module, last: bool):
     if isinstance(module, DistributedDataParallel) and not last:
         return module.no_sync()
     return contextlib.nullcontext()
-
-
-def gather_batch(x_B: torch.Tensor) -> torch.Tensor:
-    """The global batch from every rank's share (rows rank::W), in the global order; no gradient. A single
-    process gets its input back."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x_B
-    parts = [torch.empty_like(x_B) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x_B.contiguous())
-    return torch.stack(parts, 1).flatten(0, 1)  # item j of rank r was global row j * W + r

@@ -125,7 +125,7 @@ def evaluate_run(run_dir: Path, seed: int = 0) -> Path:
     """Evaluate a run's NeuroAR model and its baselines (those trained) on its test split (or val, when there
     is no test split) into RUN/evaluation, unless that was already done for the same checkpoints."""
     from neuroar.evaluate.compare import evaluate_models
-    from neuroar.train.baselines import BASELINES
+    from neuroar.models.baselines import BASELINES
 
     out = run_dir / "evaluation"
     pairs = pd.read_csv(run_dir / "pairs.csv", keep_default_na=False)
@@ -153,8 +153,7 @@ def brain_age_run(run_dir: Path, config: Config) -> Path:
 
 def _checkpoints(run_dir: Path, models: Sequence[Path]) -> list[dict]:
     """The checkpoint records (step, weights file, config) of the tokenizer and the given models."""
-    from neuroar.train.tokenizer import tokenizer_checkpoint
-    from neuroar.train.transformer import resolve_model
+    from neuroar.runs import resolve_model, tokenizer_checkpoint
 
     stems = [tokenizer_checkpoint(run_dir), *(Path.joinpath(*resolve_model(m)) / "last" for m in models)]
     return [json.loads(stem.with_suffix(".json").read_text()) for stem in stems]

@@ -23,8 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from neuroar.config import Config
 from neuroar.errors import NeuroARError
 from neuroar.models.tokenizer import MSVQVAE
-from neuroar.models.transformer import earlier_channels
-from neuroar.train.transformer import build_transformer
+from neuroar.models.transformer import build_transformer, earlier_channels
 
 OPTIMIZER_BYTES_PER_PARAMETER = 16  # float32 weight, gradient, and Adam's two moments
 
@@ -43,7 +42,7 @@ class StepCost:
 
 def parameter_counts(config: Config) -> dict[str, int]:
     from neuroar.models.autoencoder import build_autoencoder
-    from neuroar.train.baselines import build_baseline
+    from neuroar.models.baselines import build_baseline
 
     with torch.device("meta"):
         models = {"tokenizer (MS-VQVAE)": MSVQVAE(config.tokenizer), "NeuroAR transformer": build_transformer(config)}
@@ -108,7 +107,7 @@ def plan_markdown(config: Config, batch: int | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_steps(config: Config, batch: int = 1, device: torch.device | None = None) -> list[dict]:
+def measure_steps(config: Config, batch: int = 1, device: torch.device | None = None) -> list[dict]:
     """One measured training step (after a warm-up step) of the tokenizer and of NeuroAR at full shape on
     random data; refuses when the estimate exceeds the memory the device has free."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

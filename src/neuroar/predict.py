@@ -20,19 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuroar.checkpoint import load_checkpoint, read_meta, weights_path
 from neuroar.config import Config, config_from_dict
 from neuroar.data.latents import autoencoder_sha256
-from neuroar.data.nifti import read_volume
+from neuroar.data.nifti import read_volume, write_volume
 from neuroar.data.preprocess import preprocess_image, to_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
+from neuroar.models.baselines import build_baseline, predict_latent
 from neuroar.models.tokenizer import MSVQVAE
-from neuroar.models.transformer import NeuroAR
-from neuroar.train.autoencoder import load_autoencoder
-from neuroar.train.baselines import build_baseline, predict_latent
-from neuroar.train.checkpoint import load_checkpoint, read_meta, weights_path
-from neuroar.train.tokenizer import tokenizer_checkpoint
-from neuroar.train.transformer import MODEL_NAME, build_transformer, resolve_model
+from neuroar.models.transformer import NeuroAR, build_transformer
+from neuroar.runs import MODEL_NAME, load_autoencoder, load_tokenizer, resolve_model, tokenizer_checkpoint
 
 
 @dataclass
@@ -138,10 +136,9 @@ class NeuroARPredictor(Predictor):
                 or sha256_file(weights_path(tokenizer)) != meta["tokenizer_sha256"]):
             raise NeuroARError(f"{stem} was trained on the tokens of a tokenizer that {run_dir}/tokenizer no longer "
                                "holds; re-run `neuroar tokenize` and `neuroar train-ar` for this run.")
-        tokenizer_model, model = MSVQVAE(config.tokenizer), build_transformer(config)
-        load_checkpoint(tokenizer, {"model": tokenizer_model})
+        model = build_transformer(config)
         load_checkpoint(stem, {"model": model})
-        return cls(config, tokenizer_model, model, device)
+        return cls(config, load_tokenizer(run_dir, config), model, device)
 
     def decoded_samples(self, x, age, target_ages, samples, generator):
         earlier_tokens = self.tokenizer.tokenize(x)
@@ -196,6 +193,29 @@ class LatentPredictor(Predictor):
             decoded = self.autoencoder.decode(predicted / self.latent_scale)[:, 0].clamp(0, 1).cpu().numpy()
             per_age.append((decoded.mean(0), decoded))
         return earlier_decoded, per_age
+
+
+def write_predictions(checkpoint: str | Path, image: str | Path, age: float, target_ages: Sequence[float],
+                      out_dir: str | Path, samples: int | None = None, seed: int = 0, sampling: Sequence[str] = (),
+                      device: str | torch.device | None = None) -> list[Path]:
+    """Predict a scan at each target age and write, per age, OUT/STEM_age-A_{mean,std,detail}.nii.gz in the
+    input's grid and header; returns the files written. `sampling` as in `Predictor.from_checkpoint`."""
+    image, out_dir = Path(image), Path(out_dir)
+    if out_dir.resolve() == image.resolve().parent:
+        raise NeuroARError(f"--out {out_dir} is the input's folder; write predictions to a folder of their own.")
+    if samples is not None and samples < 1:
+        raise NeuroARError(f"--samples must be at least 1, got {samples}.")
+    check_ages(age, target_ages)
+    volume = read_volume(image)
+    predictor = Predictor.from_checkpoint(checkpoint, device, sampling=sampling)
+    stem = image.name.removesuffix(".gz").removesuffix(".nii")
+    written = []
+    for prediction in predictor.predict(volume, age, target_ages, samples, seed):
+        for kind in ("mean", "std", "detail"):
+            path = out_dir / f"{stem}_age-{prediction.target_age:g}_{kind}.nii.gz"
+            write_volume(path, getattr(prediction, kind).get_fdata(dtype="float32"), volume.affine, volume.header)
+            written.append(path)
+    return written
 
 
 def check_ages(age: float, target_ages: Sequence[float]) -> None:

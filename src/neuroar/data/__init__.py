@@ -1,1 +1,2 @@
-"""Data layer: NIfTI I/O, manifests and BIDS, preprocessing, longitudinal pairs, the synthetic cohort."""
+"""Data layer: NIfTI I/O, manifests and BIDS, the template atlas, preprocessing, longitudinal pairs, cached
+tokens and latents, the synthetic cohort."""

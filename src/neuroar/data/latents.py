@@ -14,15 +14,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from neuroar.checkpoint import weights_path
 from neuroar.config import Config
 from neuroar.data.preprocess import load_preprocessed
 from neuroar.data.tokens import SCAN_COLUMNS
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_file, sha256_json, write_json
-from neuroar.train.autoencoder import autoencoder_checkpoint, load_autoencoder
-from neuroar.train.checkpoint import weights_path
+from neuroar.progress import Progress
+from neuroar.runs import autoencoder_checkpoint, load_autoencoder
 
 
 def encode_run(run_dir: str | Path, config: Config, progress: bool = True) -> Path:
@@ -35,7 +35,7 @@ def encode_run(run_dir: str | Path, config: Config, progress: bool = True) -> Pa
     model = load_autoencoder(run_dir, config)
     latents = []
     with torch.no_grad():
-        for preprocessed in tqdm(scans["preprocessed"], desc="latents", unit="scan", disable=not progress):
+        for preprocessed in Progress(scans["preprocessed"], desc="latents", unit="scan", enabled=progress):
             latents.append(model.encode(torch.from_numpy(load_preprocessed(preprocessed)[0])[None, None])[0][0])
     latents_NCDHW = torch.stack(latents)
     scale = 1.0 / float(latents_NCDHW[torch.tensor((scans["split"] == "train").to_numpy())].std())

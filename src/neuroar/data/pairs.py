@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
@@ -53,3 +55,14 @@ class PairDataset(Dataset):
         return {"earlier": torch.from_numpy(earlier_DHW)[None], "later": torch.from_numpy(later_DHW)[None],
                 "earlier_age": torch.tensor(row["earlier_age"], dtype=torch.float32),
                 "later_age": torch.tensor(row["later_age"], dtype=torch.float32)}
+
+
+def token_pairs(run_dir: str | Path, scans: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The run's pairs of one split, with the row of each scan in the token table."""
+    pairs = pd.read_csv(Path(run_dir) / "pairs.csv", dtype={"subject_id": str, "earlier_session": str,
+                                                      "later_session": str}, keep_default_na=False)
+    row = {(str(s), str(t)): i for i, (s, t) in enumerate(zip(scans["subject_id"], scans["session_id"]))}
+    pairs = pairs[pairs["split"] == split].reset_index(drop=True)
+    pairs["earlier_index"] = [row[(s, t)] for s, t in zip(pairs["subject_id"], pairs["earlier_session"])]
+    pairs["later_index"] = [row[(s, t)] for s, t in zip(pairs["subject_id"], pairs["later_session"])]
+    return pairs

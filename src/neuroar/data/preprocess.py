@@ -22,12 +22,12 @@ from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
 from nibabel.processing import resample_from_to
 from nilearn.datasets import load_mni152_brain_mask
 from skimage.filters import threshold_otsu
-from tqdm.auto import tqdm
 
 from neuroar.config import DataConfig
 from neuroar.data.nifti import read_volume, write_volume
 from neuroar.errors import ImageError
 from neuroar.files import sha256_file, sha256_json, write_json
+from neuroar.progress import Progress
 
 # Bump when the preprocessing changes in a way that changes its output, so that caches are recomputed.
 PREPROCESS_VERSION = 1
@@ -150,7 +150,7 @@ def preprocess_scans(scans: pd.DataFrame, config: DataConfig, progress: bool = T
     All unreadable or invalid images are reported together, each with its manifest row.
     """
     paths, problems = [], []
-    for row in tqdm(scans.itertuples(), total=len(scans), desc="preprocess", unit="scan", disable=not progress):
+    for row in Progress(scans.itertuples(), total=len(scans), desc="preprocess", unit="scan", enabled=progress):
         try:
             paths.append(str(preprocess_file(row.path, config)))
         except ImageError as err:

@@ -14,26 +14,17 @@ import nibabel as nib
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from neuroar.checkpoint import weights_path
 from neuroar.config import Config
+from neuroar.data.nifti import write_volume
 from neuroar.data.preprocess import load_preprocessed, to_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_file, sha256_json, write_json
-from neuroar.models.tokenizer import MSVQVAE
-from neuroar.train.checkpoint import load_checkpoint, weights_path
-from neuroar.train.tokenizer import tokenizer_checkpoint
+from neuroar.progress import Progress
+from neuroar.runs import load_tokenizer, tokenizer_checkpoint
 
 SCAN_COLUMNS = ["subject_id", "session_id", "age", "split", "preprocessed"]
-
-
-def load_tokenizer(run_dir: str | Path, config: Config) -> MSVQVAE:
-    checkpoint = tokenizer_checkpoint(run_dir)
-    if not checkpoint.with_suffix(".json").is_file():
-        raise NeuroARError(f"no trained tokenizer in {run_dir}; run `neuroar train-tokenizer --run {run_dir}`.")
-    model = MSVQVAE(config.tokenizer)
-    load_checkpoint(checkpoint, {"model": model})
-    return model.eval()
 
 
 def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> Path:
@@ -45,7 +36,7 @@ def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> 
         return path
     model = load_tokenizer(run_dir, config)
     per_scale: list[list[torch.Tensor]] = [[] for _ in config.tokenizer.scales]
-    for preprocessed in tqdm(scans["preprocessed"], desc="tokenize", unit="scan", disable=not progress):
+    for preprocessed in Progress(scans["preprocessed"], desc="tokenize", unit="scan", enabled=progress):
         volume = torch.from_numpy(load_preprocessed(preprocessed)[0])[None, None]
         for k, idx in enumerate(model.tokenize(volume)):
             per_scale[k].append(idx[0].to(torch.int16))
@@ -81,6 +72,17 @@ def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id
     volume = model.decode_tokens([t[index:index + 1] for t in tokens])[0, 0].clamp(0, 1).numpy()
     _, record = load_preprocessed(scans["preprocessed"].iloc[index])
     return to_input_space(volume, record)
+
+
+def write_decoded_scan(run_dir: str | Path, config: Config, subject_id: str, session_id: str,
+                       out: str | Path) -> Path:
+    """`decode_scan` written to `out` (NIfTI), never over one of the run's input scans."""
+    scans = pd.read_csv(Path(run_dir) / "scans.csv", keep_default_na=False)
+    if Path(out).resolve() in {Path(p).resolve() for p in scans["path"]}:
+        raise NeuroARError(f"{out} is one of the run's input scans; choose another output path.")
+    image = decode_scan(run_dir, config, subject_id, session_id)
+    write_volume(out, image.get_fdata(dtype="float32"), image.affine)
+    return Path(out)
 
 
 def _token_path(run_dir: Path, scans: pd.DataFrame) -> Path:

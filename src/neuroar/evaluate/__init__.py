@@ -1,1 +1,1 @@
-"""Evaluation: image metrics inside the brain (later: volumes, brain age, reports)."""
+"""Evaluation: regional volumes, every model and baseline on the same pairs, the age sweep and brain age."""

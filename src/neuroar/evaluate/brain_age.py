@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import mean_absolute_error, r2_score
-from tqdm.auto import tqdm
 
 from neuroar.config import Config
 from neuroar.data.preprocess import load_preprocessed
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_json, write_json, write_text
 from neuroar.models.sfcn import SFCN
+from neuroar.progress import Progress
+from neuroar.runs import resolve_model
 from neuroar.train.loop import batch_indices, learning_rate, set_learning_rate
-from neuroar.train.transformer import resolve_model
 
 CONDITIONS = ("real", "real + synthetic")
 
@@ -55,7 +55,7 @@ def run_brain_age(run_dir: str | Path, config: Config, model: str | Path | None 
     training_sets = {"real": (real_x, real_age),
                      "real + synthetic": (torch.cat([real_x, synthetic_x]), every_age)}
     rows = []
-    for seed in tqdm(range(settings.seeds), desc="brain age", unit="seed", disable=not progress):
+    for seed in Progress(range(settings.seeds), desc="brain age", unit="seed", enabled=progress):
         for condition, (x, ages) in training_sets.items():
             regressor = train_regressor(x, ages, bins, config, seed)
             predicted = predict_ages(regressor, test_x)
@@ -86,8 +86,8 @@ def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_
         return tensors["volumes"], tensors["ages"]
     predictor = Predictor.from_checkpoint(model)
     volumes, ages = [], []
-    for i, scan in enumerate(tqdm(train.to_dict("records"), desc="synthetic scans", unit="scan",
-                                  disable=not progress)):
+    for i, scan in enumerate(Progress(train.to_dict("records"), desc="synthetic scans", unit="scan",
+                                  enabled=progress)):
         targets = [scan["age"] + years for years in settings.synthetic_years]
         outputs = predictor.predict_preprocessed(load_preprocessed(scan["preprocessed"])[0], scan["age"], targets,
                                                  samples=1, seed=config.seed * 100_003 + i)

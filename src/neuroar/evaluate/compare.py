@@ -20,16 +20,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
-from tqdm.auto import tqdm
 
 from neuroar.config import load_config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
 from neuroar.evaluate.forecasters import TRIVIAL, ModelForecaster, TokenizerCopy, load_forecasters
-from neuroar.evaluate.metrics import masked_mae, masked_psnr, masked_ssim
 from neuroar.evaluate.volumes import REGIONS, regional_volumes, template_regions
 from neuroar.files import write_text
-from neuroar.train.transformer import resolve_model
+from neuroar.metrics import masked_mae, masked_psnr, masked_ssim
+from neuroar.progress import Progress
+from neuroar.runs import resolve_model
 
 IMAGE_METRICS = ("psnr", "ssim", "mae")
 
@@ -64,7 +64,7 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
         return measured[path]
 
     rows = []
-    for pair in tqdm(pairs.to_dict("records"), desc=f"evaluate {split}", unit="pair", disable=not progress):
+    for pair in Progress(pairs.to_dict("records"), desc=f"evaluate {split}", unit="pair", enabled=progress):
         earlier_DHW, later_DHW = load_preprocessed(pair["earlier_path"])[0], load_preprocessed(pair["later_path"])[0]
         before, after = volumes_of(pair["earlier_path"], earlier_DHW), volumes_of(pair["later_path"], later_DHW)
         predictions: dict[str, np.ndarray] = {}
@@ -106,8 +106,8 @@ def age_sweep(forecasters, run_dir: Path, split: str, years: Sequence[float], re
     scans = scans[(scans["split"] == split) & scans["subject_id"].isin(subjects)]
     firsts = scans.sort_values("age").groupby("subject_id").head(1)
     rows = []
-    for scan in tqdm(firsts.to_dict("records"), desc="age sweep", unit="subject", disable=not progress or
-                     not forecasters):
+    for scan in Progress(firsts.to_dict("records"), desc="age sweep", unit="subject",
+                         enabled=progress and bool(forecasters)):
         volume_DHW = load_preprocessed(scan["preprocessed"])[0]
         start = regional_volumes(volume_DHW, regions)["ventricles"]
         targets = [scan["age"] + y for y in years]

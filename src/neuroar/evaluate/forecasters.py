@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from neuroar.config import Config
-from neuroar.data.tokens import load_tokenizer
 from neuroar.predict import Predictor
-from neuroar.train.transformer import MODEL_NAME, resolve_model
+from neuroar.runs import MODEL_NAME, load_tokenizer, resolve_model
 
 TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle")
 

@@ -25,8 +25,8 @@ import numpy as np
 from scipy import ndimage
 
 from neuroar.config import DataConfig
+from neuroar.data.atlas import CLASSES, load_anatomy
 from neuroar.data.preprocess import template_brain_mask, to_grid
-from neuroar.data.synth.anatomy import CLASSES, load_anatomy
 
 REGIONS = ("ventricles", "grey_matter", "white_matter", "hippocampus", "whole_brain")
 BACKGROUND = 0.1  # preprocessed intensity below which a voxel inside the mask is background, not tissue

@@ -1,1 +1,2 @@
-"""Networks: the multi-scale tokenizer and its quantizer (later: the NeuroAR transformer, baselines)."""
+"""Networks: the multi-scale tokenizer, the NeuroAR transformer, the baselines' networks and the brain-age
+regressor."""

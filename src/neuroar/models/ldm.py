@@ -12,7 +12,7 @@ from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from neuroar.config import LDMConfig
-from neuroar.models.transformer import AgeEmbedding
+from neuroar.models.conditioning import AgeEmbedding
 
 
 class LatentDiffusion(nn.Module):

@@ -16,17 +16,38 @@ build the transformer's inputs with the same code.
 Codebook health: Euclidean lookup with a commitment loss; the codebook starts from the encoder's features of
 the first training batch (all scales), so that codes and features share a scale from step one; an EMA of
 each code's use, and restarts of codes that fell out of use (replaced by features the encoder produces now).
+
+Precision: the quantizer always runs in float32 with autocast off (as VAR's does): under bf16 the nearest
+code of a feature can differ from the one float32 finds, and the decoder would train on other tokens than
+the ones cached for the transformer.
+
+Several processes: the trainer hands the quantizer two functions (`connect`): one that gathers the global
+batch, so that initialisation and restarts see what one process would see, and one that broadcasts rank 0's
+codebook and code-use buffers after each update, so that every rank keeps the same codebook even where their
+random streams differ. Alone, both are the identity.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuroar.distributed import gather_batch
+from neuroar.config import Shape3
 
-Shape3 = tuple[int, int, int]
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _float32(x: torch.Tensor):
+    """Autocast off on x's device (the meta device of `neuroar plan` has no autocast to turn off)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -44,6 +65,14 @@ class MultiScaleQuantizer(nn.Module):
         # EMA of each code's share of use, relative to uniform use (1.0 = used as often as 1/V of tokens).
         self.register_buffer("usage", torch.ones(codebook_size))
         self.register_buffer("initialized", torch.tensor(False))
+        self.gather_batch: Callable[[torch.Tensor], torch.Tensor] = _same
+        self.broadcast: Callable[[torch.Tensor], torch.Tensor] = _same
+
+    def connect(self, gather_batch: Callable[[torch.Tensor], torch.Tensor],
+                broadcast: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Train under several processes: `gather_batch` returns the global batch from this rank's share,
+        `broadcast` overwrites a tensor in place with rank 0's."""
+        self.gather_batch, self.broadcast = gather_batch, broadcast
 
     @property
     def tokens_per_scale(self) -> list[int]:
@@ -51,10 +80,13 @@ class MultiScaleQuantizer(nn.Module):
 
     def forward(self, f_BCdhw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, dict]:
         """Quantize; returns (f_hat with a straight-through gradient to f, tokens per scale, vq loss, stats)."""
+        with _float32(f_BCdhw):
+            return self._forward(f_BCdhw.float())
+
+    def _forward(self, f_BCdhw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, dict]:
         f_detached = f_BCdhw.detach()
-        # Under several processes, codebook initialisation and restarts use the global batch (gathered in
-        # its global order) so that every rank changes its codebook identically, as one process would.
-        f_global = gather_batch(f_detached) if self.training else f_detached
+        # Codebook initialisation and restarts use the global batch (in its global order), as one process would.
+        f_global = self.gather_batch(f_detached) if self.training else f_detached
         # On the meta device (`neuroar plan` counting FLOPs and memory) there are no values to initialise
         # from, restart with or report.
         updates = self.training and not f_BCdhw.is_meta
@@ -67,7 +99,8 @@ class MultiScaleQuantizer(nn.Module):
         stats = self.usage_stats(tokens) if not f_BCdhw.is_meta else {}
         if updates:
             if f_global is not f_detached:
-                _, tokens, residuals_NC = self._quantize(f_global)
+                with torch.no_grad():
+                    _, tokens, residuals_NC = self._quantize(f_global)
             self._update_usage(tokens, residuals_NC)
         # Straight-through: the decoder sees f_hat, its gradient reaches the encoder as if quantization were
         # the identity; codebook and refinements learn from the vq loss alone.
@@ -77,7 +110,8 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, f_BCdhw: torch.Tensor) -> list[torch.Tensor]:
         """Token maps, coarse to fine: a list of (B, d, h, w) integer tensors."""
-        return self._quantize(f_BCdhw)[1]
+        with _float32(f_BCdhw):
+            return self._quantize(f_BCdhw.float())[1]
 
     def _quantize(self, f_BCdhw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """The residual loop: cumulative f_hat after each scale, tokens, and the (N, C) vectors that were looked
@@ -110,12 +144,17 @@ class MultiScaleQuantizer(nn.Module):
     def add_scale(self, k: int, f_hat: torch.Tensor | None, idx_Bdhw: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Add scale k's tokens to f_hat; return the new f_hat and the input for scale k + 1 (None after the
-        last scale). The one step shared by encoding, decoding, teacher forcing and sampling."""
+        last scale). The one step shared by encoding, decoding, teacher forcing and sampling (float32)."""
+        with _float32(idx_Bdhw):
+            return self._add_scale(k, f_hat, idx_Bdhw)
+
+    def _add_scale(self, k: int, f_hat: torch.Tensor | None, idx_Bdhw: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h_BCdhw = self.codebook(idx_Bdhw).permute(0, 4, 1, 2, 3)
         if tuple(h_BCdhw.shape[2:]) != self.latent:
             h_BCdhw = F.interpolate(h_BCdhw, size=self.latent, mode="trilinear", align_corners=False)
         h_BCdhw = (1 - self.phi_mix) * h_BCdhw + self.phi_mix * self.phis[k](h_BCdhw)
-        f_hat = h_BCdhw if f_hat is None else f_hat + h_BCdhw
+        f_hat = h_BCdhw if f_hat is None else f_hat.float() + h_BCdhw
         if k + 1 == len(self.scales):
             return f_hat, None
         return f_hat, area_down(f_hat, self.scales[k + 1])
@@ -146,6 +185,7 @@ class MultiScaleQuantizer(nn.Module):
         pick = torch.randint(len(vectors_NC), (size,), device=vectors_NC.device)
         noise = 0.01 * vectors_NC.std() * torch.randn(size, C, device=vectors_NC.device)
         self.codebook.weight.data.copy_(vectors_NC[pick] + noise)
+        self.broadcast(self.codebook.weight.data)
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -159,6 +199,9 @@ class MultiScaleQuantizer(nn.Module):
             pick = torch.randint(len(residuals_NC), (len(dead),), device=residuals_NC.device)
             self.codebook.weight.data[dead] = residuals_NC[pick].to(self.codebook.weight.dtype)
             self.usage[dead] = 1.0
+        # Every rank computed the same use from the same global batch; rank 0's random picks are the ones kept.
+        self.broadcast(self.codebook.weight.data)
+        self.broadcast(self.usage)
 
 
 def area_down(f_BCdhw: torch.Tensor, size: Shape3) -> torch.Tensor:

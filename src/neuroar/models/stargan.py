@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from neuroar.config import StarGANConfig
-from neuroar.models.transformer import AgeEmbedding
+from neuroar.models.conditioning import AgeEmbedding
 
 
 class _ModulatedBlock(nn.Module):

@@ -1,1 +1,1 @@
-"""Training: checkpoints, logs, and one trainer per model family."""
+"""Training: the shared loop and logs, and one trainer per model family."""

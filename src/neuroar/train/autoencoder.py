@@ -19,25 +19,10 @@ import torch.nn.functional as F
 from neuroar import distributed
 from neuroar.config import Config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
-from neuroar.errors import NeuroARError
-from neuroar.evaluate.metrics import masked_psnr
+from neuroar.metrics import masked_psnr
 from neuroar.models.autoencoder import PatchAutoencoderKL, build_autoencoder
-from neuroar.train.checkpoint import load_checkpoint
+from neuroar.runs import autoencoder_checkpoint
 from neuroar.train.loop import autocast, batch_indices, run_steps, split_scan_paths, volume_batch
-
-
-def autoencoder_checkpoint(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "autoencoder" / "last"
-
-
-def load_autoencoder(run_dir: str | Path, config: Config) -> PatchAutoencoderKL:
-    checkpoint = autoencoder_checkpoint(run_dir)
-    if not checkpoint.with_suffix(".json").is_file():
-        raise NeuroARError(f"no trained autoencoder in {run_dir}; run `neuroar train-baseline ldm --run {run_dir}` "
-                           "(it trains the autoencoder first).")
-    model = build_autoencoder(config.autoencoder)
-    load_checkpoint(checkpoint, {"model": model})
-    return model.eval()
 
 
 def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:

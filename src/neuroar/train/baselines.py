@@ -23,37 +23,13 @@ from torch import nn
 from neuroar import distributed
 from neuroar.config import Config, save_config
 from neuroar.data.latents import autoencoder_sha256, encode_run, load_latents
+from neuroar.data.pairs import token_pairs
 from neuroar.errors import NeuroARError
-from neuroar.models.ldm import LatentDiffusion
-from neuroar.models.stargan import Discriminator, Generator, GeneratorPasses
+from neuroar.models.baselines import BASELINES, build_baseline, predict_latent
+from neuroar.models.stargan import GeneratorPasses
+from neuroar.runs import model_checkpoint
 from neuroar.train.autoencoder import train_autoencoder
 from neuroar.train.loop import autocast, batch_indices, run_steps
-from neuroar.train.transformer import token_pairs
-
-BASELINES = ("ldm", "stargan")
-
-
-def baseline_checkpoint(run_dir: str | Path, kind: str) -> Path:
-    return Path(run_dir) / kind / "last"
-
-
-def build_baseline(kind: str, config: Config, age_centre: float = 70.0) -> dict[str, nn.Module]:
-    """The modules of a baseline; "model" is the one that predicts."""
-    channels = config.autoencoder.latent_channels
-    if kind == "ldm":
-        return {"model": LatentDiffusion(config.ldm, channels, config.autoencoder.norm_groups)}
-    if kind == "stargan":
-        return {"model": Generator(config.stargan, channels),
-                "discriminator": Discriminator(config.stargan, channels, age_centre)}
-    raise NeuroARError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}.")
-
-
-def predict_latent(kind: str, model: nn.Module, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor,
-                   target_age_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Follow-up latents (scaled) of a trained baseline's "model" module."""
-    if kind == "ldm":
-        return model.sample(earlier_BCDHW, earlier_age_B, target_age_B, generator)
-    return model(earlier_BCDHW, earlier_age_B, target_age_B)
 
 
 def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: bool = True) -> dict[str, float]:
@@ -77,7 +53,7 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
                                                           ).items()}
     betas = (0.5, 0.999) if kind == "stargan" else (0.9, 0.999)
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=settings.lr, betas=betas) for k, m in modules.items()}
-    checkpoint = baseline_checkpoint(run_dir, kind)
+    checkpoint = model_checkpoint(run_dir, kind)
     autoencoder = autoencoder_sha256(run_dir)
 
     def check_resumed(meta: dict) -> None:

@@ -14,13 +14,13 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm.auto import tqdm
 
+from neuroar.checkpoint import load_checkpoint, save_checkpoint
 from neuroar.config import Config
 from neuroar.data.preprocess import load_preprocessed
 from neuroar.distributed import Context
 from neuroar.errors import NeuroARError
-from neuroar.train.checkpoint import load_checkpoint, save_checkpoint
+from neuroar.progress import Progress
 from neuroar.train.log import RunLog
 
 
@@ -46,8 +46,8 @@ def run_steps(run_dir: Path, name: str, config: Config, settings_name: str, chec
             check_resumed(resumed)
         start, metrics = resumed["step"], resumed.get("validation", {})
     log = RunLog(run_dir, name, resume_step=start) if ctx.main else None
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=name, unit="step",
-               disable=not progress or not ctx.main)
+    bar = Progress(range(start, settings.steps), initial=start, total=settings.steps, desc=name, unit="step",
+               enabled=progress and ctx.main)
     for step in bar:
         for module in modules.values():
             module.train()

@@ -27,13 +27,10 @@ from monai.networks.nets import PatchDiscriminator
 from neuroar import distributed
 from neuroar.config import Config, save_config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
-from neuroar.evaluate.metrics import masked_psnr, masked_ssim
+from neuroar.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
+from neuroar.runs import tokenizer_checkpoint
 from neuroar.train.loop import autocast, batch_indices, run_steps, split_scan_paths, volume_batch
-
-
-def tokenizer_checkpoint(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "tokenizer" / "last"
 
 
 def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
@@ -46,6 +43,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
     device = ctx.device
     torch.manual_seed(config.seed)
     model = MSVQVAE(config.tokenizer).to(device)
+    model.quantizer.connect(ctx.gather_batch, ctx.broadcast)
     discriminator = PatchDiscriminator(spatial_dims=3, channels=settings.discriminator_channels, in_channels=1,
                                        num_layers_d=3, norm="INSTANCE").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.5, 0.9))

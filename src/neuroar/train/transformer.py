@@ -21,37 +21,22 @@ import torch
 import torch.nn.functional as F
 
 from neuroar import distributed
+from neuroar.checkpoint import weights_path
 from neuroar.config import Config, save_config
-from neuroar.data.tokens import load_tokenizer, load_tokens
+from neuroar.data.pairs import token_pairs
+from neuroar.data.tokens import load_tokens
 from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.quantizer import MultiScaleQuantizer
-from neuroar.models.transformer import NeuroAR, earlier_scale_features, flatten, teacher_forcing_sequence
-from neuroar.train.checkpoint import weights_path
+from neuroar.models.transformer import (
+    NeuroAR,
+    build_transformer,
+    earlier_scale_features,
+    flatten,
+    teacher_forcing_sequence,
+)
+from neuroar.runs import MODEL_NAME, load_tokenizer, model_checkpoint, tokenizer_checkpoint
 from neuroar.train.loop import autocast, batch_indices, is_log_step, run_steps
-from neuroar.train.tokenizer import tokenizer_checkpoint
-
-MODEL_NAME = "neuroar"  # the default model folder of a run; ablations train beside it under other names
-
-
-def transformer_checkpoint(run_dir: str | Path, name: str = MODEL_NAME) -> Path:
-    return Path(run_dir) / name / "last"
-
-
-def resolve_model(path: str | Path) -> tuple[Path, str]:
-    """(run folder, model name) from a run folder (its default model) or a model folder inside a run."""
-    path = Path(path)
-    if transformer_checkpoint(path).with_suffix(".json").is_file():
-        return path, MODEL_NAME
-    if (path / "last.json").is_file():
-        return path.parent, path.name
-    raise NeuroARError(f"{path} holds no trained model (neither {path}/{MODEL_NAME}/last.json nor {path}/last.json); "
-                       "train one with `neuroar train-ar --run RUN` or `neuroar train-baseline ldm --run RUN`.")
-
-
-def build_transformer(config: Config) -> NeuroAR:
-    tok = config.tokenizer
-    return NeuroAR(config.transformer, tok.latent_dim, tok.codebook_size, tok.scales)
 
 
 @dataclass
@@ -84,17 +69,6 @@ class ScanSequences:
                 "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device)}
 
 
-def token_pairs(run_dir: Path, scans: pd.DataFrame, split: str) -> pd.DataFrame:
-    """The run's pairs of one split, with the row of each scan in the token table."""
-    pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str, "earlier_session": str,
-                                                      "later_session": str}, keep_default_na=False)
-    row = {(str(s), str(t)): i for i, (s, t) in enumerate(zip(scans["subject_id"], scans["session_id"]))}
-    pairs = pairs[pairs["split"] == split].reset_index(drop=True)
-    pairs["earlier_index"] = [row[(s, t)] for s, t in zip(pairs["subject_id"], pairs["earlier_session"])]
-    pairs["later_index"] = [row[(s, t)] for s, t in zip(pairs["subject_id"], pairs["later_session"])]
-    return pairs
-
-
 def train_transformer(run_dir: str | Path, config: Config, progress: bool = True, name: str = MODEL_NAME
                       ) -> dict[str, float]:
     """Train (or resume) a NeuroAR transformer of a tokenized run into RUN/NAME; returns the last validation
@@ -114,7 +88,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     model.init_copy_logits(copy_rates(model, sequences, train_pairs))
     model.activation_checkpointing = settings.activation_checkpointing
     optimizer = torch.optim.AdamW(model.parameter_groups(settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
-    checkpoint = transformer_checkpoint(run_dir, name)
+    checkpoint = model_checkpoint(run_dir, name)
     tokenizer_sha = sha256_file(weights_path(tokenizer_checkpoint(run_dir)))
 
     def check_resumed(meta: dict) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from neuroar.data.synth.anatomy import CLASSES, Anatomy
+from neuroar.data.atlas import CLASSES, Anatomy
 
 FLOW_GRID_MM = 4.0
 MAX_LOG_STEP = 0.03  # largest log-volume change of any tissue in one flow step

@@ -34,15 +34,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from neuroar import __version__
+from neuroar.data.atlas import CLASSES, load_anatomy
 from neuroar.data.manifest import write_manifest
 from neuroar.data.nifti import write_volume
 from neuroar.data.synth.aging import COHORTS, AgingFlow, GroupRates, SubjectAging
-from neuroar.data.synth.anatomy import CLASSES, load_anatomy
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, write_json
+from neuroar.progress import Progress
 
 WHITE_MATTER_SIGNAL = 1000.0  # stored intensity of white matter (int16 images, like scanners write)
 VISIT_GAP_YEARS = (0.5, 4.0)  # irregular follow-up
@@ -82,7 +82,7 @@ def make_cohort(out_dir: str | Path, options: SynthOptions = SynthOptions(), pro
     plans = plan_subjects(options)
     workers = options.workers or os.cpu_count() or 1
     rows: list[dict] = []
-    with tqdm(total=len(plans), desc="synth", unit="subject", disable=not progress) as bar:
+    with Progress(total=len(plans), desc="synth", unit="subject", enabled=progress) as bar:
         if workers == 1:
             for plan in plans:
                 rows += make_subject(plan, options, out_dir)

@@ -1,4 +1,5 @@
-"""The template anatomy the synthetic cohort is built from: MNI152 2009a, shipped in the nilearn wheel.
+"""The template atlas: MNI152 2009a (shipped in the nilearn wheel) with its tissue maps and two located
+structures. The synthetic cohort is built from it and the evaluation measures regional volumes in it.
 
 Tissue maps: grey and white matter probabilities are nilearn's; CSF is what the brain mask holds beyond
 them (mask - GM - WM, clipped to [0, 1]). Two structures are located from the template itself:

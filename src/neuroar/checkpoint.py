@@ -3,9 +3,9 @@
 A checkpoint named NAME is NAME.json (format version, package version, config, step, optimizer
 hyper-parameters, whatever the caller adds such as the preprocessing and the scale schedule, and the name of
 its weights file) and NAME.STEP.safetensors (model weights under "model.", other modules' under their own
-prefix, optimizer moments under "optim.<name>.", RNG state under "rng."). Saving writes the new weights file
-first, then replaces the JSON atomically, then deletes the previous weights file: a process killed at any
-moment leaves a JSON that names complete weights of the same step.
+prefix, optimizer moments under "optim.<name>.", the CPU and CUDA RNG states under "rng."). Saving writes the
+new weights file first, then replaces the JSON atomically, then deletes the previous weights file: a process
+killed at any moment leaves a JSON that names complete weights of the same step.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def save_checkpoint(path_stem: str | Path, modules: dict[str, nn.Module],
                             for k, v in values.items()})
         groups[name] = state["param_groups"]
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # this process's device (one per process under torchrun)
     weights = stem.parent / f"{stem.name}.{int(meta.get('step', 0))}.safetensors"
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp))
@@ -103,4 +105,6 @@ def load_checkpoint(path_stem: str | Path, modules: dict[str, nn.Module],
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"][name]})
     if restore_rng:
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
     return meta
