@@ -89,3 +89,15 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(runs, tmp_pat
     shutil.rmtree(odd / "tokenizer", ignore_errors=True)
     done = torchrun("train-tokenizer", "--run-dir", str(odd), *TOKENIZER, "train_tokenizer.batch_size=3")
     assert done.returncode != 0 and "multiple of 2" in done.stderr
+
+
+@pytest.mark.parametrize("connect", [True, False])
+def test_codebook_restarts_follow_rank_0_whatever_each_rank_draws(connect):
+    """Connected to the process group, every rank keeps rank 0's codebook; unconnected (the check that the
+    ranks' draws really diverge here) they do not."""
+    script = os.path.join(os.path.dirname(__file__), "distributed_codebook.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, *(["connect"] if connect else [])], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == ("same" if connect else "different")
