@@ -10,7 +10,7 @@ scale between two scans of the same subject against two scans of different subje
 keeps what copy keeps gives same-subject pairs far more equal tokens).
 
 A variant is a name from VARIANTS or `name=override;override` (config overrides, e.g.
-`big=tokenizer.codebook_size=4096`). `continuous` skips quantization altogether (f_hat = f, no vq loss): the
+`big=tokenizer.codebook_size=4096`; `adam.betas=B1,B2` sets Adam's betas, (0.5, 0.9) as the trainer's otherwise). `continuous` skips quantization altogether (f_hat = f, no vq loss): the
 fidelity the encoder and decoder reach without the quantizer, an upper bound for every quantized variant.
 
 Run: .venv/bin/python benchmarks/tokenizer_curve.py --run runs/ref120 [--minutes 12 --every 2 --scans 12]
@@ -61,7 +61,8 @@ def train_curve(run_dir: Path, variant: str, minutes: float, every: float, scans
     from neuroar.models.tokenizer import MSVQVAE
     from neuroar.train.loop import batch_indices, split_scan_paths, volume_batch
     name, overrides = parse_variant(variant)
-    config = load_config(run_dir / "config.yaml", overrides)
+    betas = [tuple(map(float, o.split("=", 1)[1].split(","))) for o in overrides if o.startswith("adam.betas=")]
+    config = load_config(run_dir / "config.yaml", [o for o in overrides if not o.startswith("adam.betas=")])
     settings = config.train_tokenizer
     train_paths, _ = split_scan_paths(run_dir)
     held_out = _held_out(run_dir, scans)
@@ -71,7 +72,7 @@ def train_curve(run_dir: Path, variant: str, minutes: float, every: float, scans
     model = MSVQVAE(config.tokenizer)
     if name == "continuous":
         model.quantizer = Continuous()
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.5, 0.9))
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=betas[-1] if betas else (0.5, 0.9))
     rows, trained, step, next_check = [], 0.0, 0, 0.0
     while True:
         if trained >= next_check:
