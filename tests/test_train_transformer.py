@@ -59,6 +59,37 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(run_dir):
     assert (run_dir / "neuroar_val.csv").is_file()
 
 
+def test_training_scans_are_cached_mirrored_left_right_and_join_training(run_dir, monkeypatch):
+    from neuroar.data.preprocess import load_preprocessed
+
+    config = load_config(run_dir / "config.yaml")
+    tokens, scans = load_tokens(run_dir)
+    mirrored_tokens, mirrored_scans = load_tokens(run_dir, mirrored=True)
+    train = scans[scans["split"] == "train"].reset_index(drop=True)
+    assert list(mirrored_scans["preprocessed"]) == list(train["preprocessed"]) and len(train) < len(scans)
+    tokenizer = load_tokenizer(run_dir, config)
+    for i in (0, len(train) - 1):  # independently: the volume reversed along its left-right (first) axis
+        volume = np.ascontiguousarray(load_preprocessed(train["preprocessed"][i])[0][::-1])
+        expected = tokenizer.tokenize(torch.from_numpy(volume)[None, None])
+        assert all(torch.equal(m[i], e[0]) for m, e in zip(mirrored_tokens, expected))
+    # Training sees the run's pairs and the same pairs mirrored; without `mirror`, only the run's.
+    seen = {}
+    real = token_pairs
+
+    def spy(run, table, split):
+        pairs = real(run, table, split)
+        seen.setdefault(split, []).append(len(pairs))
+        return pairs
+
+    monkeypatch.setattr("neuroar.train.transformer.token_pairs", spy)
+    for mirror, counts in ((True, 2), (False, 1)):
+        seen.clear()
+        overrides = ["train_transformer.steps=1", f"train_transformer.mirror={str(mirror).lower()}"]
+        shutil.rmtree(run_dir / "neuroar", ignore_errors=True)
+        train_transformer(run_dir, load_config(run_dir / "config.yaml", overrides), progress=False)
+        assert len(seen["train"]) == counts and len(set(seen["train"])) == 1
+
+
 def test_the_logged_loss_is_the_whole_steps_not_one_micro_batchs(run_dir, tmp_path):
     other = shutil.copytree(run_dir, tmp_path / "other")
     common = ["train_transformer.steps=1", "train_transformer.log_every=1", "train_transformer.batch_size=2"]

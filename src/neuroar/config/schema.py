@@ -157,6 +157,9 @@ class TransformerTrainingConfig(TrainingConfig):
     weight_decay: float = 0.05
     grad_clip: float = 2.0
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # Train also on every training pair mirrored left-right (tokens cached once by `neuroar tokenize`): measured
+    # on the demo cohort (34 training subjects), validation loss 1.196 against 1.312 without.
+    mirror: bool = True
 
     def check(self, key: str, fail: Fail) -> None:
         super().check(key, fail)

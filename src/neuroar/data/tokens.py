@@ -1,8 +1,11 @@
-"""Cached token maps: every preprocessed scan of a run encoded once by the trained tokenizer.
+"""Cached token maps: every preprocessed scan of a run encoded once by the trained tokenizer, and every
+training scan once more mirrored left-right (the transformer's augmentation: a mirrored brain ages the same
+way, and doubles the anatomies it learns from).
 
 One safetensors file per dataset (RUN/tokens/KEY.safetensors: "scale0".."scaleK-1", each (N, d, h, w)
-int16) beside a JSON file listing the scans in order. KEY hashes the tokenizer's weights and the scans, so
-re-running after either changed writes a new file and re-running unchanged does nothing.
+int16, and "mirrored_scale0".. for the M training scans) beside a JSON file listing the scans in order. KEY
+hashes the tokenizer's weights and the scans, so re-running after either changed writes a new file and
+re-running unchanged does nothing.
 """
 
 from __future__ import annotations
@@ -35,21 +38,28 @@ def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> 
     if path.with_suffix(".json").is_file():
         return path
     model = load_tokenizer(run_dir, config)
-    per_scale: list[list[torch.Tensor]] = [[] for _ in config.tokenizer.scales]
-    for preprocessed in Progress(scans["preprocessed"], desc="tokenize", unit="scan", enabled=progress):
+    train = scans[scans["split"] == "train"]
+    jobs = [(p, False) for p in scans["preprocessed"]] + [(p, True) for p in train["preprocessed"]]
+    per_scale: dict[bool, list[list[torch.Tensor]]] = {m: [[] for _ in config.tokenizer.scales] for m in (False, True)}
+    for preprocessed, mirrored in Progress(jobs, desc="tokenize", unit="scan", enabled=progress):
         volume = torch.from_numpy(load_preprocessed(preprocessed)[0])[None, None]
+        if mirrored:
+            volume = volume.flip(2)  # the preprocessed grid is RAS: its first axis runs left to right
         for k, idx in enumerate(model.tokenize(volume)):
-            per_scale[k].append(idx[0].to(torch.int16))
-    tensors = {f"scale{k}": torch.stack(maps) for k, maps in enumerate(per_scale)}
+            per_scale[mirrored][k].append(idx[0].to(torch.int16))
+    tensors = {f"{'mirrored_' if mirrored else ''}scale{k}": torch.stack(maps)
+               for mirrored, scales in per_scale.items() for k, maps in enumerate(scales) if maps}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
     write_json(path.with_suffix(".json"), {"scans": scans[SCAN_COLUMNS].to_dict("records"),
+                                           "mirrored": train[SCAN_COLUMNS].to_dict("records"),
                                            "scales": [list(s) for s in config.tokenizer.scales]})
     return path
 
 
-def load_tokens(run_dir: str | Path) -> tuple[list[torch.Tensor], pd.DataFrame]:
-    """Token maps per scale, (N, d, h, w) int64, and the table of the N scans they belong to."""
+def load_tokens(run_dir: str | Path, mirrored: bool = False) -> tuple[list[torch.Tensor], pd.DataFrame]:
+    """Token maps per scale, (N, d, h, w) int64, and the table of the N scans they belong to: the run's scans,
+    or with `mirrored` its training scans mirrored left-right."""
     run_dir = Path(run_dir)
     scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
     path = _token_path(run_dir, scans)
@@ -58,7 +68,10 @@ def load_tokens(run_dir: str | Path) -> tuple[list[torch.Tensor], pd.DataFrame]:
                            f"`neuroar tokenize --run {run_dir}`.")
     tensors = load_file(str(path))
     meta = json.loads(path.with_suffix(".json").read_text())
-    return [tensors[f"scale{k}"].long() for k in range(len(meta["scales"]))], pd.DataFrame(meta["scans"])
+    prefix, table = ("mirrored_", meta["mirrored"]) if mirrored else ("", meta["scans"])
+    if not table:
+        return [], pd.DataFrame(table, columns=SCAN_COLUMNS)
+    return [tensors[f"{prefix}scale{k}"].long() for k in range(len(meta["scales"]))], pd.DataFrame(table)
 
 
 def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id: str) -> nib.Nifti1Image:
@@ -90,5 +103,5 @@ def _token_path(run_dir: Path, scans: pd.DataFrame) -> Path:
     if not checkpoint.with_suffix(".json").is_file():
         raise NeuroARError(f"no trained tokenizer in {run_dir}; run `neuroar train-tokenizer --run {run_dir}`.")
     weights = weights_path(checkpoint)
-    key = sha256_json({"weights": sha256_file(weights), "scans": list(scans["preprocessed"])})
+    key = sha256_json({"weights": sha256_file(weights), "scans": list(scans["preprocessed"]), "mirrored": "train"})
     return run_dir / "tokens" / f"{key[:16]}.safetensors"

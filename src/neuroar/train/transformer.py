@@ -1,7 +1,8 @@
 """Training the NeuroAR transformer on a run's cached tokens.
 
-Every (earlier, later) pair of scans of a training subject is one example: the later scan's tokens are the
-target, cross-entropy with teacher forcing. The frozen tokenizer's quantizer turns each scan's tokens once
+Every (earlier, later) pair of scans of a training subject is one example (and, with
+`train_transformer.mirror`, the same pair with both scans mirrored left-right): the later scan's tokens are
+the target, cross-entropy with teacher forcing. The frozen tokenizer's quantizer turns each scan's tokens once
 into the two sequences the model reads (its teacher-forcing inputs, and its features as an earlier scan);
 batches are then only indexing. Logged losses and accuracies are those of the whole step (every micro-batch
 and process), beside the accuracy of copying the earlier scan's tokens: a model below it has not learned
@@ -78,11 +79,17 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     ctx = distributed.init()
     device = ctx.device
     tokens, scans = load_tokens(run_dir)
-    sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens, config.transformer.earlier)
     train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
     if train_pairs.empty:
         raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; NeuroAR needs subjects with at least two "
                            "scans at different ages in the training split.")
+    if settings.mirror:  # the same pairs once more, both scans mirrored: rows after the run's own scans
+        mirrored_tokens, mirrored_scans = load_tokens(run_dir, mirrored=True)
+        mirrored = token_pairs(run_dir, mirrored_scans, "train")
+        mirrored[["earlier_index", "later_index"]] += len(scans)
+        tokens = [torch.cat([a, b]) for a, b in zip(tokens, mirrored_tokens)]
+        train_pairs = pd.concat([train_pairs, mirrored], ignore_index=True)
+    sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens, config.transformer.earlier)
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
     model.init_copy_logits(copy_rates(model, sequences, train_pairs))
