@@ -10,8 +10,10 @@ scale between two scans of the same subject against two scans of different subje
 keeps what copy keeps gives same-subject pairs far more equal tokens).
 
 A variant is a name from VARIANTS or `name=override;override` (config overrides, e.g.
-`big=tokenizer.codebook_size=4096`; `adam.betas=B1,B2` sets Adam's betas, (0.5, 0.9) as the trainer's otherwise). `continuous` skips quantization altogether (f_hat = f, no vq loss): the
-fidelity the encoder and decoder reach without the quantizer, an upper bound for every quantized variant.
+`big=tokenizer.codebook_size=4096`). Two overrides belong to this script: `adam.betas=B1,B2` sets Adam's betas
+((0.5, 0.9) as the trainer's otherwise), and `quantize=false` (the variant `continuous`) skips quantization
+altogether (f_hat = f, no vq loss): the fidelity the encoder and decoder reach without the quantizer, an upper
+bound for every quantized variant.
 
 Run: .venv/bin/python benchmarks/tokenizer_curve.py --run runs/ref120 [--minutes 12 --every 2 --scans 12]
      [--variants old new ...] [--name tokenizer_curve]
@@ -35,7 +37,8 @@ import pandas as pd
 import torch
 
 HERE = Path(__file__).parent
-VARIANTS = {"old": ["tokenizer.patch=1", "tokenizer.channels=8"], "new": [], "continuous": []}
+VARIANTS = {"old": ["tokenizer.patch=1", "tokenizer.channels=8"], "new": [], "continuous": ["quantize=false"]}
+SCRIPT_OVERRIDES = ("adam.betas=", "quantize=")
 DEFAULT_VARIANTS = ["old", "new"]
 
 
@@ -62,7 +65,8 @@ def train_curve(run_dir: Path, variant: str, minutes: float, every: float, scans
     from neuroar.train.loop import batch_indices, split_scan_paths, volume_batch
     name, overrides = parse_variant(variant)
     betas = [tuple(map(float, o.split("=", 1)[1].split(","))) for o in overrides if o.startswith("adam.betas=")]
-    config = load_config(run_dir / "config.yaml", [o for o in overrides if not o.startswith("adam.betas=")])
+    continuous = "quantize=false" in overrides
+    config = load_config(run_dir / "config.yaml", [o for o in overrides if not o.startswith(SCRIPT_OVERRIDES)])
     settings = config.train_tokenizer
     train_paths, _ = split_scan_paths(run_dir)
     held_out = _held_out(run_dir, scans)
@@ -70,14 +74,14 @@ def train_curve(run_dir: Path, variant: str, minutes: float, every: float, scans
     brain_BDHW = torch.from_numpy(brain).float()[None, None]
     torch.manual_seed(config.seed)
     model = MSVQVAE(config.tokenizer)
-    if name == "continuous":
+    if continuous:
         model.quantizer = Continuous()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=betas[-1] if betas else (0.5, 0.9))
     rows, trained, step, next_check = [], 0.0, 0, 0.0
     while True:
         if trained >= next_check:
             rows.append({"variant": name, "minutes": trained / 60, "step": step,
-                         **_measure(model, held_out, brain, tokens=name != "continuous")})
+                         **_measure(model, held_out, brain, tokens=not continuous)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             next_check += every * 60
             if trained >= minutes * 60:

@@ -89,6 +89,13 @@ def init() -> Context:
     return Context(dist.get_rank(), world, torch.device("cuda", local) if cuda else torch.device("cpu"))
 
 
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA (training, and encoding scans as training did); full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 

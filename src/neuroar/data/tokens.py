@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from neuroar import distributed
 from neuroar.checkpoint import weights_path
 from neuroar.config import Config
 from neuroar.data.nifti import write_volume
@@ -37,16 +38,21 @@ def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> 
     path = _token_path(run_dir, scans)
     if path.with_suffix(".json").is_file():
         return path
-    model = load_tokenizer(run_dir, config)
+    # On the device and in the precision the tokenizer trained in, so the cache holds the tokens the decoder
+    # learned from.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_tokenizer(run_dir, config).to(device)
     train = scans[scans["split"] == "train"]
     jobs = [(p, False) for p in scans["preprocessed"]] + [(p, True) for p in train["preprocessed"]]
     per_scale: dict[bool, list[list[torch.Tensor]]] = {m: [[] for _ in config.tokenizer.scales] for m in (False, True)}
     for preprocessed, mirrored in Progress(jobs, desc="tokenize", unit="scan", enabled=progress):
-        volume = torch.from_numpy(load_preprocessed(preprocessed)[0])[None, None]
+        volume = torch.from_numpy(load_preprocessed(preprocessed)[0])[None, None].to(device)
         if mirrored:
             volume = volume.flip(2)  # the preprocessed grid is RAS: its first axis runs left to right
-        for k, idx in enumerate(model.tokenize(volume)):
-            per_scale[mirrored][k].append(idx[0].to(torch.int16))
+        with distributed.autocast(device):
+            tokens = model.tokenize(volume)
+        for k, idx in enumerate(tokens):
+            per_scale[mirrored][k].append(idx[0].to(torch.int16).cpu())
     tensors = {f"{'mirrored_' if mirrored else ''}scale{k}": torch.stack(maps)
                for mirrored, scales in per_scale.items() for k, maps in enumerate(scales) if maps}
     with atomic_path(path) as tmp:

@@ -22,7 +22,7 @@ from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.metrics import masked_psnr
 from neuroar.models.autoencoder import PatchAutoencoderKL, build_autoencoder
 from neuroar.runs import autoencoder_checkpoint
-from neuroar.train.loop import autocast, batch_indices, run_steps, split_scan_paths, volume_batch
+from neuroar.train.loop import batch_indices, run_steps, split_scan_paths, volume_batch
 
 
 def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
@@ -44,7 +44,7 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
         for i, rows in enumerate(micro):
             x = volume_batch(train_paths, rows).to(device)
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
-                with autocast(device):
+                with distributed.autocast(device):
                     reconstruction, mu, sigma = model_ddp(x)
                 l1 = F.l1_loss(reconstruction.float(), x)
                 kl = 0.5 * (mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-8) - 1).mean()

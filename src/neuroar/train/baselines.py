@@ -29,7 +29,7 @@ from neuroar.models.baselines import BASELINES, build_baseline, predict_latent
 from neuroar.models.stargan import GeneratorPasses
 from neuroar.runs import model_checkpoint
 from neuroar.train.autoencoder import train_autoencoder
-from neuroar.train.loop import autocast, batch_indices, run_steps
+from neuroar.train.loop import batch_indices, run_steps
 
 
 def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: bool = True) -> dict[str, float]:
@@ -120,7 +120,7 @@ def _ldm_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, confi
     for i, positions in enumerate(micro):
         batch = _latent_batch(latents, pairs, [rows[j] for j in positions], device)
         with distributed.no_sync(wrapped["model"], last=i == len(micro) - 1):
-            with autocast(device):
+            with distributed.autocast(device):
                 loss = wrapped["model"](batch["later"], batch["earlier"], batch["earlier_age"], batch["target_age"],
                                         noise[positions].to(device), t[positions].to(device))
             (loss / len(micro)).backward()
@@ -136,7 +136,7 @@ def _stargan_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, c
     for i, batch in enumerate(batches):
         with torch.no_grad():
             fake = generator(batch["earlier"], batch["earlier_age"], batch["target_age"])
-        with distributed.no_sync(wrapped["discriminator"], last=i == len(batches) - 1), autocast(device):
+        with distributed.no_sync(wrapped["discriminator"], last=i == len(batches) - 1), distributed.autocast(device):
             real_logits, real_age = wrapped["discriminator"](torch.cat([batch["later"], fake]))
             real_logits, fake_logits = real_logits.float().chunk(2)
             d_adversarial = (F.mse_loss(real_logits, torch.ones_like(real_logits))
@@ -148,7 +148,7 @@ def _stargan_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, c
     optimizers["model"].zero_grad(set_to_none=True)
     for i, batch in enumerate(batches):
         earlier = batch["earlier"]
-        with distributed.no_sync(wrapped["model"], last=i == len(batches) - 1), autocast(device):
+        with distributed.no_sync(wrapped["model"], last=i == len(batches) - 1), distributed.autocast(device):
             fake, cycled, same = wrapped["model"](earlier, batch["earlier_age"], batch["target_age"])
             fake_logits, fake_age = discriminator(fake)  # its gradients are discarded at its next step
             g_adversarial = F.mse_loss(fake_logits.float(), torch.ones_like(fake_logits.float()))

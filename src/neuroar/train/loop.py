@@ -5,7 +5,6 @@ CUDA."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -105,13 +104,6 @@ def set_learning_rate(optimizers: list[torch.optim.Optimizer], lr: float) -> Non
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr
-
-
-def autocast(device: torch.device):
-    """bfloat16 autocast on CUDA; full precision on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def split_scan_paths(run_dir: Path) -> tuple[list[str], list[str]]:

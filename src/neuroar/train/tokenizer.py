@@ -30,7 +30,7 @@ from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.runs import tokenizer_checkpoint
-from neuroar.train.loop import autocast, batch_indices, run_steps, split_scan_paths, volume_batch
+from neuroar.train.loop import batch_indices, run_steps, split_scan_paths, volume_batch
 
 
 def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
@@ -67,7 +67,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
             x = volume_batch(train_paths, rows).to(device)
             weights = 1.0 + settings.brain_weight * brain_BDHW
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
-                with autocast(device):
+                with distributed.autocast(device):
                     reconstruction, vq_loss, stats = model_ddp(x)
                     l1 = (weights * (reconstruction.float() - x).abs()).mean()
                     loss = l1 + vq_loss
@@ -84,7 +84,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
         if use_adversarial:
             optimizer_d.zero_grad(set_to_none=True)
             for i, (x, reconstruction) in enumerate(pairs):
-                with distributed.no_sync(discriminator_ddp, last=i == len(pairs) - 1), autocast(device):
+                with distributed.no_sync(discriminator_ddp, last=i == len(pairs) - 1), distributed.autocast(device):
                     real = adversarial(discriminator_ddp(x)[-1], target_is_real=True, for_discriminator=True)
                     fake = adversarial(discriminator_ddp(reconstruction)[-1], target_is_real=False,
                                        for_discriminator=True)

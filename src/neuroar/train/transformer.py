@@ -37,7 +37,7 @@ from neuroar.models.transformer import (
     teacher_forcing_sequence,
 )
 from neuroar.runs import MODEL_NAME, load_tokenizer, model_checkpoint, tokenizer_checkpoint
-from neuroar.train.loop import autocast, batch_indices, is_log_step, run_steps
+from neuroar.train.loop import batch_indices, is_log_step, run_steps
 
 
 @dataclass
@@ -118,7 +118,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
         for i, positions in enumerate(micro):
             batch = sequences.batch(train_pairs, [rows[j] for j in positions], device)
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
-                with autocast(device):
+                with distributed.autocast(device):
                     logits = model_ddp(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"],
                                        batch["earlier_age"], batch["target_age"], drop[positions].to(device))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
