@@ -22,3 +22,5 @@ codebooks = [torch.empty_like(quantizer.codebook.weight) for _ in range(ctx.worl
 dist.all_gather(codebooks, quantizer.codebook.weight.detach().contiguous())
 if ctx.main:
     print("same" if all(torch.equal(codebooks[0], c) for c in codebooks) else "different")
+dist.barrier()
+dist.destroy_process_group()  # a process that exits with its group open may abort in gloo's teardown

@@ -192,14 +192,9 @@ def _preprocess(args: argparse.Namespace) -> None:
 
 
 def _run_config(run: Path, config_path: Path | None, overrides: list[str]):
-    from neuroar.config import load_config
+    from neuroar.runs import load_run_config
 
-    if config_path is not None:  # a file or a shipped name
-        return load_config(config_path, overrides)
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise NeuroARError(f"{path} not found; run `neuroar preprocess MANIFEST --out {run}` first.")
-    return load_config(path, overrides)
+    return load_run_config(run, config_path, overrides)
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:

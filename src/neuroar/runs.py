@@ -9,15 +9,27 @@ trainers, prediction, evaluation) finds its models here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from neuroar.checkpoint import load_checkpoint
-from neuroar.config import Config
+from neuroar.config import Config, load_config
 from neuroar.errors import NeuroARError
 from neuroar.models.autoencoder import PatchAutoencoderKL, build_autoencoder
 from neuroar.models.tokenizer import MSVQVAE
 
 MODEL_NAME = "neuroar"  # the default model folder of a run; ablations train beside it under other names
+
+
+def load_run_config(run_dir: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The config a run was prepared with (RUN/config.yaml), or `config` (a file or a shipped name) instead;
+    with `key.sub=value` overrides."""
+    if config is not None:
+        return load_config(config, overrides)
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise NeuroARError(f"{path} not found; run `neuroar preprocess MANIFEST --out {run_dir}` first.")
+    return load_config(path, overrides)
 
 
 def tokenizer_checkpoint(run_dir: str | Path) -> Path:
