@@ -58,8 +58,8 @@ def prepare_dataset(source: str | Path, config: Config, out_dir: str | Path, pro
 
 
 # --quick: a smaller cohort and shorter training, for a first look in a few minutes.
-QUICK = ["train_tokenizer.steps=400", "train_tokenizer.val_every=400", "train_transformer.steps=100",
-         "train_transformer.val_every=50", "train_autoencoder.steps=50", "train_ldm.steps=40",
+QUICK = ["train_tokenizer.steps=300", "train_tokenizer.val_every=300", "train_transformer.steps=70",
+         "train_transformer.val_every=35", "train_autoencoder.steps=50", "train_ldm.steps=40",
          "train_stargan.steps=20", "ldm.ddim_steps=10", "brain_age.seeds=2", "brain_age.steps=20"]
 
 
