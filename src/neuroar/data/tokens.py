@@ -109,5 +109,6 @@ def _token_path(run_dir: Path, scans: pd.DataFrame) -> Path:
     if not checkpoint.with_suffix(".json").is_file():
         raise NeuroARError(f"no trained tokenizer in {run_dir}; run `neuroar train-tokenizer --run {run_dir}`.")
     weights = weights_path(checkpoint)
+    # "mirrored": the file also holds the training scans mirrored (older files without them get a new key).
     key = sha256_json({"weights": sha256_file(weights), "scans": list(scans["preprocessed"]), "mirrored": "train"})
     return run_dir / "tokens" / f"{key[:16]}.safetensors"
