@@ -73,21 +73,24 @@ def test_training_scans_are_cached_mirrored_left_right_and_join_training(run_dir
         expected = tokenizer.tokenize(torch.from_numpy(volume)[None, None])
         assert all(torch.equal(m[i], e[0]) for m, e in zip(mirrored_tokens, expected))
     # Training sees the run's pairs and the same pairs mirrored; without `mirror`, only the run's.
-    seen = {}
-    real = token_pairs
+    import neuroar.train.transformer as trainer
 
-    def spy(run, table, split):
-        pairs = real(run, table, split)
-        seen.setdefault(split, []).append(len(pairs))
-        return pairs
+    trained_on = {}
+    real_copy_rates = trainer.copy_rates
 
-    monkeypatch.setattr("neuroar.train.transformer.token_pairs", spy)
-    for mirror, counts in ((True, 2), (False, 1)):
-        seen.clear()
+    def spy(model, sequences, pairs):  # the pairs the trainer starts from and samples its batches among
+        trained_on["pairs"] = pairs.copy()
+        return real_copy_rates(model, sequences, pairs)
+
+    monkeypatch.setattr(trainer, "copy_rates", spy)
+    counts = {}
+    for mirror in (True, False):
         overrides = ["train_transformer.steps=1", f"train_transformer.mirror={str(mirror).lower()}"]
         shutil.rmtree(run_dir / "neuroar", ignore_errors=True)
         train_transformer(run_dir, load_config(run_dir / "config.yaml", overrides), progress=False)
-        assert len(seen["train"]) == counts and len(set(seen["train"])) == 1
+        counts[mirror] = len(trained_on["pairs"])
+    assert counts[True] == 2 * counts[False] == 2 * len(token_pairs(run_dir, scans, "train"))
+    assert trained_on["pairs"]["earlier_index"].max() < len(scans)  # without mirror: the run's own scans only
 
 
 def test_the_logged_loss_is_the_whole_steps_not_one_micro_batchs(run_dir, tmp_path):
