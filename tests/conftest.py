@@ -83,3 +83,11 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
     make_cohort(root, COHORT_OPTIONS, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def raw_cohort(tmp_path_factory):
+    """One subject's two visits at 2 mm, clean and raw (raw/: a head, a scanner pose, a strong bias field)."""
+    root = tmp_path_factory.mktemp("raw_cohort")
+    make_cohort(root, SynthOptions(subjects=1, visits=2, seed=5, workers=1, raw=True), progress=False)
+    return root

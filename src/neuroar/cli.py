@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--spacing", type=int, choices=[1, 2], default=2, help="voxel size in mm")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--misregistration", action="store_true", help="small random rigid motion between visits")
+    synth.add_argument("--raw", action="store_true", help="also write each scan as a scanner would, into "
+                       "OUT/raw: a head with skull and scalp, a scanner pose, a strong bias field (preprocess it with "
+                       "data.raw=true)")
     synth.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU core)")
     synth.set_defaults(handler=_synth)
 
@@ -110,8 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--samples", type=int, help="samples per target age (default: the config's)")
     predict.add_argument("--seed", type=int, default=0)
     predict.add_argument("--out", type=Path, required=True, help="output folder (not the input's folder)")
-    predict.add_argument("overrides", nargs="*", metavar="sampling.KEY=VALUE",
-                         help="sampling settings, e.g. sampling.temperature=0.5 sampling.guidance=2 ldm.ddim_steps=20")
+    predict.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="sampling settings, e.g. sampling.temperature=0.5 sampling.guidance=2 ldm.ddim_steps=20, "
+                              "and data.raw=true for a raw scan (a head in scanner space: skull stripped, registered, "
+                              "the prediction put back into the head)")
     predict.set_defaults(handler=_predict)
 
     evaluate = commands.add_parser("evaluate", help="compare models (and the copy baselines) on held-out pairs")
@@ -173,7 +178,8 @@ def _synth(args: argparse.Namespace) -> None:
     from neuroar.data.synth.cohort import SynthOptions, make_cohort
 
     options = SynthOptions(subjects=args.subjects, visits=args.visits, cohort=args.cohort, spacing=args.spacing,
-                           seed=args.seed, misregistration=args.misregistration, workers=args.workers)
+                           seed=args.seed, misregistration=args.misregistration, raw=args.raw,
+                           workers=args.workers)
     manifest = make_cohort(args.out, options)
     print(f"wrote {len(manifest)} scans of {manifest['subject_id'].nunique()} subjects to {args.out} "
           f"(manifest.csv, truth.csv, figures/)")

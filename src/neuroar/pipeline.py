@@ -20,6 +20,7 @@ from neuroar.config import Config, load_config, save_config
 from neuroar.data.manifest import assign_splits, write_manifest
 from neuroar.data.pairs import longitudinal_pairs
 from neuroar.data.preprocess import load_preprocessed, preprocess_scans
+from neuroar.data.quality import write_qc_page
 from neuroar.data.scans import read_scans
 from neuroar.files import atomic_path, sha256_json, write_json, write_text
 
@@ -28,6 +29,7 @@ from neuroar.files import atomic_path, sha256_json, write_json, write_text
 class Dataset:
     scans: pd.DataFrame  # one row per scan, with `split` and `preprocessed`
     pairs: pd.DataFrame  # one row per (earlier, later) pair, paths to preprocessed volumes
+    qc: tuple[int, Path] | None = None  # registered scans: how many the QC page flagged, and the page
 
     def summary(self) -> str:
         lines = ["| split | subjects | scans | pairs | years between scans |", "|---|---|---|---|---|"]
@@ -39,6 +41,8 @@ class Dataset:
         if "diagnosis" in self.scans and (self.scans["diagnosis"] != "").any():
             counts = self.scans.groupby("diagnosis")["subject_id"].nunique()
             lines.append("\nsubjects per diagnosis: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        if self.qc is not None:
+            lines.append(f"\nQC: {self.qc[0]} of {len(self.scans)} scans flagged; see {self.qc[1]}")
         return "\n".join(lines)
 
 
@@ -54,7 +58,11 @@ def prepare_dataset(source: str | Path, config: Config, out_dir: str | Path, pro
     write_manifest(scans, out_dir / "scans.csv")
     with atomic_path(out_dir / "pairs.csv") as tmp:
         pairs.to_csv(tmp, index=False)
-    return Dataset(scans=scans, pairs=pairs)
+    qc = None
+    if config.data.raw or config.data.register:
+        page = out_dir / "qc" / "index.html"
+        qc = (write_qc_page(scans, config.data, page.parent), page)
+    return Dataset(scans=scans, pairs=pairs, qc=qc)
 
 
 # --quick: a smaller cohort and shorter training, for a first look in a few minutes.

@@ -32,6 +32,9 @@ from neuroar.models.tokenizer import MSVQVAE
 from neuroar.models.transformer import NeuroAR, build_transformer
 from neuroar.runs import MODEL_NAME, load_autoencoder, load_tokenizer, resolve_model, tokenizer_checkpoint
 
+# Settings a prediction may change: how to sample, and how the input is prepared (not what the model learnt).
+PREDICTION_SETTINGS = ("sampling.", "ldm.ddim_steps=", "data.raw=", "data.register=")
+
 
 @dataclass
 class Prediction:
@@ -59,15 +62,16 @@ class Predictor:
                         sampling: Sequence[str] = ()) -> Predictor:
         """Load a trained model: a run folder (its NeuroAR model) or a model folder inside one (an ablation,
         RUN/ldm, RUN/stargan). `sampling` overrides the checkpoint's sampling settings, e.g.
-        ["sampling.temperature=0.5"] (NeuroAR) or ["ldm.ddim_steps=20"] (LDM)."""
+        ["sampling.temperature=0.5"] (NeuroAR) or ["ldm.ddim_steps=20"] (LDM), and how the input is prepared:
+        ["data.raw=true"] for a raw scan (a head, any pose) given to a model trained on skull-stripped scans."""
         run_dir, name = resolve_model(path)
         stem = run_dir / name / "last"
         meta = read_meta(stem)
         kind = meta.get("model", MODEL_NAME)
-        wrong = [o for o in sampling if not o.startswith(("sampling.", "ldm.ddim_steps="))]
+        wrong = [o for o in sampling if not o.startswith(PREDICTION_SETTINGS)]
         if wrong:
-            raise NeuroARError("only sampling.* settings and ldm.ddim_steps can change at prediction time, not "
-                               f"{', '.join(wrong)}.")
+            raise NeuroARError("only sampling.*, ldm.ddim_steps, data.raw and data.register can change at prediction "
+                               f"time, not {', '.join(wrong)}.")
         config = config_from_dict(meta["config"], str(stem.with_suffix(".json")), sampling)
         device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if kind == MODEL_NAME:

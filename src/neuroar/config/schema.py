@@ -32,6 +32,9 @@ class DataConfig:
     # percentile of the head's voxels (robust to bright vessels and fat).
     intensity_percentiles: tuple[float, float] = (0.5, 99.5)
     register: bool = False  # affine registration to MNI152 first (needs the `register` extra)
+    # Raw scanner T1w (a head, a bias field, any pose): N4 bias correction, skull stripping (deepbet), then the
+    # affine registration whatever `register` says (needs the `raw` extra).
+    raw: bool = False
     cache_dir: str = "cache"  # preprocessed volumes, keyed by input content and this section
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train/val/test, by subject
 

@@ -1,5 +1,10 @@
 """Preprocessing: RAS orientation, isotropic resampling, crop/pad, robust [0, 1] intensities; and back.
 
+Raw scans (`data.raw`) first lose their bias field and skull (raw.py) and are registered to MNI152
+(registration.py); the brain mask and the bias field stay with the record, so that a prediction goes back
+into the whole head. Registered scans carry quality checks (brain-mask volume, similarity to the template,
+seconds per step) for the QC page (quality.py).
+
 The forward path uses MONAI transforms on a MetaTensor, which carries the affine through every step, so
 the preprocessed grid's affine is known in the input's world coordinates. Going back to the input's
 space is then one resampling from that grid onto the input's grid (nibabel), with the intensity scaling
@@ -10,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -25,6 +31,8 @@ from skimage.filters import threshold_otsu
 
 from neuroar.config import DataConfig
 from neuroar.data.nifti import read_volume, write_volume
+from neuroar.data.raw import Head, extract_brain
+from neuroar.data.registration import register_to_mni, template_similarity
 from neuroar.errors import ImageError
 from neuroar.files import sha256_file, sha256_json, write_json
 from neuroar.progress import Progress
@@ -41,29 +49,41 @@ class PreprocessRecord:
     source_shape: tuple[int, int, int]
     source_affine: np.ndarray
     intensity_range: tuple[float, float]  # input intensities that were mapped to 0 and 1
+    # Raw scans: what skull stripping took away. Held in memory for predictions; the cache keeps the mask only.
+    head: Head | None = None
+    # Registered scans: brain_mask_ml, template_similarity and seconds per step, for the QC page.
+    checks: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"affine": self.affine.tolist(), "source_shape": list(self.source_shape),
-                "source_affine": self.source_affine.tolist(), "intensity_range": list(self.intensity_range)}
+                "source_affine": self.source_affine.tolist(), "intensity_range": list(self.intensity_range),
+                "checks": self.checks}
 
     @classmethod
     def from_json(cls, obj: dict) -> PreprocessRecord:
         return cls(np.asarray(obj["affine"], dtype=float), tuple(obj["source_shape"]),
-                   np.asarray(obj["source_affine"], dtype=float), tuple(obj["intensity_range"]))
+                   np.asarray(obj["source_affine"], dtype=float), tuple(obj["intensity_range"]),
+                   checks=obj.get("checks", {}))
 
 
 def preprocess_image(img: nib.Nifti1Image, config: DataConfig) -> tuple[np.ndarray, PreprocessRecord]:
     """Return the preprocessed volume (float32, config.shape, values in [0, 1]) and its record."""
     source = img
-    if config.register:
-        from neuroar.data.registration import register_to_mni
-
+    head, checks = None, {}
+    if config.raw:
+        img, head, checks = extract_brain(img)
+        checks["brain_mask_ml"] = float(head.brain_mask.sum()) * abs(np.linalg.det(source.affine[:3, :3])) / 1000
+    if config.raw or config.register:
+        start = time.perf_counter()
         img = register_to_mni(img)
+        checks["seconds_register"] = time.perf_counter() - start
+        checks["template_similarity"] = template_similarity(img)
     out_DHW, affine = to_grid(img, config, mode="bilinear")
     low, high = _robust_range(out_DHW, config.intensity_percentiles)
     scaled_DHW = np.clip((out_DHW - low) / (high - low), 0.0, 1.0).astype(np.float32)
     record = PreprocessRecord(affine=affine, source_shape=tuple(source.shape[:3]),
-                              source_affine=source.affine.astype(float), intensity_range=(low, high))
+                              source_affine=source.affine.astype(float), intensity_range=(low, high), head=head,
+                              checks={k: round(float(v), 4) for k, v in checks.items()})
     return scaled_DHW, record
 
 
@@ -92,7 +112,9 @@ def to_input_space(volume_DHW: np.ndarray, record: PreprocessRecord, order: int 
     """Map a volume on the preprocessed grid (a prediction, an uncertainty map) onto the input's grid.
 
     `order` is the spline order (0 for label maps). With `restore_intensity`, [0, 1] goes back to the
-    input's intensity range, so that a prediction looks like the input in any viewer.
+    input's intensity range, so that a prediction looks like the input in any viewer; a raw input's head
+    (its bias field inside the brain, its own voxels outside) comes back too. Without it (an uncertainty map)
+    a raw input's volume is zero outside the brain.
     """
     volume = np.asarray(volume_DHW, dtype=np.float32)
     if restore_intensity:
@@ -100,7 +122,11 @@ def to_input_space(volume_DHW: np.ndarray, record: PreprocessRecord, order: int 
         volume = volume * (high - low) + low
     moved = resample_from_to(nib.Nifti1Image(volume, record.affine), (record.source_shape, record.source_affine),
                              order=order, mode="constant", cval=0.0)
-    return nib.Nifti1Image(np.asarray(moved.dataobj, dtype=np.float32), record.source_affine)
+    moved_XYZ = np.asarray(moved.dataobj, dtype=np.float32)
+    if record.head is not None:
+        moved_XYZ = (record.head.put_back(moved_XYZ) if restore_intensity
+                     else np.where(record.head.brain_mask, moved_XYZ, 0.0).astype(np.float32))
+    return nib.Nifti1Image(moved_XYZ, record.source_affine)
 
 
 def _robust_range(volume: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -132,10 +158,19 @@ def preprocess_file(image_path: str | Path, config: DataConfig) -> Path:
     sidecar = out.with_suffix(".json")
     if sidecar.is_file() and out.is_file():  # the sidecar is written last, so its presence means complete
         return out
-    volume, record = preprocess_image(read_volume(image_path), config)
+    source = read_volume(image_path)
+    volume, record = preprocess_image(source, config)
     write_volume(out, volume, record.affine)
+    if record.head is not None:
+        write_volume(brain_mask_path(out), record.head.brain_mask.astype(np.uint8), source.affine)
     write_json(sidecar, {"source": str(image_path), "version": PREPROCESS_VERSION, **record.to_json()})
     return out
+
+
+def brain_mask_path(preprocessed: str | Path) -> Path:
+    """Where the cache keeps a raw scan's brain mask (on the input's grid)."""
+    preprocessed = Path(preprocessed)
+    return preprocessed.with_name(preprocessed.stem + "_brain_mask.nii.gz")
 
 
 def load_preprocessed(path: str | Path) -> tuple[np.ndarray, PreprocessRecord]:
@@ -154,7 +189,7 @@ def preprocess_scans(scans: pd.DataFrame, config: DataConfig, progress: bool = T
         try:
             paths.append(str(preprocess_file(row.path, config)))
         except ImageError as err:
-            problems.append(f"subject {row.subject_id} session {row.session_id}: {err}")
+            problems.append(f"subject {row.subject_id} session {row.session_id} ({row.path}): {err}")
             paths.append("")
     if problems:
         raise ImageError(f"{len(problems)} scan(s) could not be preprocessed:\n  " + "\n  ".join(problems[:20]))

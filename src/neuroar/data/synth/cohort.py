@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,16 +37,19 @@ import pandas as pd
 from scipy import ndimage
 
 from neuroar import __version__
-from neuroar.data.atlas import CLASSES, load_anatomy
+from neuroar.data.atlas import CLASSES, Anatomy, load_anatomy
 from neuroar.data.manifest import write_manifest
 from neuroar.data.nifti import write_volume
 from neuroar.data.synth.aging import COHORTS, AgingFlow, GroupRates, SubjectAging
+from neuroar.data.synth.head import clean_voxels, draw_pose, head_layers, raw_grid
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, write_json
 from neuroar.progress import Progress
 
 WHITE_MATTER_SIGNAL = 1000.0  # stored intensity of white matter (int16 images, like scanners write)
 VISIT_GAP_YEARS = (0.5, 4.0)  # irregular follow-up
+CLEAN_BIAS = 0.08  # what is left after a scanner's own correction
+RAW_BIAS = 0.3  # an uncorrected head coil's receive field
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class SynthOptions:
     deformation_mm: float = 2.0  # RMS of each subject's smooth deformation
     noise: float = 0.03  # Rician noise sigma, as a fraction of the white-matter signal
     misregistration: bool = False  # a small random rigid motion between visits
+    raw: bool = False  # also write every scan as a scanner would (head, pose, strong bias) into raw/
     workers: int = 0  # processes; 0 = one per CPU core
 
 
@@ -102,6 +107,8 @@ def make_cohort(out_dir: str | Path, options: SynthOptions = SynthOptions(), pro
     _write_csv(table[["subject_id", "session_id", "age", *CLASSES, "whole_brain"]], out_dir / "truth.csv")
     _write_csv(pd.DataFrame([_subject_row(p, options) for p in plans]), out_dir / "subjects.csv")
     _write_bids_tables(manifest, out_dir)
+    if options.raw:
+        _write_raw_tables(table, out_dir / "raw")
     write_json(out_dir / "synth.json", {"options": asdict(options), "version": __version__,
                                         "labels": {str(i + 1): name for i, name in enumerate(CLASSES)}})
     from neuroar.data.synth.figures import plot_montage, plot_trajectories
@@ -142,6 +149,8 @@ def make_subject(plan: SubjectPlan, options: SynthOptions, out_dir: Path) -> lis
     anatomy = load_anatomy(options.spacing)
     flow = _flow(options.spacing)
     rng = np.random.default_rng(plan.seed)
+    # The raw scans draw from their own stream, so that a cohort's clean scans do not depend on `raw`.
+    raw_rng = np.random.default_rng(plan.seed.spawn(1)[0]) if options.raw else None
     aging = subject_aging(plan, options, rng, flow.template_ml)
     look = _Appearance.draw(rng, anatomy.t1.shape, options)
     grid = np.indices(anatomy.t1.shape, dtype=np.float32)
@@ -180,10 +189,32 @@ def make_subject(plan: SubjectPlan, options: SynthOptions, out_dir: Path) -> lis
         counts = np.bincount(labels.ravel(), minlength=len(CLASSES) + 1)[1:]
         ml = {name: float(n) * anatomy.voxel_ml for name, n in zip(CLASSES, counts)}
         ml["whole_brain"] = ml["grey_matter"] + ml["white_matter"] + ml["hippocampus_left"] + ml["hippocampus_right"]
-        rows.append({"subject_id": plan.subject_id, "session_id": session, "age": age,
-                     "path": f"{stem}_T1w.nii.gz", "sex": plan.sex, "diagnosis": plan.group,
-                     **{k: round(v, 3) for k, v in ml.items()}})
+        row = {"subject_id": plan.subject_id, "session_id": session, "age": age, "path": f"{stem}_T1w.nii.gz",
+               "sex": plan.sex, "diagnosis": plan.group, **{k: round(v, 3) for k, v in ml.items()}}
+        if raw_rng is not None:
+            pose = write_raw_scan(out_dir / "raw" / stem, raw_rng, anatomy, deform, flow, state, look, age,
+                                  options.spacing)
+            row["pose"] = " ".join(f"{v:.6g}" for v in pose[:3].ravel())
+        rows.append(row)
     return rows
+
+
+def write_raw_scan(stem: Path, rng: np.random.Generator, anatomy: Anatomy, deform: Callable[[np.ndarray], np.ndarray],
+                   flow: AgingFlow, state: np.ndarray, look: _Appearance, age: float, spacing: int) -> np.ndarray:
+    """One visit as the scanner sees it (head.py): the image and its true brain mask on the raw grid.
+    Returns the pose (MNI world -> scanner world)."""
+    pose = draw_pose(rng)
+    shape, affine = raw_grid(spacing)
+    unaged = deform(clean_voxels(pose, shape, affine, anatomy.affine))
+    template_coords = unaged + flow.sample(state, unaged)
+    probabilities = np.stack([ndimage.map_coordinates(p, template_coords, order=1) for p in anatomy.probabilities])
+    brain = probabilities.sum(axis=0)
+    t1 = (ndimage.map_coordinates(anatomy.t1, template_coords, order=1)
+          + ndimage.map_coordinates(head_layers(spacing), unaged, order=1) * np.clip(1.0 - brain, 0.0, 1.0))
+    image = look.render(t1, probabilities, age, rng, bias=bias_field(rng, shape, RAW_BIAS))
+    write_volume(stem.with_name(stem.name + "_T1w.nii.gz"), image, affine)
+    write_volume(stem.with_name(stem.name + "_desc-brain_mask.nii.gz"), (brain > 0.5).astype(np.uint8), affine)
+    return pose
 
 
 def subject_aging(plan: SubjectPlan, options: SynthOptions, rng: np.random.Generator,
@@ -258,21 +289,28 @@ class _Appearance:
     def draw(cls, rng: np.random.Generator, shape: tuple[int, ...], options: SynthOptions) -> _Appearance:
         csf, gm = rng.normal(1.0, 0.1), rng.normal(1.0, 0.04)
         gains = np.array([csf, gm, 1.0, csf, gm, gm], dtype=np.float32)
-        coarse = ndimage.gaussian_filter(rng.standard_normal(tuple(max(2, s // 8) for s in shape)), 1.5)
-        coarse *= 0.08 / max(float(np.abs(coarse).max()), 1e-6)  # up to about +-8 % across the head
-        bias = np.exp(ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=3))
         cohort = COHORTS[options.cohort]
-        return cls(gains, cohort.contrast_decline, cohort.reference_age, bias.astype(np.float32),
+        return cls(gains, cohort.contrast_decline, cohort.reference_age, bias_field(rng, shape, CLEAN_BIAS),
                    options.noise * WHITE_MATTER_SIGNAL)
 
-    def render(self, t1: np.ndarray, probabilities: np.ndarray, age: float, rng: np.random.Generator) -> np.ndarray:
+    def render(self, t1: np.ndarray, probabilities: np.ndarray, age: float, rng: np.random.Generator,
+               bias: np.ndarray | None = None) -> np.ndarray:
+        """The image of `t1` with this subject's contrast, bias field (or `bias`, on another grid) and noise."""
         gains = self.gains.copy()
         gains[2] *= 1.0 - self.contrast_decline * (age - self.reference_age)  # aging white matter darkens
         contrast = 1.0 + np.tensordot(gains - 1.0, probabilities, axes=1)
-        signal = t1 * contrast * self.bias * (WHITE_MATTER_SIGNAL / 0.87)  # template white matter is ~0.87
+        bias = self.bias if bias is None else bias
+        signal = t1 * contrast * bias * (WHITE_MATTER_SIGNAL / 0.87)  # template white matter is ~0.87
         real = signal + rng.normal(0.0, self.noise, signal.shape)
         imaginary = rng.normal(0.0, self.noise, signal.shape)
         return np.round(np.hypot(real, imaginary)).clip(0, 32767).astype(np.int16)
+
+
+def bias_field(rng: np.random.Generator, shape: tuple[int, ...], amplitude: float) -> np.ndarray:
+    """A smooth multiplicative field of up to about +-`amplitude` across the volume."""
+    coarse = ndimage.gaussian_filter(rng.standard_normal(tuple(max(2, s // 8) for s in shape)), 1.5)
+    coarse *= amplitude / max(float(np.abs(coarse).max()), 1e-6)
+    return np.exp(ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=3)).astype(np.float32)
 
 
 def _subject_row(plan: SubjectPlan, options: SynthOptions) -> dict:
@@ -293,6 +331,16 @@ def _write_bids_tables(manifest: pd.DataFrame, out_dir: Path) -> None:
         _write_csv(visits[["session_id", "age"]], out_dir / subject / f"{subject}_sessions.tsv", sep="\t")
     write_json(out_dir / "dataset_description.json",
                {"Name": "neuroar synthetic longitudinal cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw"})
+
+
+def _write_raw_tables(table: pd.DataFrame, raw_dir: Path) -> None:
+    """raw/manifest.csv (the raw scans, to preprocess with data.raw=true), raw/poses.csv (each scan's true
+    pose: the top three rows of the MNI -> scanner world matrix) and the BIDS tables, so that raw/ also reads
+    as a BIDS folder."""
+    manifest = table[["subject_id", "session_id", "age", "path", "sex", "diagnosis"]]
+    write_manifest(manifest, raw_dir / "manifest.csv")
+    _write_csv(table[["subject_id", "session_id", "pose"]], raw_dir / "poses.csv")
+    _write_bids_tables(manifest, raw_dir)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, sep: str = ",") -> None:
