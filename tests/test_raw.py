@@ -8,10 +8,19 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from conftest import write_nifti
 from neuroar.config import load_config
-from neuroar.data.preprocess import brain_mask_path, load_preprocessed, preprocess_file, template_brain_mask
+from neuroar.data.nifti import read_volume
+from neuroar.data.preprocess import (
+    brain_mask_path,
+    load_preprocessed,
+    preprocess_file,
+    preprocess_image,
+    template_brain_mask,
+    to_input_space,
+)
 from neuroar.data.quality import write_qc_page
 from neuroar.evaluate.volumes import regional_volumes, template_regions
 from neuroar.pipeline import prepare_dataset
@@ -100,6 +109,21 @@ def test_qc_page_lists_every_scan_and_flags_the_implausible_one(prepared):
     record["checks"]["brain_mask_ml"] = 400.0
     sidecar.write_text(json.dumps(record))
     assert write_qc_page(dataset.scans, config.data, page.parent) == 2
+
+
+def test_a_raw_scan_goes_back_into_its_head(raw_cohort):
+    """Preprocessed and mapped back, a raw scan is itself again: the brain in the scanner's intensities (its
+    bias field restored), every voxel outside the brain mask untouched."""
+    path = raw_cohort / "raw" / "sub-001" / "ses-02" / "anat" / "sub-001_ses-02_T1w.nii.gz"
+    raw = read_volume(path)
+    volume, record = preprocess_image(raw, load_config("reference", ["data.raw=true"]).data)
+    back = to_input_space(volume, record).get_fdata()
+    original = raw.get_fdata()
+    mask = record.head.brain_mask
+    assert np.array_equal(back[~mask], original[~mask])
+    inside = ndimage.binary_erosion(mask, iterations=2)
+    assert np.corrcoef(back[inside], original[inside])[0, 1] > 0.95
+    assert back[inside].mean() == pytest.approx(original[inside].mean(), rel=0.03)
 
 
 def test_a_scan_without_a_head_is_refused_with_its_file(tmp_path):

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from scipy import ndimage
 
 from conftest import ball, make_tiny_run, write_nifti
 from neuroar.checkpoint import weights_path
@@ -134,6 +135,26 @@ def test_predict_writes_the_input_space_for_a_differently_shaped_and_oriented_in
         assert np.isfinite(image.get_fdata()).all()
     mean = nib.load(out / "scan_age-72_mean.nii.gz").get_fdata()
     assert 0.3 * 3 * 80 < mean.max() < 3 * 100 * 1.5  # back in the input's intensity range
+
+
+@pytest.mark.slow
+def test_predict_on_a_raw_scan_writes_its_grid_with_the_head_unchanged(run_dir, raw_cohort, tmp_path):
+    """data.raw=true at prediction time: the raw scan is skull-stripped and registered, and the prediction goes
+    back into the scanner's grid, bias field and head."""
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=2"]), progress=False)
+    scan = raw_cohort / "raw" / "sub-001" / "ses-01" / "anat" / "sub-001_ses-01_T1w.nii.gz"
+    out = tmp_path / "predictions"
+    code = main(["predict", "--checkpoint", str(run_dir), "--input", str(scan), "--age", "70", "--target-age", "73",
+                 "--samples", "1", "--out", str(out), "data.raw=true"])
+    assert code == 0
+    raw, mean = nib.load(scan), nib.load(out / "sub-001_ses-01_T1w_age-73_mean.nii.gz")
+    assert mean.shape == raw.shape and np.allclose(mean.affine, raw.affine)
+    assert mean.header.get_sform(coded=True)[1] == raw.header.get_sform(coded=True)[1]
+    brain = nib.load(str(scan).replace("_T1w", "_desc-brain_mask")).get_fdata() > 0
+    head = ndimage.distance_transform_edt(~brain) > 5  # deepbet's mask reaches up to 4 voxels past the truth
+    assert np.array_equal(mean.get_fdata()[head], raw.get_fdata()[head])
+    # Inside the brain, as far as the tiny model's 128 mm grid reaches, the prediction replaced the scan.
+    assert (ndimage.binary_erosion(brain, iterations=3) & (mean.get_fdata() != raw.get_fdata())).sum() > 50_000
 
 
 def test_python_api_gives_one_prediction_per_target_age_and_a_spread(run_dir):

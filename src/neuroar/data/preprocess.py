@@ -113,8 +113,8 @@ def to_input_space(volume_DHW: np.ndarray, record: PreprocessRecord, order: int 
 
     `order` is the spline order (0 for label maps). With `restore_intensity`, [0, 1] goes back to the
     input's intensity range, so that a prediction looks like the input in any viewer; a raw input's head
-    (its bias field inside the brain, its own voxels outside) comes back too. Without it (an uncertainty map)
-    a raw input's volume is zero outside the brain.
+    (its bias field inside the brain, its own voxels outside the brain and beyond the preprocessed grid) comes
+    back too. Without it (an uncertainty map) a raw input's volume is zero there.
     """
     volume = np.asarray(volume_DHW, dtype=np.float32)
     if restore_intensity:
@@ -124,8 +124,11 @@ def to_input_space(volume_DHW: np.ndarray, record: PreprocessRecord, order: int 
                              order=order, mode="constant", cval=0.0)
     moved_XYZ = np.asarray(moved.dataobj, dtype=np.float32)
     if record.head is not None:
-        moved_XYZ = (record.head.put_back(moved_XYZ) if restore_intensity
-                     else np.where(record.head.brain_mask, moved_XYZ, 0.0).astype(np.float32))
+        covered = resample_from_to(nib.Nifti1Image(np.ones(volume.shape, np.float32), record.affine),
+                                   (record.source_shape, record.source_affine), order=0, cval=0.0)
+        inside = record.head.brain_mask & (np.asarray(covered.dataobj) > 0)
+        moved_XYZ = (record.head.put_back(moved_XYZ, inside) if restore_intensity
+                     else np.where(inside, moved_XYZ, 0.0).astype(np.float32))
     return nib.Nifti1Image(moved_XYZ, record.source_affine)
 
 

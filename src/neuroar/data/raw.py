@@ -29,10 +29,11 @@ class Head:
     brain_mask: np.ndarray  # (X, Y, Z) bool, the brain on the input's grid
     bias_field: np.ndarray  # (X, Y, Z) N4's multiplicative field: input = corrected * bias_field
 
-    def put_back(self, brain: np.ndarray) -> np.ndarray:
+    def put_back(self, brain: np.ndarray, covered: np.ndarray) -> np.ndarray:
         """A bias-corrected brain volume on the input's grid (a prediction) inside the head it came from: the
-        bias field restored inside the brain mask, the input's own voxels outside it."""
-        return np.where(self.brain_mask, brain * self.bias_field, self.image).astype(np.float32)
+        bias field restored inside the brain mask where `covered` (the preprocessed grid reaches), the input's
+        own voxels everywhere else."""
+        return np.where(self.brain_mask & covered, brain * self.bias_field, self.image).astype(np.float32)
 
 
 def extract_brain(img: nib.Nifti1Image) -> tuple[nib.Nifti1Image, Head, dict[str, float]]:
