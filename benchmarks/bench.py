@@ -212,6 +212,26 @@ def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
             "peak_mb_cached": peak_cached, "peak_mb_on_the_fly": _peak_mb(before)}
 
 
+def case_raw_preprocessing(spacing: int) -> dict:
+    """Seconds per step for one raw scan (synthetic: a head in the scanner's 240x240x220 mm field of view at
+    `spacing` mm), once: every step takes seconds, so a repeat would only double the wait."""
+    import tempfile
+
+    import pandas as pd
+
+    from neuroar.config import load_config
+    from neuroar.data.nifti import read_volume
+    from neuroar.data.preprocess import preprocess_image
+    from neuroar.data.synth.cohort import SynthOptions, make_cohort
+
+    with tempfile.TemporaryDirectory() as folder:
+        raw = Path(folder) / "raw"
+        make_cohort(folder, SynthOptions(subjects=1, visits=1, spacing=spacing, raw=True, workers=1), progress=False)
+        image = read_volume(raw / pd.read_csv(raw / "manifest.csv")["path"].iloc[0])
+        _, record = preprocess_image(image, load_config("reference", ["data.raw=true"]).data)
+    return {"shape": list(image.shape), **{k: v for k, v in record.checks.items() if k.startswith("seconds")}}
+
+
 CASES = {
     "tokenizer_training_old": lambda r: case_training("tokenizer", "reference", OLD_TOKENIZER, r),
     "tokenizer_training_new": lambda r: case_training("tokenizer", "reference", [], r),
@@ -224,6 +244,8 @@ CASES = {
     "neuroar_predict_7_scales": lambda r: case_neuroar_predict(7, r),
     "ldm_predict": lambda r: case_ldm_predict(r),
     "neuroar_training": lambda r: case_neuroar_training(r),
+    "raw_preprocessing_2mm": lambda r: case_raw_preprocessing(2),
+    "raw_preprocessing_1mm": lambda r: case_raw_preprocessing(1),
 }
 
 
@@ -341,6 +363,16 @@ def results_markdown(machine: dict, results: dict) -> str:
               f"| cached tokens | {get(train, 'cached_steps_per_s'):.3f} | {get(train, 'peak_mb_cached'):.0f} |",
               f"| both scans of each pair tokenized on the fly | {get(train, 'on_the_fly_steps_per_s'):.3f} | "
               f"{get(train, 'peak_mb_on_the_fly'):.0f} |", ""]
+    lines += ["## Raw scans: seconds per step (`preprocess` with data.raw=true, one synthetic raw scan)", "",
+              "Accuracy against the truth (Dice, pose, volumes): `benchmarks/RAW_PREPROCESSING.md`.", "",
+              "| scan | voxels | N4 | skull stripping (deepbet) | affine registration (ANTs) |",
+              "|---|---|---|---|---|"]
+    for spacing in (2, 1):
+        case = results.get(f"raw_preprocessing_{spacing}mm", {})
+        lines.append(f"| {spacing} mm | {'x'.join(map(str, case.get('shape', ['?'])))} | "
+                     + " | ".join(f"{case.get(k, float('nan')):.1f} s" for k in ("seconds_n4", "seconds_skull_strip",
+                                                                               "seconds_register")) + " |")
+    lines.append("")
     errors = {k: v["error"] for k, v in results.items() if "error" in v}
     if errors:
         lines += ["## Cases that failed", "", *[f"- {k}: {v}" for k, v in errors.items()], ""]

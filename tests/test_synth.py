@@ -158,3 +158,30 @@ def test_refuses_to_write_into_a_folder_with_other_content(tmp_path):
     with pytest.raises(NeuroARError, match="not empty"):
         make_cohort(tmp_path, SynthOptions(subjects=1, visits=1, workers=1), progress=False)
     assert (tmp_path / "my_scan.nii.gz").read_bytes() == b"precious"
+
+
+def test_raw_scans_are_the_clean_brains_in_a_head_and_a_scanner_pose(raw_cohort, tmp_path):
+    """--raw adds raw/ and changes nothing else; each raw scan holds its clean scan's brain (the true mask's
+    volume is the labelled brain's) in a pose away from MNI space, with bright scalp outside the brain."""
+    make_cohort(tmp_path, SynthOptions(subjects=1, visits=2, seed=5, workers=1), progress=False)
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    for path in manifest["path"]:
+        assert (tmp_path / path).read_bytes() == (raw_cohort / path).read_bytes()
+    assert not (tmp_path / "raw").exists()
+    raw = read_manifest(raw_cohort / "raw" / "manifest.csv")
+    assert len(discover_bids(raw_cohort / "raw")) == len(raw) == len(manifest)
+    poses = pd.read_csv(raw_cohort / "raw" / "poses.csv")
+    for scan, clean, pose in zip(raw.itertuples(), manifest["path"], poses["pose"]):
+        image = nib.load(scan.path)
+        mask = nib.load(scan.path.replace("_T1w", "_desc-brain_mask"))
+        labels = nib.load(raw_cohort / clean.replace("_T1w", "_dseg"))
+        raw_ml = np.asarray(mask.dataobj).sum() * abs(np.linalg.det(mask.affine[:3, :3])) / 1000
+        clean_ml = (np.asarray(labels.dataobj) > 0).sum() * abs(np.linalg.det(labels.affine[:3, :3])) / 1000
+        assert raw_ml == pytest.approx(clean_ml, rel=0.02)
+        assert np.allclose(image.affine, mask.affine) and not np.allclose(image.affine, labels.affine)
+        rotation = np.array(pose.split(), dtype=float).reshape(3, 4)[:, :3]
+        assert np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-4) and not np.allclose(rotation, np.eye(3))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        outside = ndimage.binary_dilation(np.asarray(mask.dataobj) > 0, iterations=6) & ~ndimage.binary_dilation(
+            np.asarray(mask.dataobj) > 0, iterations=3)
+        assert data[outside].max() > 0.8 * np.percentile(data[np.asarray(mask.dataobj) > 0], 99)  # scalp fat
