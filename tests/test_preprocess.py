@@ -134,3 +134,14 @@ def test_registration_without_ants_says_how_to_install(monkeypatch, nibabel_data
     monkeypatch.setitem(__import__("sys").modules, "ants", None)
     with pytest.raises(ConfigError, match=r"neuroar\[register\]"):
         preprocess_image(read_volume(nibabel_data / "anatomical.nii"), DataConfig(register=True))
+
+
+@pytest.mark.parametrize("missing", ["ants", "deepbet"])
+def test_raw_scans_without_their_packages_say_how_to_install(monkeypatch, nibabel_data, missing):
+    from neuroar.data import raw
+
+    raw._deepbet.cache_clear()
+    monkeypatch.setitem(__import__("sys").modules, missing, None)
+    with pytest.raises(ConfigError, match=r"neuroar\[raw\]"):
+        preprocess_image(read_volume(nibabel_data / "anatomical.nii"), DataConfig(raw=True))
+    raw._deepbet.cache_clear()

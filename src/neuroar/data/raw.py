@@ -39,6 +39,7 @@ class Head:
 def extract_brain(img: nib.Nifti1Image) -> tuple[nib.Nifti1Image, Head, dict[str, float]]:
     """The bias-corrected brain (zero outside its mask) on the input's grid, the Head it was taken from, and
     the seconds each step took."""
+    _deepbet()  # a missing package is reported before N4's seconds are spent
     image = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
     start = time.perf_counter()
     corrected = n4_correct(image, img.affine)

@@ -9,6 +9,8 @@ The output folder is BIDS-like, so it can be read as a manifest CSV or as a BIDS
     sub-001/sub-001_sessions.tsv
     sub-001/ses-01/anat/sub-001_ses-01_T1w.nii.gz   (int16 image)
     sub-001/ses-01/anat/sub-001_ses-01_dseg.nii.gz  (uint8 labels: 0 background, 1 + index in CLASSES)
+    raw/  (with `raw`: every visit as a scanner gives it, a head in the scanner's pose (head.py), with
+           manifest.csv, poses.csv and each scan's true *_desc-brain_mask.nii.gz)
 
 truth.csv holds the true volumes (mL) of every labelled structure and of the whole brain (grey + white
 matter + hippocampi; grey_matter excludes the hippocampi, which have their own columns), measured on the
@@ -355,5 +357,8 @@ def _check(options: SynthOptions) -> None:
         raise NeuroARError(f"--spacing must be 1 or 2 (mm), got {options.spacing}.")
     if options.subjects < 1 or options.visits < 1:
         raise NeuroARError("--subjects and --visits must be at least 1.")
+    if options.raw and options.misregistration:
+        raise NeuroARError("--raw and --misregistration both move the head between visits; choose one (a raw "
+                           "scan's pose already differs at every visit).")
     if not 0 <= options.noise < 1 or options.deformation_mm < 0 or not math.isfinite(options.deformation_mm):
         raise NeuroARError("noise must be in [0, 1) and deformation_mm >= 0.")
