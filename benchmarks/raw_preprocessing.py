@@ -44,6 +44,7 @@ def measure(out: Path, subjects: int, visits: int, spacing: int) -> pd.DataFrame
     dataset = prepare_dataset(cohort / "raw" / "manifest.csv", raw_config, out / "run")
     clean = pd.read_csv(cohort / "manifest.csv").set_index(["subject_id", "session_id"])["path"]
     poses = pd.read_csv(cohort / "raw" / "poses.csv").set_index(["subject_id", "session_id"])["pose"]
+    truth = pd.read_csv(cohort / "truth.csv").set_index(["subject_id", "session_id"])
     regions = template_regions(raw_config.data)
     brain = np.argwhere(template_brain_mask(raw_config.data)).T
     voxels = np.vstack([brain, np.ones(brain.shape[1])])
@@ -52,17 +53,19 @@ def measure(out: Path, subjects: int, visits: int, spacing: int) -> pd.DataFrame
         key = (scan.subject_id, scan.session_id)
         clean_path = preprocess_file(cohort / clean[key], clean_config)
         found = nib.load(brain_mask_path(scan.preprocessed)).get_fdata() > 0
-        truth = nib.load(scan.path.replace("_T1w", "_desc-brain_mask")).get_fdata() > 0
+        true_mask = nib.load(scan.path.replace("_T1w", "_desc-brain_mask")).get_fdata() > 0
         pose = np.vstack([np.array(poses[key].split(), dtype=float).reshape(3, 4), [0, 0, 0, 1]])
         volume, record = load_preprocessed(scan.preprocessed)
         clean_volume, clean_record = load_preprocessed(clean_path)
         displacement = np.linalg.norm((record.affine @ voxels - pose @ clean_record.affine @ voxels)[:3], axis=0)
         from_raw, from_clean = regional_volumes(volume, regions), regional_volumes(clean_volume, regions)
         rows.append({"subject_id": scan.subject_id, "session_id": scan.session_id,
-                     "dice": 2 * (found & truth).sum() / (found.sum() + truth.sum()),
+                     "dice": 2 * (found & true_mask).sum() / (found.sum() + true_mask.sum()),
                      "displacement_mm": displacement.mean(), "displacement_max_mm": displacement.max(),
                      **{f"{name}_raw_vs_clean": from_raw[name] / from_clean[name] - 1
                         for name in ("ventricles", "whole_brain", "grey_matter", "white_matter")},
+                     "ventricles_raw": from_raw["ventricles"], "ventricles_clean": from_clean["ventricles"],
+                     "ventricles_true": truth.loc[key, "ventricles"],
                      "clean_similarity": clean_record.checks["template_similarity"],
                      "flagged": "; ".join(flags(record.checks)), **record.checks})
     return pd.DataFrame(rows)
@@ -73,6 +76,11 @@ def markdown(table: pd.DataFrame, machine: dict, command: str) -> str:
         values = table[column]
         return f"{fmt.format(values.mean())} ({fmt.format(values.min())}-{fmt.format(values.max())})"
 
+    def change(column: str) -> pd.Series:  # first to last visit of each subject, % of the first visit's volume
+        ordered = table.sort_values("session_id").groupby("subject_id")[column]
+        return 100 * (ordered.last() / ordered.first() - 1)
+
+    true, clean, raw = change("ventricles_true"), change("ventricles_clean"), change("ventricles_raw")
     lines = ["# Raw scans against their truth", "",
              f"`{command}` on {machine['cpu_cores']} CPU cores ({machine['platform']}), {machine['date']}: "
              f"{len(table)} raw synthetic scans ({table['subject_id'].nunique()} subjects) through `preprocess` "
@@ -90,6 +98,12 @@ def markdown(table: pd.DataFrame, machine: dict, command: str) -> str:
              f"| similarity to the template, clean scan registered | | {spread('clean_similarity')} |",
              f"| brain mask (mL) | | {spread('brain_mask_ml', '{:.0f}')} |",
              f"| scans flagged by QC | 0 | {int((table['flagged'] != '').sum())} |", "",
+             "Ventricle change from the first to the last visit (% of the first visit's volume), per subject: the "
+             "truth (label maps), the clean scans registered, the raw scans through the raw path.", "",
+             "| subject | true | clean scans | raw scans |", "|---|---|---|---|",
+             *[f"| {s} | {true[s]:+.1f} | {clean[s]:+.1f} | {raw[s]:+.1f} |" for s in true.index],
+             f"| mean absolute error against the truth | | {(clean - true).abs().mean():.1f} | "
+             f"{(raw - true).abs().mean():.1f} |", "",
              "Seconds per scan on this machine (mean, min-max):", "",
              "| N4 | skull stripping (deepbet) | affine registration (ANTs) |", "|---|---|---|",
              "| " + " | ".join(spread(step, "{:.1f}") for step in STEPS) + " |", "",

@@ -29,9 +29,10 @@ from neuroar.files import atomic_path, write_text
 # Adult and adolescent intracranial volumes span ~1.1-1.9 L; the synthetic cohort's masks (MNI152's generous
 # 1.88 L mask, scaled per subject) reach 2.5 L. Outside this range a mask lost brain or kept scalp.
 BRAIN_MASK_ML = (800.0, 2600.0)
-# The registered synthetic scans correlate 0.64-0.74 with the template inside its mask (2 mm scans against the
-# 1 mm template); the same scan moved 5 degrees or 5 mm off falls to 0.56 / 0.52, 10 mm off to 0.38.
-MIN_TEMPLATE_SIMILARITY = 0.55
+# Registered synthetic scans correlate 0.56-0.84 with the template inside its mask (2 mm scans against the
+# 1 mm template; benchmarks/RAW_PREPROCESSING.md); a scan whose registration is 5 degrees or 5 mm off loses
+# ~0.15, 10 mm off ~0.3: the threshold catches misses of about a centimetre.
+MIN_TEMPLATE_SIMILARITY = 0.5
 
 
 def flags(checks: dict[str, float]) -> list[str]:
@@ -105,7 +106,7 @@ def write_qc_page(scans: pd.DataFrame, config: DataConfig, out_dir: str | Path) 
         cells = [scan.subject_id, scan.session_id, str(scan.path), _number(checks.get("brain_mask_ml"), "{:.0f}"),
                  _number(checks.get("template_similarity"), "{:.3f}"), seconds, "; ".join(found) or "ok"]
         rows.append(f"<tr class='{'flag' if found else 'ok'}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
-                    + f"<td><a href='{html.escape(name)}'><img src='{html.escape(name)}' height='120'></a></td></tr>")
+                    + f"<td><a href='{html.escape(name)}'><img src='{html.escape(name)}' height='180'></a></td></tr>")
     header = ("subject", "session", "input", "brain mask (mL)", "similarity to template", "seconds (N4 / strip / "
               "register)", "flag", "figure")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>neuroar preprocessing QC</title><style>"
