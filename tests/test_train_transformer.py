@@ -55,6 +55,9 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(run_dir):
     for k, maps in enumerate(tokens):
         equal = (maps[pairs["earlier_index"]] == maps[pairs["later_index"]]).float().flatten(1).mean(1)
         assert metrics[f"scale{k}_copy_accuracy"] == pytest.approx(equal.mean().item(), abs=1e-6)
+        # One validation pair has no spread to measure; more give a standard error.
+        se = metrics[f"scale{k}_gain_se"]
+        assert (0 <= se < 1) if len(pairs) > 1 else np.isnan(se)
     meta = json.loads(model_checkpoint(run_dir).with_suffix(".json").read_text())
     assert meta["step"] == 30 and len(meta["tokenizer_sha256"]) == 64
     assert (run_dir / "neuroar_val.csv").is_file()
@@ -277,3 +280,32 @@ def test_no_command_writes_into_the_folders_of_its_inputs(run_dir, tmp_path):
     assert main(["decode", "--run", str(run_dir), "--subject", "s0", "--session", "0",
                  "--out", str(tmp_path / "decoded.nii.gz")]) == 0
     assert snapshot() == before
+
+
+def test_gain_over_copy_is_each_pairs_model_minus_copy_accuracy_per_scale():
+    from types import SimpleNamespace
+
+    from neuroar.train.transformer import gains_over_copy
+
+    model = SimpleNamespace(starts=[0, 1], lengths=[1, 4])
+    tokens = torch.tensor([[3, 1, 1, 2, 2], [0, 0, 1, 1, 1]])
+    earlier = torch.tensor([[3, 1, 0, 0, 2], [1, 0, 1, 1, 1]])
+    predicted = torch.tensor([[3, 1, 1, 0, 0], [0, 0, 1, 1, 0]])
+    gains = gains_over_copy(model, torch.nn.functional.one_hot(predicted, 4).float(), tokens, earlier)
+    # pair 0: scale 0 both right; scale 1 model 2/4, copy 2/4. pair 1: scale 0 model right, copy wrong;
+    # scale 1 model 3/4, copy 4/4.
+    assert torch.allclose(gains, torch.tensor([[0.0, 0.0], [1.0, -0.25]]))
+
+
+def test_the_verdict_against_copy_needs_two_standard_errors(tmp_path):
+    from neuroar.pipeline import versus_copy
+
+    pd.DataFrame([{"step": 10, "scale0_accuracy": 1.0, "scale0_copy_accuracy": 1.0, "scale0_gain_se": 0.0,
+                   "scale1_accuracy": 0.917, "scale1_copy_accuracy": 0.920, "scale1_gain_se": 0.004,
+                   "scale2_accuracy": 0.73, "scale2_copy_accuracy": 0.70, "scale2_gain_se": 0.01,
+                   "scale3_accuracy": 0.60, "scale3_copy_accuracy": 0.65, "scale3_gain_se": 0.01}]).to_csv(
+        tmp_path / "neuroar_val.csv", index=False)
+    rows = versus_copy(tmp_path).splitlines()[-4:]
+    assert [row.split("|")[-2].strip() for row in rows] == ["equal to copy", "not distinguishable from copy",
+                                                            "above copy", "below copy"]
+    assert "-0.003 +- 0.008" in rows[1]

@@ -209,6 +209,9 @@ def _demo_summary(dataset: Dataset, cohort_dir: Path, run_dir: Path, timings: di
         "## True annual % volume change in the synthetic cohort (mean per group)",
         _markdown(table),
         "",
+        "## NeuroAR against copying the earlier scan's tokens",
+        versus_copy(run_dir),
+        "",
         "## Evaluation",
         (run_dir / "evaluation" / "summary.md").read_text().replace("# Evaluation", "Evaluation", 1),
         "## Brain age",
@@ -217,6 +220,23 @@ def _demo_summary(dataset: Dataset, cohort_dir: Path, run_dir: Path, timings: di
         *[f"- {stage}: {seconds:.1f} s" for stage, seconds in timings.items()],
         "",
     ]
+    return "\n".join(lines)
+
+
+def versus_copy(run_dir: Path) -> str:
+    """The last validation of RUN/neuroar: per scale, teacher-forced accuracy against copying the earlier scan's
+    tokens, and whether the gain is more than two standard errors (over pairs) from zero."""
+    last = pd.read_csv(run_dir / "neuroar_val.csv").iloc[-1]
+    lines = [f"Validation pairs at step {int(last['step'])}, teacher-forced; gain = model - copy, +- 2 standard "
+             "errors over pairs.", "", "| scale | NeuroAR | copy | gain | verdict |", "|---|---|---|---|---|"]
+    k = 0
+    while f"scale{k}_accuracy" in last:
+        gain, margin = last[f"scale{k}_accuracy"] - last[f"scale{k}_copy_accuracy"], 2 * last[f"scale{k}_gain_se"]
+        verdict = ("above copy" if gain - margin > 0 else "below copy" if gain + margin < 0
+                   else "equal to copy" if margin == 0 and gain == 0 else "not distinguishable from copy")
+        lines.append(f"| {k} | {last[f'scale{k}_accuracy']:.3f} | {last[f'scale{k}_copy_accuracy']:.3f} | "
+                     f"{gain:+.3f} +- {margin:.3f} | {verdict} |")
+        k += 1
     return "\n".join(lines)
 
 

@@ -164,12 +164,23 @@ def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch
     return metrics
 
 
+def gains_over_copy(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor,
+                    earlier_tokens_BL: torch.Tensor) -> torch.Tensor:
+    """(B, K): per pair and scale, the model's accuracy minus copying's on the same tokens."""
+    gain_BL = ((logits_BLV.argmax(-1) == tokens_BL).float() - (earlier_tokens_BL == tokens_BL).float())
+    return torch.stack([gain_BL[:, start:start + length].mean(1) for start, length in zip(model.starts,
+                                                                                          model.lengths)], 1)
+
+
 @torch.no_grad()
 def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences, pairs: pd.DataFrame, device: torch.device,
                             chunk: int = 8) -> dict[str, float]:
-    """Teacher-forced loss and accuracies over the given pairs (ages always given)."""
+    """Teacher-forced loss and accuracies over the given pairs (ages always given), and per scale the standard
+    error of the gain over copy (`scaleK_gain_se`, over pairs: the tokens of one pair are not independent), so
+    that "above copy" can be told from noise: a gain within two standard errors of 0 is not a gain."""
     model.eval()
     totals: dict[str, float] = {}
+    gains = []
     for start in range(0, len(pairs), chunk):
         rows = list(range(start, min(start + chunk, len(pairs))))
         batch = sequences.batch(pairs, rows, device)
@@ -179,4 +190,9 @@ def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences, pairs: pd.
                   **per_scale_metrics(model, logits, batch["tokens"], batch["earlier_tokens"])}
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value * len(rows) / len(pairs)
+        gains.append(gains_over_copy(model, logits, batch["tokens"], batch["earlier_tokens"]).cpu())
+    gains_PK = torch.cat(gains)
+    spread_K = gains_PK.std(0) / len(gains_PK) ** 0.5 if len(gains_PK) > 1 else torch.full((gains_PK.shape[1],),
+                                                                                             float("nan"))
+    totals.update({f"scale{k}_gain_se": float(se) for k, se in enumerate(spread_K)})
     return totals
