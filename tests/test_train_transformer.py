@@ -178,7 +178,7 @@ def test_python_api_gives_one_prediction_per_target_age_and_a_spread(run_dir):
     assert greedy.config.sampling.top_k == 1
     one, other = (greedy.predict(image, 70.0, [74.0], samples=2, seed=s)[0] for s in (1, 2))
     assert np.array_equal(one.mean_DHW, other.mean_DHW) and not one.std_DHW.any()  # the mode: no spread
-    with pytest.raises(NeuroARError, match=r"only sampling.\* settings"):
+    with pytest.raises(NeuroARError, match=r"only sampling.\*, ldm.ddim_steps, data.raw and data.register"):
         Predictor.from_checkpoint(run_dir, sampling=["transformer.depth=3"])
 
 

@@ -38,7 +38,7 @@ from neuroar.files import sha256_file, sha256_json, write_json
 from neuroar.progress import Progress
 
 # Bump when the preprocessing changes in a way that changes its output, so that caches are recomputed.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,10 @@ def preprocess_file(image_path: str | Path, config: DataConfig) -> Path:
     if sidecar.is_file() and out.is_file():  # the sidecar is written last, so its presence means complete
         return out
     source = read_volume(image_path)
-    volume, record = preprocess_image(source, config)
+    try:
+        volume, record = preprocess_image(source, config)
+    except ImageError as err:  # name the file, as reading errors do
+        raise ImageError(f"{image_path}: {err}") from None
     write_volume(out, volume, record.affine)
     if record.head is not None:
         write_volume(brain_mask_path(out), record.head.brain_mask.astype(np.uint8), source.affine)
@@ -192,7 +195,7 @@ def preprocess_scans(scans: pd.DataFrame, config: DataConfig, progress: bool = T
         try:
             paths.append(str(preprocess_file(row.path, config)))
         except ImageError as err:
-            problems.append(f"subject {row.subject_id} session {row.session_id} ({row.path}): {err}")
+            problems.append(f"subject {row.subject_id} session {row.session_id}: {err}")
             paths.append("")
     if problems:
         raise ImageError(f"{len(problems)} scan(s) could not be preprocessed:\n  " + "\n  ".join(problems[:20]))
