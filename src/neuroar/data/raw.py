@@ -21,7 +21,7 @@ from scipy import ndimage
 from neuroar.data.registration import ants_image
 from neuroar.errors import ConfigError, ImageError
 
-N4_MM = 2.0  # the coarsest voxels N4 fits its field on
+N4_MM = 2.0  # N4 fits its field on voxels no smaller than this (mm)
 
 
 @dataclass(frozen=True)
