@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,6 +72,10 @@ def test_two_processes_train_the_tokenizer_like_one(runs):
     assert done.returncode == 0, done.stderr[-3000:]
     assert weight_difference(tokenizer_checkpoint(one), tokenizer_checkpoint(two)) < TOLERANCE
     assert weight_difference(tokenizer_checkpoint(one), tokenizer_checkpoint(two), statistics=True) < 0.01
+    # The log holds what the step did over the global batch, not what rank 0's share did.
+    logged = [pd.read_csv(run / "tokenizer_train.csv").iloc[0] for run in (one, two)]
+    for column in ("l1", "vq", "scale1_used", "scale2_perplexity"):
+        assert logged[1][column] == pytest.approx(logged[0][column], rel=1e-5), column
     half = shutil.copytree(two, one.parent / "half")
     shutil.rmtree(half / "tokenizer")
     assert main(["train-tokenizer", "--run", str(half), *TOKENIZER, "train_tokenizer.batch_size=2"]) == 0

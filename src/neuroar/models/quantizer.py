@@ -96,12 +96,14 @@ class MultiScaleQuantizer(nn.Module):
         # Codebook and refinements move toward the features; the encoder commits to the quantization.
         loss = sum(F.mse_loss(f_hat, f_detached) + self.beta * F.mse_loss(f_hat.detach(), f_BCdhw)
                    for f_hat in f_hats) / len(self.scales)
-        stats = self.usage_stats(tokens) if not f_BCdhw.is_meta else {}
+        global_tokens = tokens
         if updates:
             if f_global is not f_detached:
                 with torch.no_grad():
-                    _, tokens, residuals_NC = self._quantize(f_global)
-            self._update_usage(tokens, residuals_NC)
+                    _, global_tokens, residuals_NC = self._quantize(f_global)
+            self._update_usage(global_tokens, residuals_NC)
+        # Reported for the global batch, so that several processes report what one process would.
+        stats = self.usage_stats(global_tokens) if not f_BCdhw.is_meta else {}
         # Straight-through: the decoder sees f_hat, its gradient reaches the encoder as if quantization were
         # the identity; codebook and refinements learn from the vq loss alone.
         f_hat_ste = f_BCdhw + (f_hats[-1] - f_BCdhw).detach()

@@ -63,6 +63,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
         use_adversarial = step >= settings.adversarial_start and settings.adversarial_weight > 0
         optimizer.zero_grad(set_to_none=True)
         pairs = []  # (scans, reconstructions) of each micro-batch, for the discriminator
+        totals: dict[str, float] = {}  # the step's values: micro-batches averaged here, processes below
         for i, rows in enumerate(micro):
             x = volume_batch(train_paths, rows).to(device)
             weights = 1.0 + settings.brain_weight * brain_BDHW
@@ -79,8 +80,11 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
                         loss = loss + settings.adversarial_weight * weight * adversarial_g
                 (loss / len(micro)).backward()
             pairs.append((x, reconstruction.detach()))
+            for key, value in {"l1": l1.item(), "vq": vq_loss.item(), "adversarial_g": adversarial_g.item(),
+                               **stats}.items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro)
         optimizer.step()
-        adversarial_d = torch.zeros(())
+        totals["adversarial_d"] = 0.0
         if use_adversarial:
             optimizer_d.zero_grad(set_to_none=True)
             for i, (x, reconstruction) in enumerate(pairs):
@@ -90,9 +94,9 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
                                        for_discriminator=True)
                     adversarial_d = 0.5 * (real + fake)
                     (adversarial_d / len(pairs)).backward()
+                totals["adversarial_d"] += adversarial_d.item() / len(pairs)
             optimizer_d.step()
-        return {"l1": l1.item(), "vq": vq_loss.item(), "adversarial_g": adversarial_g.item(),
-                "adversarial_d": adversarial_d.item(), **stats}
+        return ctx.mean(totals)
 
     return run_steps(run_dir, "tokenizer", config, "train_tokenizer", tokenizer_checkpoint(run_dir),
                      {"model": model, "discriminator": discriminator},
