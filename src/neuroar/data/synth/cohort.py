@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from neuroar import __version__
 from neuroar.data.atlas import CLASSES, Anatomy, load_anatomy
@@ -266,11 +267,7 @@ def _subject_deformation(rng: np.random.Generator, flow: AgingFlow, grid: np.nda
 
 def _rigid(rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
     """A small random rigid motion (about 1 degree, 1 voxel) of the sampling grid about its centre."""
-    angles = np.deg2rad(rng.normal(0.0, 1.0, 3))
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rotation = (np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-                @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]))
+    rotation = Rotation.from_euler("XYZ", rng.normal(0.0, 1.0, 3), degrees=True).as_matrix()
     centre = (np.array(grid.shape[1:]) - 1) / 2.0
     flat = grid.reshape(3, -1) - centre[:, None]
     moved = rotation @ flat + (centre + rng.normal(0.0, 1.0, 3))[:, None]

@@ -14,6 +14,7 @@ import functools
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from neuroar.data.atlas import load_anatomy
 
@@ -45,13 +46,9 @@ def head_layers(spacing: int) -> np.ndarray:
 
 def draw_pose(rng: np.random.Generator) -> np.ndarray:
     """A rigid 4x4 map from MNI world coordinates (mm) to the scanner's: the head tilted and shifted."""
-    ax, ay, az = np.deg2rad(rng.normal(0.0, POSE_DEGREES_SD, 3))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
     centre = np.asarray(HEAD_CENTRE_MM)
     pose = np.eye(4)
-    pose[:3, :3] = rx @ ry @ rz
+    pose[:3, :3] = Rotation.from_euler("XYZ", rng.normal(0.0, POSE_DEGREES_SD, 3), degrees=True).as_matrix()
     pose[:3, 3] = -pose[:3, :3] @ centre + rng.normal(0.0, POSE_MM_SD, 3)  # the head's centre near the isocentre
     return pose
 
