@@ -91,3 +91,13 @@ def raw_cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw_cohort")
     make_cohort(root, SynthOptions(subjects=1, visits=2, seed=5, workers=1, raw=True), progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_demo_cohort(tmp_path_factory):
+    """The quick demo's synthetic cohort, made once: a demo finds it up to date and skips the stage."""
+    from neuroar.pipeline import demo_cohort_options
+
+    root = tmp_path_factory.mktemp("quick_demo_cohort")
+    make_cohort(root, demo_cohort_options(quick=True), progress=False)
+    return root

@@ -1,6 +1,7 @@
 """The `neuroar` command: exit codes, messages, run folders, and the demo end to end."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,9 +124,10 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_demo_continues_where_it_stopped(tmp_path):
+def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, quick_demo_cohort):
     """Ctrl-C during the LDM stage exits with 130; the re-run keeps every finished stage's output."""
     out = tmp_path / "demo"
+    shutil.copytree(quick_demo_cohort, out / "cohort")  # the first demo test makes its cohort; this one reuses one
     args = [sys.executable, "-m", "neuroar", "demo", "--quick", "--out", str(out), *SMALL_DEMO, "train_ldm.steps=400"]
     demo = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

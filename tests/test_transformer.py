@@ -72,6 +72,21 @@ def test_a_token_sees_only_its_own_and_coarser_scales():
         assert not torch.allclose(logits[:, end:], changed[:, end:], atol=1e-3)
 
 
+def test_attention_scale_by_scale_equals_a_block_causal_mask():
+    """The per-scale attention against softmax attention written out with an explicit block-causal mask."""
+    model, _ = build()
+    block = model.blocks[0]
+    x_BLW = torch.randn(2, model.ends[-1], model.config.width)
+    out = block._attend(x_BLW, model.ends, None)
+    B, L, W = x_BLW.shape
+    q, k, v = block.qkv(x_BLW).view(B, L, 3, block.heads, W // block.heads).permute(2, 0, 3, 1, 4)
+    levels = torch.repeat_interleave(torch.arange(len(model.lengths)), torch.tensor(model.lengths))
+    visible_LL = levels[None, :] <= levels[:, None]
+    scores = (q @ k.transpose(-1, -2) / (W // block.heads) ** 0.5).masked_fill(~visible_LL, float("-inf"))
+    expected = block.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, W))
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("off", [{"earlier": "none"}, {"adaln": False, "cross_attention": False}])
 def test_switches_remove_exactly_their_input(off):
     model_on, quantizer = build()

@@ -22,6 +22,7 @@ from neuroar.data.pairs import longitudinal_pairs
 from neuroar.data.preprocess import load_preprocessed, preprocess_scans
 from neuroar.data.quality import write_qc_page
 from neuroar.data.scans import read_scans
+from neuroar.data.synth.cohort import SynthOptions, make_cohort
 from neuroar.files import atomic_path, sha256_json, write_json, write_text
 
 
@@ -80,7 +81,6 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     latents are cached by content, training continues from its last checkpoint (a finished run is not
     retrained), and the evaluation and brain-age experiment are skipped while their models are unchanged."""
     from neuroar.data.latents import encode_run
-    from neuroar.data.synth.cohort import SynthOptions, make_cohort
     from neuroar.data.tokens import tokenize_run
     from neuroar.report import build_report
     from neuroar.train.autoencoder import train_autoencoder
@@ -91,9 +91,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     out_dir = Path(out_dir)
     config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}", *(QUICK if quick else []),
                                   *overrides])
-    # 48 subjects x 4 visits: ~200 training pairs (with 30 subjects, ~130 pairs, NeuroAR overfitted before it
-    # learned the change: measured) and ~40 test pairs.
-    options = SynthOptions(subjects=10 if quick else 48, visits=3 if quick else 4, seed=seed)
+    options = demo_cohort_options(quick, seed)
     timings: dict[str, float] = {}
 
     def stage(name: str, work):
@@ -177,6 +175,12 @@ def _up_to_date(out: Path, inputs: dict) -> bool:
 
 def _stamp(out: Path, inputs: dict) -> None:
     write_json(out / "stamp.json", {"stamp": sha256_json(inputs)})
+
+
+def demo_cohort_options(quick: bool = False, seed: int = 0) -> SynthOptions:
+    """The demo's synthetic cohort. 48 subjects x 4 visits: ~200 training pairs (with 30 subjects, ~130 pairs,
+    NeuroAR overfitted before it learned the change: measured) and ~40 test pairs."""
+    return SynthOptions(subjects=10 if quick else 48, visits=3 if quick else 4, seed=seed)
 
 
 def _cohort_options(cohort_dir: Path) -> dict | None:

@@ -44,6 +44,7 @@ class NeuroAR(nn.Module):
         self.scales = tuple(tuple(s) for s in scales)
         self.lengths = [d * h * w for d, h, w in self.scales]
         self.starts = [sum(self.lengths[:k]) for k in range(len(self.scales))]
+        self.ends = tuple(start + length for start, length in zip(self.starts, self.lengths))
         width = config.width
         self.input_proj = nn.Linear(latent_dim + earlier_channels(config.earlier, latent_dim), width)
         self.earlier_token = nn.Embedding(codebook_size, width) if config.earlier == "tokens" else None
@@ -58,8 +59,6 @@ class NeuroAR(nn.Module):
         self.head = nn.Linear(width, codebook_size)
         levels_L = torch.cat([torch.full((n,), k) for k, n in enumerate(self.lengths)])
         self.register_buffer("levels", levels_L, persistent=False)
-        # Block-causal: a token sees every token of its own and coarser scales.
-        self.register_buffer("mask", levels_L[None, :] <= levels_L[:, None], persistent=False)
         self.activation_checkpointing = False  # trade compute for memory when training: blocks recompute
         self._init_weights()
 
@@ -98,9 +97,9 @@ class NeuroAR(nn.Module):
         x_BLW = self._embed(target_inputs_BLC, earlier_BLC, earlier_tokens_BL, 0, self.levels.numel())
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x_BLW = checkpoint(block, x_BLW, condition, age_tokens, self.mask, use_reentrant=False)
+                x_BLW = checkpoint(block, x_BLW, condition, age_tokens, self.ends, use_reentrant=False)
             else:
-                x_BLW = block(x_BLW, condition, age_tokens, self.mask)
+                x_BLW = block(x_BLW, condition, age_tokens, self.ends)
         return self._logits(x_BLW, condition, earlier_tokens_BL, 0)
 
     def _embed(self, target_BlC: torch.Tensor, earlier_BlC: torch.Tensor | None, earlier_tokens_Bl: torch.Tensor | None,
@@ -140,7 +139,7 @@ class NeuroAR(nn.Module):
                use_cache: bool = True) -> list[torch.Tensor]:
         """Token maps (B, d, h, w) per scale of the predicted follow-ups, one per batch item.
 
-        Without the cache every scale re-runs the whole prefix under the block-causal mask; both ways give
+        Without the cache every scale re-runs the whole prefix, block-causal by scale; both ways give
         the same logits, the cache only saves the work."""
         earlier_maps = earlier_scale_features(quantizer, earlier_tokens, self.config.earlier)
         batch = earlier_age_B.shape[0]
@@ -162,12 +161,12 @@ class NeuroAR(nn.Module):
                 next_input = torch.cat([next_input, next_input])
             embedded.append(self._embed(flatten(next_input), flatten(earlier_maps[k]),
                                         earlier_tokens[k].flatten(1), start, end))
-            if use_cache:
-                x, mask = embedded[-1], None
+            if use_cache:  # this scale's queries see every cached key: no scale boundaries to keep
+                x, ends = embedded[-1], None
             else:
-                x, mask = torch.cat(embedded, 1), self.mask[:end, :end]
+                x, ends = torch.cat(embedded, 1), self.ends[:k + 1]
             for b, block in enumerate(self.blocks):
-                x = block(x, condition, age_tokens, mask, caches[b] if caches is not None else None)
+                x = block(x, condition, age_tokens, ends, caches[b] if caches is not None else None)
             logits_BlV = self._logits(x[:, -self.lengths[k]:], condition, earlier_tokens[k].flatten(1), start)
             if guided:
                 conditional, unconditional = logits_BlV.chunk(2)
@@ -209,26 +208,34 @@ class Block(nn.Module):
             nn.init.zeros_(self.cross.proj.weight)
 
     def forward(self, x_BLW: torch.Tensor, condition_BW: torch.Tensor, age_tokens_B3W: torch.Tensor,
-                mask_LL: torch.Tensor | None, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                scale_ends: tuple[int, ...] | None, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         if self.modulation is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(condition_BW)[:, None].chunk(6, -1)
         else:
             shift1 = scale1 = shift2 = scale2 = torch.zeros((), device=x_BLW.device)
             gate1 = gate2 = torch.ones((), device=x_BLW.device)
-        x_BLW = x_BLW + gate1 * self.drop(self._attend(self.norm1(x_BLW) * (1 + scale1) + shift1, mask_LL, cache))
+        x_BLW = x_BLW + gate1 * self.drop(self._attend(self.norm1(x_BLW) * (1 + scale1) + shift1, scale_ends, cache))
         if self.cross is not None:
             x_BLW = x_BLW + self.cross(x_BLW, age_tokens_B3W)
         return x_BLW + gate2 * self.drop(self.mlp(self.norm2(x_BLW) * (1 + scale2) + shift2))
 
-    def _attend(self, x_BLW: torch.Tensor, mask_LL: torch.Tensor | None, cache: dict[str, torch.Tensor] | None
-                ) -> torch.Tensor:
+    def _attend(self, x_BLW: torch.Tensor, scale_ends: tuple[int, ...] | None,
+                cache: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Self-attention, block-causal by scale: the queries of the scale ending at `scale_ends[k]` see every
+        key before that end. Computed scale by scale without a mask, which lets SDPA use its fused kernel and
+        skips the masked-out blocks (a masked L x L attention computes and discards them). `scale_ends` None:
+        every query sees every key (one scale against the cache of coarser ones)."""
         B, L, W = x_BLW.shape
         q, k, v = self.qkv(x_BLW).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:  # keys and values of coarser scales, computed once
             if cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL)
+        if scale_ends is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end])
+                             for start, end in zip((0, *scale_ends[:-1]), scale_ends)], 2)
         return self.proj(out.transpose(1, 2).reshape(B, L, W))
 
 
