@@ -212,6 +212,27 @@ def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
             "peak_mb_cached": peak_cached, "peak_mb_on_the_fly": _peak_mb(before)}
 
 
+def case_neuroar_attention(repeats: int, batch: int = 8) -> dict:
+    """One block's self-attention, forward and backward, on the demo config's 2113 tokens: one SDPA call under
+    an L x L block-causal mask (the design until 2026-12-02) against the model's scale-by-scale calls."""
+    config, _, model = _neuroar([])
+    block = model.blocks[0].train()
+    x_BLW = torch.randn(batch, model.ends[-1], config.transformer.width, device=_device(), requires_grad=True)
+    visible_LL = model.levels[None, :] <= model.levels[:, None]
+
+    def masked():
+        B, L, W = x_BLW.shape
+        q, k, v = block.qkv(x_BLW).view(B, L, 3, block.heads, W // block.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_LL)
+        block.proj(out.transpose(1, 2).reshape(B, L, W)).sum().backward()
+
+    def scale_by_scale():
+        block._attend(x_BLW, model.ends, None).sum().backward()
+
+    return {"tokens": model.ends[-1], "batch_pairs": batch, "masked_s": _timed(masked, repeats),
+            "scale_by_scale_s": _timed(scale_by_scale, repeats)}
+
+
 def case_raw_preprocessing(spacing: int) -> dict:
     """Seconds per step for one raw scan (synthetic: a head in the scanner's 240x240x220 mm field of view at
     `spacing` mm), once: every step takes seconds, so a repeat would only double the wait."""
@@ -244,6 +265,7 @@ CASES = {
     "neuroar_predict_7_scales": lambda r: case_neuroar_predict(7, r),
     "ldm_predict": lambda r: case_ldm_predict(r),
     "neuroar_training": lambda r: case_neuroar_training(r),
+    "neuroar_attention": lambda r: case_neuroar_attention(r),
     "raw_preprocessing_2mm": lambda r: case_raw_preprocessing(2),
     "raw_preprocessing_1mm": lambda r: case_raw_preprocessing(1),
 }
@@ -363,6 +385,13 @@ def results_markdown(machine: dict, results: dict) -> str:
               f"| cached tokens | {get(train, 'cached_steps_per_s'):.3f} | {get(train, 'peak_mb_cached'):.0f} |",
               f"| both scans of each pair tokenized on the fly | {get(train, 'on_the_fly_steps_per_s'):.3f} | "
               f"{get(train, 'peak_mb_on_the_fly'):.0f} |", ""]
+    attention = "neuroar_attention"
+    lines += ["## NeuroAR self-attention (demo config, one block, batch of 8 pairs, forward and backward)", "",
+              "| attention | seconds |", "|---|---|",
+              f"| one call under a {results.get(attention, {}).get('tokens', '?')}^2 block-causal mask | "
+              f"{get(attention, 'masked_s'):.3f} |",
+              f"| scale by scale, no mask (shipped) | {get(attention, 'scale_by_scale_s'):.3f} "
+              f"({get(attention, 'masked_s') / get(attention, 'scale_by_scale_s'):.2f}x faster) |", ""]
     lines += ["## Raw scans: seconds per step (`preprocess` with data.raw=true, one synthetic raw scan)", "",
               "Accuracy against the truth (Dice, pose, volumes): `benchmarks/RAW_PREPROCESSING.md`.", "",
               "| scan | voxels | N4 | skull stripping (deepbet) | affine registration (ANTs) |",
