@@ -94,10 +94,12 @@ SMALL_DEMO = ["data.spacing=4", "data.shape=[40,48,40]", "tokenizer.downsample=8
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
-    first = run("demo", "--quick", "--out", str(tmp_path / "demo"), *SMALL_DEMO, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, quick_demo_cohort):
     out = tmp_path / "demo"
+    shutil.copytree(quick_demo_cohort, out / "cohort")  # made once for both demo tests (make_cohort: test_synth)
+    first = run("demo", "--quick", "--out", str(out), *SMALL_DEMO, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "cohort is up to date, skipped" in first.stdout
     for name in ("config.yaml", "scans.csv", "pairs.csv", "summary.md", "cohort/manifest.csv", "cohort/truth.csv",
                  "cohort/figures/trajectories.png", "cohort/figures/montage.png", "tokenizer/last.json",
                  "neuroar/last.json", "autoencoder/last.json", "ldm/last.json", "stargan/last.json",
@@ -127,7 +129,7 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
 def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, quick_demo_cohort):
     """Ctrl-C during the LDM stage exits with 130; the re-run keeps every finished stage's output."""
     out = tmp_path / "demo"
-    shutil.copytree(quick_demo_cohort, out / "cohort")  # the first demo test makes its cohort; this one reuses one
+    shutil.copytree(quick_demo_cohort, out / "cohort")
     args = [sys.executable, "-m", "neuroar", "demo", "--quick", "--out", str(out), *SMALL_DEMO, "train_ldm.steps=400"]
     demo = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
