@@ -131,8 +131,11 @@ def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, quick_demo_coh
     out = tmp_path / "demo"
     shutil.copytree(quick_demo_cohort, out / "cohort")
     args = [sys.executable, "-m", "neuroar", "demo", "--quick", "--out", str(out), *SMALL_DEMO, "train_ldm.steps=400"]
+    # Ctrl-C's default action even where the suite itself was started in the background (a shell then ignores
+    # SIGINT for it, and children inherit that).
     demo = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in demo.stdout:
         if line.startswith("== LDM"):
             break
