@@ -156,7 +156,7 @@ class NeuroAR(nn.Module):
         next_input = earlier_maps[0].new_zeros(len(earlier_maps[0]), quantizer.codebook.embedding_dim, *self.scales[0])
         embedded, tokens = [], []
         for k, scale in enumerate(self.scales):
-            start, end = self.starts[k], self.starts[k] + self.lengths[k]
+            start, end = self.starts[k], self.ends[k]
             if guided and k:
                 next_input = torch.cat([next_input, next_input])
             embedded.append(self._embed(flatten(next_input), flatten(earlier_maps[k]),
