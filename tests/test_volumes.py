@@ -72,3 +72,28 @@ def first_to_last(measured: pd.DataFrame) -> pd.DataFrame:
     ordered = measured.sort_values("age").groupby("subject_id")
     return ordered.last(numeric_only=True) - ordered.first(numeric_only=True)
 
+
+
+def test_the_evaluation_reports_the_predicted_change_beside_the_true_one():
+    """Mean and spread of each model's predicted change over pairs, and the truth's, in the table and the CSV:
+    a change that is sampling noise shows as a wide spread around 0."""
+    from neuroar.evaluate.compare import summarize, summary_markdown
+
+    true_P = np.array([1.0, 2.0, 4.0, 9.0])
+    rows = []
+    for model, predicted_P in (("copy", np.zeros(4)), ("noisy", np.array([-6.0, 5.0, -1.0, 3.0]))):
+        for p, (true, predicted) in enumerate(zip(true_P, predicted_P)):
+            rows.append({"model": model, "subject_id": f"s{p}", "years": 1.0 + p, "psnr": 20.0 + p, "ssim": 0.9,
+                         "mae": 0.1, **{f"true_change_{r}": true for r in REGIONS},
+                         **{f"predicted_change_{r}": predicted for r in REGIONS}})
+    per_pair = pd.DataFrame(rows)
+    summary = summarize(per_pair, "noisy", pd.DataFrame(columns=["model"]))
+    noisy = summary.set_index("model").loc["noisy"]
+    assert noisy["ventricles_change_mean"] == pytest.approx(0.25)
+    assert noisy["ventricles_change_std"] == pytest.approx(np.std([-6.0, 5.0, -1.0, 3.0], ddof=1))
+    assert noisy["ventricles_true_change_mean"] == pytest.approx(4.0)
+    assert noisy["ventricles_true_change_std"] == pytest.approx(np.std(true_P, ddof=1))
+    table = summary_markdown(summary, per_pair, "test", "noisy")
+    assert f"| +0.25 ± {np.std([-6.0, 5.0, -1.0, 3.0], ddof=1):.2f} |" in table
+    assert "| +0.00 ± 0.00 |" in table
+    assert f"true: +4.00 ± {np.std(true_P, ddof=1):.2f} mL" in table

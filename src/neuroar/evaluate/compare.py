@@ -127,17 +127,25 @@ def summarize(per_pair: pd.DataFrame, reference: str | None, sweep: pd.DataFrame
         row: dict[str, object] = {"model": name, "pairs": len(group)}
         for metric in IMAGE_METRICS:
             values = group[metric].to_numpy(dtype=float)
-            row[f"{metric}_mean"], row[f"{metric}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
             row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = bootstrap_ci(values, seed)
             row[f"{metric}_p_vs_reference"] = paired_wilcoxon(per_pair, name, reference, metric)
         for region in REGIONS:
             predicted, true = group[f"predicted_change_{region}"], group[f"true_change_{region}"]
             row[f"{region}_change_r"] = pearson(predicted, true)
             row[f"{region}_change_mae"] = float((predicted - true).abs().mean())
+            # Mean and spread beside the truth's: a change that is sampling noise has a wide spread around 0.
+            row[f"{region}_change_mean"], row[f"{region}_change_std"] = mean_std(predicted.to_numpy(dtype=float))
+            row[f"{region}_true_change_mean"], row[f"{region}_true_change_std"] = mean_std(true.to_numpy(dtype=float))
         mine = sweep[sweep["model"] == name]
         row["sweep_monotonic"] = monotonic_share(mine) if len(mine) else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
@@ -180,18 +188,22 @@ def summary_markdown(summary: pd.DataFrame, per_pair: pd.DataFrame, split: str, 
     def number(value, digits=2):
         return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
+    first = summary.iloc[0]
     lines = [f"# Evaluation on the {split} split", "",
              f"{per_pair['subject_id'].nunique()} subjects, {summary['pairs'].iloc[0]} pairs, "
              f"{per_pair['years'].min():.1f}-{per_pair['years'].max():.1f} years apart. Image metrics inside the "
              "MNI152 brain mask, data range 1: mean ± std [bootstrap 95% CI]. p: paired Wilcoxon against "
              f"{reference or '(no trained model)'}. Ventricle change: Pearson r and mean absolute error (mL) of "
-             "predicted vs true change. Sweep: share of subjects whose predicted ventricles grow at every step.",
+             "predicted vs true change, and the predicted change's mean ± std over pairs (true: "
+             f"{first['ventricles_true_change_mean']:+.2f} ± {first['ventricles_true_change_std']:.2f} mL). Sweep: "
+             "share of subjects whose predicted ventricles grow at every step.",
              "", "| model | PSNR (dB) | p | SSIM | p | MAE | ventricle change r | ventricle change MAE (mL) | "
-             "sweep monotonic |", "|---|---|---|---|---|---|---|---|---|"]
+             "ventricle change (mL) | sweep monotonic |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary.to_dict("records"):
         lines.append(f"| {row['model']} | {cell(row, 'psnr', 2)} | {number(row['psnr_p_vs_reference'], 3)} | "
                      f"{cell(row, 'ssim', 3)} | {number(row['ssim_p_vs_reference'], 3)} | {cell(row, 'mae', 4)} | "
                      f"{number(row['ventricles_change_r'])} | {number(row['ventricles_change_mae'])} | "
+                     f"{row['ventricles_change_mean']:+.2f} ± {row['ventricles_change_std']:.2f} | "
                      f"{number(row['sweep_monotonic'])} |")
     lines += ["", "Volume change per region: Pearson r (MAE in mL) of predicted vs true change.", "",
               "| model | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|"]
