@@ -211,8 +211,8 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     assert main(["evaluate", "--models", str(run_dir), str(run_dir / "no-earlier"), "--split", "val",
                  "--samples", "2", "--out", str(out)]) == 0
     per_pair = pd.read_csv(out / "pairs.csv", dtype={"subject_id": str})
-    names = ["copy", "tokenizer-copy", "tokenizer-oracle", "run", "run+detail", "run/no-earlier",
-             "run/no-earlier+detail"]
+    names = ["copy", "tokenizer-copy", "tokenizer-oracle", "run", "run+detail", "run+aging", "run/no-earlier",
+             "run/no-earlier+detail", "run/no-earlier+aging"]
     assert list(per_pair["model"].unique()) == names
     pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str})
     assert (per_pair.groupby("model").size() == (pairs["split"] == "val").sum()).all()
@@ -249,6 +249,26 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     assert set(sweep["model"]) == set(names[3:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
     assert {p.name for p in (out / "figures").iterdir()} == {"metrics.png", "ventricle_change.png",
                                                            "psnr_vs_years.png", "age_sweep.png"}
+
+
+def test_the_aging_variant_keeps_what_the_years_change_and_cancels_what_the_model_changes_at_zero_years():
+    """A stand-in predictor whose every prediction changes the scan by a fixed random field (a bias, whatever the
+    ages) and brightens it by 0.01 per year: "+aging" is the earlier scan plus the years' part alone."""
+    from neuroar.evaluate.forecasters import ModelForecaster
+
+    bias_DHW = np.random.default_rng(0).uniform(-0.2, 0.2, (4, 5, 6)).astype(np.float32)
+
+    class Biased:
+        def predict_preprocessed(self, volume_DHW, age, target_ages, samples, seed):
+            means = [volume_DHW + bias_DHW + 0.01 * (target - age) for target in target_ages]
+            return [(mean, np.zeros_like(mean), np.clip(mean, 0, 1)) for mean in means]
+
+    earlier_DHW = np.full((4, 5, 6), 0.5, dtype=np.float32)
+    outputs = ModelForecaster("m", Biased()).predict(earlier_DHW, 70.0, [72.0, 80.0], seed=0)
+    assert set(outputs) == {"m", "m+detail", "m+aging"}
+    for target, mean_DHW, aging_DHW in zip([72.0, 80.0], outputs["m"], outputs["m+aging"]):
+        np.testing.assert_allclose(mean_DHW, 0.5 + bias_DHW + 0.01 * (target - 70), atol=1e-6)
+        np.testing.assert_allclose(aging_DHW, 0.5 + 0.01 * (target - 70), atol=1e-6)
 
 
 def test_evaluate_can_take_the_splits_first_subjects_only(run_dir, tmp_path):

@@ -8,7 +8,10 @@ predicted preprocessed scan per target age out.
   later scan) - decode(tokens of the earlier scan), the best change any token model can deliver with this
   tokenizer. If its volume change is poor, the tokenizer, not the transformer, holds a model back.
 - a trained model: a run folder (its NeuroAR model), an ablation's folder, RUN/ldm or RUN/stargan: the
-  sample mean of its predictions, and the earlier scan plus its predicted change ("+detail").
+  sample mean of its predictions; the earlier scan plus its prediction minus the earlier scan through the
+  model's own encoder and decoder ("+detail"); and the earlier scan plus its prediction minus its prediction at
+  the earlier scan's own age, drawn from the same random numbers ("+aging": what the model says the years
+  change, without what it changes in any scan at zero years).
 """
 
 from __future__ import annotations
@@ -61,22 +64,30 @@ class TokenizerCopy:
 
 
 class ModelForecaster:
-    """The sample mean of a model's predictions and, as "NAME+detail", the earlier scan plus the predicted
-    change. NAME is the run's name for its NeuroAR model, RUN/MODEL otherwise."""
+    """The sample mean of a model's predictions, "NAME+detail" and "NAME+aging" (see the module's text). NAME
+    is the run's name for its NeuroAR model, RUN/MODEL otherwise."""
 
-    def __init__(self, path: Path, samples: int | None = None, sampling: Sequence[str] = ()):
+    def __init__(self, name: str, predictor: Predictor, samples: int | None = None):
+        self.name, self.predictor, self.samples = name, predictor, samples
+
+    @classmethod
+    def load(cls, path: Path, samples: int | None = None, sampling: Sequence[str] = ()) -> ModelForecaster:
         run_dir, model = resolve_model(path)
-        self.predictor = Predictor.from_checkpoint(path, sampling=sampling)
-        self.samples = samples
-        self.name = run_dir.name if model == MODEL_NAME else f"{run_dir.name}/{model}"
+        name = run_dir.name if model == MODEL_NAME else f"{run_dir.name}/{model}"
+        return cls(name, Predictor.from_checkpoint(path, sampling=sampling), samples)
 
     def predict(self, earlier_DHW, earlier_age, target_ages, seed):
-        outputs = self.predictor.predict_preprocessed(earlier_DHW, earlier_age, target_ages, self.samples, seed)
-        return {self.name: [mean for mean, _, _ in outputs], f"{self.name}+detail": [d for _, _, d in outputs]}
+        # Every age draws the same random numbers, so the prediction at the earlier scan's own age holds the
+        # model's changes that are not aging (the tokens it flips in any scan) and cancels them.
+        (unaged_DHW, _, _), *outputs = self.predictor.predict_preprocessed(
+            earlier_DHW, earlier_age, [earlier_age, *target_ages], self.samples, seed)
+        return {self.name: [mean for mean, _, _ in outputs], f"{self.name}+detail": [d for _, _, d in outputs],
+                f"{self.name}+aging": [np.clip(earlier_DHW + mean - unaged_DHW, 0, 1).astype(np.float32)
+                                       for mean, _, _ in outputs]}
 
 
 def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, samples: int | None = None,
                      sampling: Sequence[str] = ()) -> list[Forecaster]:
     """The trivial baselines first (always), then each model folder given (with `sampling` overrides)."""
-    models = [ModelForecaster(Path(spec), samples, sampling) for spec in specs if spec not in TRIVIAL]
+    models = [ModelForecaster.load(Path(spec), samples, sampling) for spec in specs if spec not in TRIVIAL]
     return [Copy(), TokenizerCopy(run_dir, config), *models]
