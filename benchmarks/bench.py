@@ -258,7 +258,7 @@ CASES = {
     "tokenizer_training_new": lambda r: case_training("tokenizer", "reference", [], r),
     "autoencoder_training_old": lambda r: case_training("autoencoder", "reference", OLD_AUTOENCODER, r),
     "autoencoder_training_new": lambda r: case_training("autoencoder", "reference", [], r),
-    "tokenizer_2mm": lambda r: case_tokenizer("demo", r),
+    "tokenizer_2mm": lambda r: case_tokenizer("reference", r),
     "tokenizer_1mm": lambda r: case_tokenizer("paper", 1),
     "neuroar_predict_3_scales": lambda r: case_neuroar_predict(3, r),
     "neuroar_predict_5_scales": lambda r: case_neuroar_predict(5, r),
@@ -365,10 +365,10 @@ def results_markdown(machine: dict, results: dict) -> str:
         ratio = get(case, "sample_s_no_cache") / get(case, "sample_s_kv_cache")
         lines.append(f"| {k} | {results.get(case, {}).get('tokens', '?')} | {get(case, 'sample_s_kv_cache'):.3f} | "
                      f"{get(case, 'sample_s_no_cache'):.3f} | {ratio:.2f}x | {get(case, 'peak_mb'):.0f} |")
-    lines += ["", "## Tokenizer, 2 mm (demo config) and 1 mm (paper config), one volume", "",
+    lines += ["", "## Tokenizer, 2 mm (reference config) and 1 mm (paper config), one volume", "",
               "| config | volume | encode (volumes/s) | decode (volumes/s) | peak memory (MB) |",
               "|---|---|---|---|---|"]
-    for case, name in (("tokenizer_2mm", "demo"), ("tokenizer_1mm", "paper")):
+    for case, name in (("tokenizer_2mm", "reference"), ("tokenizer_1mm", "paper")):
         lines.append(f"| {name} | {results.get(case, {}).get('shape', '?')} | {get(case, 'encode_volumes_per_s'):.3f} "
                      f"| {get(case, 'decode_volumes_per_s'):.3f} | {get(case, 'peak_mb'):.0f} |")
     lines += ["", "## Training the tokenizer and the autoencoder (reference config, 2 mm, batch of 2)", "",
