@@ -73,7 +73,6 @@ def first_to_last(measured: pd.DataFrame) -> pd.DataFrame:
     return ordered.last(numeric_only=True) - ordered.first(numeric_only=True)
 
 
-
 def test_the_evaluation_reports_the_predicted_change_beside_the_true_one():
     """Mean and spread of each model's predicted change over pairs, and the truth's, in the table and the CSV:
     a change that is sampling noise shows as a wide spread around 0."""
