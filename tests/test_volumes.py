@@ -75,12 +75,14 @@ def first_to_last(measured: pd.DataFrame) -> pd.DataFrame:
 
 def test_the_evaluation_reports_the_predicted_change_beside_the_true_one():
     """Mean and spread of each model's predicted change over pairs, and the truth's, in the table and the CSV:
-    a change that is sampling noise shows as a wide spread around 0."""
+    a change that is sampling noise shows as a wide spread around 0; a model that changes nothing has no r."""
     from neuroar.evaluate.compare import summarize, summary_markdown
 
     true_P = np.array([1.0, 2.0, 4.0, 9.0])
     rows = []
-    for model, predicted_P in (("copy", np.zeros(4)), ("noisy", np.array([-6.0, 5.0, -1.0, 3.0]))):
+    still_P = np.array([0.01, -0.01, 0.02, 0.0])  # decoding noise of a model that changes nothing
+    for model, predicted_P in (("copy", np.zeros(4)), ("noisy", np.array([-6.0, 5.0, -1.0, 3.0])),
+                               ("still", still_P)):
         for p, (true, predicted) in enumerate(zip(true_P, predicted_P)):
             rows.append({"model": model, "subject_id": f"s{p}", "years": 1.0 + p, "psnr": 20.0 + p, "ssim": 0.9,
                          "mae": 0.1, **{f"true_change_{r}": true for r in REGIONS},
@@ -92,6 +94,9 @@ def test_the_evaluation_reports_the_predicted_change_beside_the_true_one():
     assert noisy["ventricles_change_std"] == pytest.approx(np.std([-6.0, 5.0, -1.0, 3.0], ddof=1))
     assert noisy["ventricles_true_change_mean"] == pytest.approx(4.0)
     assert noisy["ventricles_true_change_std"] == pytest.approx(np.std(true_P, ddof=1))
+    assert noisy["ventricles_change_r"] == pytest.approx(np.corrcoef([-6.0, 5.0, -1.0, 3.0], true_P)[0, 1])
+    # A correlation of decoding noise with the truth (here -0.07) is no measurement: undefined, as copy's.
+    assert np.isnan(summary.set_index("model").loc["still", "ventricles_change_r"])
     table = summary_markdown(summary, per_pair, "test", "noisy")
     assert f"| +0.25 ± {np.std([-6.0, 5.0, -1.0, 3.0], ddof=1):.2f} |" in table
     assert "| +0.00 ± 0.00 |" in table

@@ -32,6 +32,9 @@ from neuroar.progress import Progress
 from neuroar.runs import resolve_model
 
 IMAGE_METRICS = ("psnr", "ssim", "mae")
+# Predicted changes that all lie within this many mL of each other are no change (a latent StarGAN that stays
+# the identity moves volumes by ~0.01 mL through decoding noise): their correlation with the truth is undefined.
+NO_CHANGE_ML = 0.05
 
 
 def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | Path | None = None,
@@ -167,10 +170,10 @@ def paired_wilcoxon(per_pair: pd.DataFrame, name: str, reference: str | None, me
     return float(stats.wilcoxon(a, b).pvalue)
 
 
-def pearson(x: pd.Series, y: pd.Series) -> float:
-    if len(x) < 3 or np.ptp(x.to_numpy()) == 0 or np.ptp(y.to_numpy()) == 0:
+def pearson(predicted: pd.Series, true: pd.Series) -> float:
+    if len(predicted) < 3 or np.ptp(predicted.to_numpy()) < NO_CHANGE_ML or np.ptp(true.to_numpy()) == 0:
         return np.nan
-    return float(stats.pearsonr(x, y).statistic)
+    return float(stats.pearsonr(predicted, true).statistic)
 
 
 def monotonic_share(sweep: pd.DataFrame) -> float:
