@@ -261,7 +261,7 @@ def test_the_aging_variant_keeps_what_the_years_change_and_cancels_what_the_mode
     class Biased:
         def predict_preprocessed(self, volume_DHW, age, target_ages, samples, seed):
             means = [volume_DHW + bias_DHW + 0.01 * (target - age) for target in target_ages]
-            return [(mean, np.zeros_like(mean), np.clip(mean, 0, 1)) for mean in means]
+            return [(mean, np.zeros_like(mean), np.zeros_like(mean)) for mean in means]  # detail: not used
 
     earlier_DHW = np.full((4, 5, 6), 0.5, dtype=np.float32)
     outputs = ModelForecaster("m", Biased()).predict(earlier_DHW, 70.0, [72.0, 80.0], seed=0)

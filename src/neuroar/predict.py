@@ -110,8 +110,7 @@ class Predictor:
                                                         lambda: generator.manual_seed(seed))
         outputs = []
         for mean, decoded_SDHW in per_age:
-            detail = np.clip(volume_DHW + mean - earlier_decoded, 0, 1)
-            outputs.append((mean, decoded_SDHW.std(0), detail.astype(np.float32)))
+            outputs.append((mean, decoded_SDHW.std(0), with_change(volume_DHW, mean, earlier_decoded)))
         return outputs
 
     def decoded_samples(self, x: torch.Tensor, age: float, target_ages: Sequence[float], samples: int,
@@ -220,6 +219,12 @@ def write_predictions(checkpoint: str | Path, image: str | Path, age: float, tar
             write_volume(path, getattr(prediction, kind).get_fdata(dtype="float32"), volume.affine, volume.header)
             written.append(path)
     return written
+
+
+def with_change(volume_DHW: np.ndarray, after_DHW: np.ndarray, before_DHW: np.ndarray) -> np.ndarray:
+    """The scan plus the change from `before` to `after` (two outputs of one model, so that what the model does
+    to any scan cancels), clipped to the intensity range."""
+    return np.clip(volume_DHW + after_DHW - before_DHW, 0, 1).astype(np.float32)
 
 
 def check_ages(age: float, target_ages: Sequence[float]) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from neuroar.config import Config
-from neuroar.predict import Predictor
+from neuroar.predict import Predictor, with_change
 from neuroar.runs import MODEL_NAME, load_tokenizer, resolve_model
 
 TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle")
@@ -54,8 +54,7 @@ class TokenizerCopy:
                ) -> np.ndarray:
         """The true follow-up's token change added to the earlier scan: what a perfect token model would give.
         `earlier_reconstructed_DHW` is `predict`'s output for the earlier scan (not encoded and decoded twice)."""
-        change_DHW = self.reconstruct(later_DHW) - earlier_reconstructed_DHW
-        return np.clip(earlier_DHW + change_DHW, 0, 1).astype(np.float32)
+        return with_change(earlier_DHW, self.reconstruct(later_DHW), earlier_reconstructed_DHW)
 
     @torch.no_grad()
     def reconstruct(self, volume_DHW: np.ndarray) -> np.ndarray:
@@ -82,8 +81,7 @@ class ModelForecaster:
         (unaged_DHW, _, _), *outputs = self.predictor.predict_preprocessed(
             earlier_DHW, earlier_age, [earlier_age, *target_ages], self.samples, seed)
         return {self.name: [mean for mean, _, _ in outputs], f"{self.name}+detail": [d for _, _, d in outputs],
-                f"{self.name}+aging": [np.clip(earlier_DHW + mean - unaged_DHW, 0, 1).astype(np.float32)
-                                       for mean, _, _ in outputs]}
+                f"{self.name}+aging": [with_change(earlier_DHW, mean, unaged_DHW) for mean, _, _ in outputs]}
 
 
 def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, samples: int | None = None,
