@@ -66,27 +66,29 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
             measured[path] = regional_volumes(volume_DHW, regions)
         return measured[path]
 
-    rows = []
-    for pair in Progress(pairs.to_dict("records"), desc=f"evaluate {split}", unit="pair", enabled=progress):
-        earlier_DHW, later_DHW = load_preprocessed(pair["earlier_path"])[0], load_preprocessed(pair["later_path"])[0]
-        before, after = volumes_of(pair["earlier_path"], earlier_DHW), volumes_of(pair["later_path"], later_DHW)
-        predictions: dict[str, np.ndarray] = {}
-        for forecaster in forecasters:
-            for name, (predicted_DHW,) in forecaster.predict(earlier_DHW, pair["earlier_age"], [pair["later_age"]],
-                                                             seed).items():
-                predictions[name] = predicted_DHW
-            if isinstance(forecaster, TokenizerCopy):
-                predictions["tokenizer-oracle"] = forecaster.oracle(earlier_DHW, later_DHW,
-                                                                    predictions["tokenizer-copy"])
-        for name, predicted_DHW in predictions.items():
-            predicted = regional_volumes(predicted_DHW, regions)
-            rows.append({"model": name, "subject_id": pair["subject_id"], "earlier_age": pair["earlier_age"],
-                         "later_age": pair["later_age"], "years": pair["years"],
-                         "psnr": masked_psnr(predicted_DHW, later_DHW, brain),
-                         "ssim": masked_ssim(predicted_DHW, later_DHW, brain),
-                         "mae": masked_mae(predicted_DHW, later_DHW, brain),
-                         **{f"true_change_{r}": after[r] - before[r] for r in REGIONS},
-                         **{f"predicted_change_{r}": predicted[r] - before[r] for r in REGIONS}})
+    # One prediction per earlier scan, at all its pairs' later ages: each target age draws the same random numbers
+    # however many ages are asked for, so this gives what predicting pair by pair gives, without sampling the
+    # earlier scan's own age (+aging) and encoding it again for every pair.
+    rows_of_pair: dict[int, list[dict]] = {}
+    with Progress(total=len(pairs), desc=f"evaluate {split}", unit="pair", enabled=progress) as bar:
+        for earlier_path, group in pairs.groupby("earlier_path", sort=False):
+            earlier_DHW = load_preprocessed(earlier_path)[0]
+            later_DHWs = [load_preprocessed(path)[0] for path in group["later_path"]]
+            before = volumes_of(earlier_path, earlier_DHW)
+            predictions: dict[str, list[np.ndarray]] = {}
+            for forecaster in forecasters:
+                predictions |= forecaster.predict(earlier_DHW, group["earlier_age"].iloc[0],
+                                                  list(group["later_age"]), seed)
+                if isinstance(forecaster, TokenizerCopy):
+                    copies = predictions["tokenizer-copy"]
+                    predictions["tokenizer-oracle"] = [forecaster.oracle(earlier_DHW, later_DHW, copy_DHW)
+                                                       for later_DHW, copy_DHW in zip(later_DHWs, copies)]
+            for i, (index, pair) in enumerate(group.iterrows()):
+                after = volumes_of(pair["later_path"], later_DHWs[i])
+                rows_of_pair[index] = [_pair_row(name, outputs[i], pair, later_DHWs[i], before, after, brain, regions)
+                                       for name, outputs in predictions.items()]
+                bar.update()
+    rows = [row for index in sorted(rows_of_pair) for row in rows_of_pair[index]]
     per_pair = pd.DataFrame(rows)
     reference = next((n for n in per_pair["model"].unique() if n not in TRIVIAL and "+" not in n), None)
     models_only = [f for f in forecasters if isinstance(f, ModelForecaster)]
@@ -100,6 +102,17 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
     write_text(out_dir / "summary.md", summary_markdown(summary, per_pair, split, reference))
     plot_all(per_pair, sweep, out_dir / "figures")
     return summary
+
+
+def _pair_row(name: str, predicted_DHW: np.ndarray, pair: pd.Series, later_DHW: np.ndarray,
+              before: dict[str, float], after: dict[str, float], brain: np.ndarray, regions) -> dict:
+    predicted = regional_volumes(predicted_DHW, regions)
+    return {"model": name, "subject_id": pair["subject_id"], "earlier_age": pair["earlier_age"],
+            "later_age": pair["later_age"], "years": pair["years"],
+            "psnr": masked_psnr(predicted_DHW, later_DHW, brain), "ssim": masked_ssim(predicted_DHW, later_DHW, brain),
+            "mae": masked_mae(predicted_DHW, later_DHW, brain),
+            **{f"true_change_{r}": after[r] - before[r] for r in REGIONS},
+            **{f"predicted_change_{r}": predicted[r] - before[r] for r in REGIONS}}
 
 
 def age_sweep(forecasters, run_dir: Path, split: str, years: Sequence[float], regions, seed: int,
