@@ -12,6 +12,7 @@ from neuroar.data.atlas import CLASSES, load_anatomy
 from neuroar.data.bids import discover_bids
 from neuroar.data.manifest import read_manifest
 from neuroar.data.synth.cohort import SynthOptions, _flow, make_cohort, plan_subjects, subject_aging
+from neuroar.data.synth.warp import sample
 from neuroar.errors import NeuroARError
 
 OPTIONS = COHORT_OPTIONS
@@ -140,6 +141,18 @@ def test_template_structures_are_where_anatomy_puts_them():
     assert np.allclose(anatomy.probabilities.sum(axis=0)[anatomy.t1 > 0.2], 1.0, atol=1e-4)
 
 
+
+
+@pytest.mark.parametrize("outside, scipy_mode", [("zero", "grid-constant"), ("nearest", "nearest")])
+def test_warp_interpolates_as_scipy_does_inside_and_outside_the_volume(outside, scipy_mode):
+    rng = np.random.default_rng(0)
+    volumes = rng.random((3, 7, 9, 8)).astype(np.float32)
+    coords = rng.uniform(-2.0, 10.0, (3, 5, 40)).astype(np.float32)  # a third of the points lie outside
+    expected = np.stack([ndimage.map_coordinates(v, coords, order=1, mode=scipy_mode) for v in volumes])
+    warped = sample(volumes, coords, outside=outside)
+    assert warped.shape == (3, 5, 40)
+    np.testing.assert_allclose(warped, expected, atol=1e-5)
+    np.testing.assert_allclose(sample(volumes[1], coords, outside=outside), expected[1], atol=1e-5)
 
 
 @pytest.mark.slow

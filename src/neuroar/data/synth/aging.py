@@ -28,9 +28,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from neuroar.data.atlas import CLASSES, Anatomy
+from neuroar.data.synth.warp import sample
 
 FLOW_GRID_MM = 4.0
 MAX_LOG_STEP = 0.03  # largest log-volume change of any tissue in one flow step
@@ -176,21 +176,19 @@ class AgingFlow:
     def sample(self, displacement: np.ndarray, fine_coords: np.ndarray) -> np.ndarray:
         """The displacement, in fine voxels, at fine-grid coordinates (3, ...): template = coords + this."""
         coarse = self.fine_to_coarse(fine_coords)
-        return np.stack([ndimage.map_coordinates(d, coarse, order=1, mode="nearest") for d in displacement]) \
-            * np.float32(self.factor)
+        return sample(displacement, coarse, outside="nearest") * np.float32(self.factor)
 
     def _step(self, displacement: np.ndarray, log_step: np.ndarray) -> np.ndarray:
         sources = np.linalg.solve(self.system, np.concatenate([[0.0], log_step[1:]]))
         coords = self.grid + displacement
-        source = ndimage.map_coordinates(np.tensordot(sources, self.probabilities, axes=1), coords, order=1,
-                                         mode="nearest")
+        source = sample(np.tensordot(sources, self.probabilities, axes=1), coords, outside="nearest")
         # The net source must vanish in the current space, not the template's, or the head slowly inflates
         # as the expanding csf gains weight; the csf absorbs the remainder.
-        csf = ndimage.map_coordinates(self.probabilities[0], coords, order=1, mode="nearest")
+        csf = sample(self.probabilities[0], coords, outside="nearest")
         source -= csf * (source.sum(dtype=np.float64) / csf.sum(dtype=np.float64))
         velocity = self._velocity(source)
         back = self.grid - velocity
-        moved = np.stack([ndimage.map_coordinates(d, back, order=1, mode="nearest") for d in displacement])
+        moved = sample(displacement, back, outside="nearest")
         return (moved - velocity).astype(np.float32)
 
     def _velocity(self, source: np.ndarray) -> np.ndarray:
@@ -202,8 +200,7 @@ class AgingFlow:
         return np.stack([v[p:-p, p:-p, p:-p] for v in velocity]).astype(np.float32)
 
     def _upsample(self, coarse: np.ndarray, fine_shape: tuple[int, ...]) -> np.ndarray:
-        return ndimage.map_coordinates(coarse, self.fine_to_coarse(np.indices(fine_shape, dtype=np.float32)),
-                                       order=1, mode="nearest")
+        return sample(coarse, self.fine_to_coarse(np.indices(fine_shape, dtype=np.float32)), outside="nearest")
 
     def fine_to_coarse(self, fine_coords: np.ndarray) -> np.ndarray:
         """Coarse voxel i averages fine voxels f*i .. f*i + f - 1, so its centre is f*i + (f - 1) / 2."""

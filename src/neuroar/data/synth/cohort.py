@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
@@ -45,6 +46,7 @@ from neuroar.data.manifest import write_manifest
 from neuroar.data.nifti import write_volume
 from neuroar.data.synth.aging import COHORTS, AgingFlow, GroupRates, SubjectAging
 from neuroar.data.synth.head import clean_voxels, draw_pose, head_layers, raw_grid
+from neuroar.data.synth.warp import sample
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, write_json
 from neuroar.progress import Progress
@@ -97,9 +99,11 @@ def make_cohort(out_dir: str | Path, options: SynthOptions = SynthOptions(), pro
                 bar.update()
         else:
             # fork (Linux) starts workers at once and needs no `if __name__ == "__main__"` guard in user
-            # scripts; the workers use only numpy/scipy, so a parent's torch threads do not matter.
+            # scripts. One torch thread per worker: the workers already fill the cores, and a forked child
+            # must not enter an OpenMP pool its parent may have started.
             context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-            with ProcessPoolExecutor(min(workers, len(plans)), mp_context=context) as pool:
+            with ProcessPoolExecutor(min(workers, len(plans)), mp_context=context, initializer=torch.set_num_threads,
+                                     initargs=(1,)) as pool:
                 futures = [pool.submit(make_subject, plan, options, out_dir) for plan in plans]
                 for future in as_completed(futures):
                     rows += future.result()
@@ -174,7 +178,7 @@ def make_subject(plan: SubjectPlan, options: SynthOptions, out_dir: Path) -> lis
         state = flow.advance(state, increment)
         template_coords = deform(_rigid(rng, grid)) if options.misregistration else unaged.copy()
         template_coords += flow.sample(state, template_coords)
-        probabilities = np.stack([ndimage.map_coordinates(p, template_coords, order=1) for p in anatomy.probabilities])
+        probabilities = sample(anatomy.probabilities, template_coords)
         volumes = _soft_volumes(anatomy.probabilities, template_coords, probabilities)
         now = np.log(volumes / baseline)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -182,7 +186,7 @@ def make_subject(plan: SubjectPlan, options: SynthOptions, out_dir: Path) -> lis
         gain = np.clip(measured_gain, 0.5, 1.5)
         achieved, target_before = now, target
 
-        t1 = ndimage.map_coordinates(anatomy.t1, template_coords, order=1)
+        t1 = sample(anatomy.t1, template_coords)
         image = look.render(t1, probabilities, age, rng)
         labels = np.argmax(np.concatenate([1.0 - probabilities.sum(axis=0, keepdims=True), probabilities]), axis=0)
         session = f"ses-{visit:02d}"
@@ -210,10 +214,9 @@ def write_raw_scan(stem: Path, rng: np.random.Generator, anatomy: Anatomy, defor
     shape, affine = raw_grid(spacing)
     unaged = deform(clean_voxels(pose, shape, affine, anatomy.affine))
     template_coords = unaged + flow.sample(state, unaged)
-    probabilities = np.stack([ndimage.map_coordinates(p, template_coords, order=1) for p in anatomy.probabilities])
+    probabilities = sample(anatomy.probabilities, template_coords)
     brain = probabilities.sum(axis=0)
-    t1 = (ndimage.map_coordinates(anatomy.t1, template_coords, order=1)
-          + ndimage.map_coordinates(head_layers(spacing), unaged, order=1) * np.clip(1.0 - brain, 0.0, 1.0))
+    t1 = sample(anatomy.t1, template_coords) + sample(head_layers(spacing), unaged) * np.clip(1.0 - brain, 0.0, 1.0)
     image = look.render(t1, probabilities, age, rng, bias=bias_field(rng, shape, RAW_BIAS))
     write_volume(stem.with_name(stem.name + "_T1w.nii.gz"), image, affine)
     write_volume(stem.with_name(stem.name + "_desc-brain_mask.nii.gz"), (brain > 0.5).astype(np.uint8), affine)
@@ -237,7 +240,7 @@ def _flow(spacing: int) -> AgingFlow:
 def _soft_volumes(template_probabilities: np.ndarray, coords: np.ndarray,
                   warped: np.ndarray | None = None) -> np.ndarray:
     if warped is None:
-        warped = np.stack([ndimage.map_coordinates(p, coords, order=1) for p in template_probabilities])
+        warped = sample(template_probabilities, coords)
     return warped.reshape(len(CLASSES), -1).sum(axis=1, dtype=np.float64)
 
 
@@ -254,8 +257,7 @@ def _subject_deformation(rng: np.random.Generator, flow: AgingFlow, grid: np.nda
     displacement = velocity / 2**squarings
     coarse_grid = np.indices(flow.shape, dtype=np.float32)
     for _ in range(squarings):
-        displacement = displacement + np.stack([ndimage.map_coordinates(d, coarse_grid + displacement, order=1,
-                                                                        mode="nearest") for d in displacement])
+        displacement = displacement + sample(displacement, coarse_grid + displacement, outside="nearest")
     displacement = displacement.astype(np.float32)
 
     def to_template(coords: np.ndarray) -> np.ndarray:
