@@ -1,5 +1,6 @@
 """NeuroAR from a tokenized run: training, resuming, and `predict` into the input's own space."""
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from neuroar.config import load_config
 from neuroar.data.pairs import token_pairs
 from neuroar.data.tokens import load_tokens, tokenize_run
 from neuroar.errors import NeuroARError
+from neuroar.models.transformer import NeuroAR
 from neuroar.predict import Predictor
 from neuroar.runs import load_tokenizer, model_checkpoint, tokenizer_checkpoint
 from neuroar.train.tokenizer import train_tokenizer
@@ -182,6 +184,43 @@ def test_python_api_gives_one_prediction_per_target_age_and_a_spread(run_dir):
         Predictor.from_checkpoint(run_dir, sampling=["transformer.depth=3"])
 
 
+def test_a_model_conditioned_on_diagnosis_reads_each_pairs_and_each_requests_diagnosis(run_dir, tmp_path, capsys,
+                                                                                       monkeypatch):
+    pairs = pd.read_csv(run_dir / "pairs.csv", dtype=str, keep_default_na=False)
+    pairs["diagnosis"] = ["" if subject == "s3" else "AD" for subject in pairs["subject_id"]]
+    pairs.to_csv(run_dir / "pairs.csv", index=False)
+    with pytest.raises(NeuroARError, match="'AD' is not one this model was trained on"):
+        train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=1",
+                                                                         "transformer.diagnoses=[CN]"]), progress=False)
+    seen = []
+    forward = NeuroAR.forward
+
+    def spy(self, *args, **kwargs):
+        diagnosis_B = inspect.signature(forward).bind(self, *args, **kwargs).arguments.get("diagnosis_B")
+        seen.append(None if diagnosis_B is None else diagnosis_B.tolist())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(NeuroAR, "forward", spy)
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=3",
+                                                                     "transformer.diagnoses=[CN,MCI,AD]"]),
+                      progress=False)
+    training = {tuple(ids) for ids in seen if ids is not None}
+    assert None not in seen and training and all(set(ids) <= {2, 3} for ids in training)  # AD, or none (s3)
+
+    predictor = Predictor.from_checkpoint(run_dir)
+    image = nib.Nifti1Image(ball((0, 0, 0), 3), np.diag([4.0, 4.0, 4.0, 1.0]))
+    sample, sampled = predictor.model.sample, []
+    monkeypatch.setattr(predictor.model, "sample", lambda *a, **k: sampled.append(k["diagnosis_B"].tolist())
+                        or sample(*a, **k))
+    for diagnosis in ("MCI", None):
+        predictor.predict(image, 70.0, [74.0], samples=2, diagnosis=diagnosis)
+    assert sampled == [[1, 1], [3, 3]]
+    scan = write_nifti(tmp_path / "mine" / "scan.nii.gz", ball((0, 0, 0), 1), np.diag([4.0, 4.0, 4.0, 1.0]))
+    assert main(["predict", "--checkpoint", str(run_dir), "--input", str(scan), "--age", "70", "--target-age", "72",
+                 "--diagnosis", "Dementia", "--out", str(tmp_path / "out")]) == 2
+    assert "'Dementia' is not one this model was trained on (CN, MCI, AD)" in capsys.readouterr().err
+
+
 def test_bad_requests_are_refused_clearly(run_dir, tmp_path, capsys):
     train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=1"]), progress=False)
     scan = write_nifti(tmp_path / "mine" / "scan.nii.gz", ball((0, 0, 0), 1), np.diag([4.0, 4.0, 4.0, 1.0]))
@@ -259,7 +298,7 @@ def test_the_aging_variant_keeps_what_the_years_change_and_cancels_what_the_mode
     bias_DHW = np.random.default_rng(0).uniform(-0.2, 0.2, (4, 5, 6)).astype(np.float32)
 
     class Biased:
-        def predict_preprocessed(self, volume_DHW, age, target_ages, samples, seed):
+        def predict_preprocessed(self, volume_DHW, age, target_ages, samples, seed, diagnosis=None):
             means = [volume_DHW + bias_DHW + 0.01 * (target - age) for target in target_ages]
             return [(mean, np.zeros_like(mean), np.zeros_like(mean)) for mean in means]  # detail: not used
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from neuroar.config import SamplingConfig, TransformerConfig, load_config
+from neuroar.errors import NeuroARError
 from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.transformer import NeuroAR, earlier_scale_features, flatten, sample_logits, teacher_forcing_sequence
 
@@ -130,6 +131,26 @@ def test_dropped_ages_make_the_prediction_age_blind():
     older = (a1 + 3, a2 + 9)
     assert torch.equal(model(target_BLC, *earlier, a1, a2, drop), model(target_BLC, *earlier, *older, drop))
     assert not torch.allclose(model(target_BLC, *earlier, a1, a2), model(target_BLC, *earlier, *older))
+
+
+def test_the_diagnosis_conditions_the_prediction_and_is_dropped_with_the_ages():
+    model, quantizer = build(diagnoses=("CN", "MCI", "AD"))
+    _, target_BLC, earlier, ages = inputs(model, quantizer)
+    assert model.diagnosis_ids(["AD", "", None, "CN"]).tolist() == [2, 3, 3, 0]  # missing: "no diagnosis"
+    with pytest.raises(NeuroARError, match="'Dementia' is not one this model was trained on.*CN, MCI, AD"):
+        model.diagnosis_ids(["Dementia"])
+    ad, cn, none = (model.diagnosis_ids([d, d]) for d in ("AD", "CN", None))
+    assert not torch.allclose(model(target_BLC, *earlier, *ages, diagnosis_B=ad),
+                              model(target_BLC, *earlier, *ages, diagnosis_B=cn))
+    assert torch.equal(model(target_BLC, *earlier, *ages, diagnosis_B=none), model(target_BLC, *earlier, *ages))
+    drop = torch.ones(2, dtype=torch.bool)  # classifier-free guidance's unconditional half: no ages, no diagnosis
+    assert torch.equal(model(target_BLC, *earlier, *ages, drop, ad), model(target_BLC, *earlier, *ages, drop, cn))
+    decayed, _ = model.parameter_groups(0.05)
+    assert all(p is not model.diagnosis.weight for p in decayed["params"])
+
+    ages_only, quantizer = build()  # ignores a diagnosis it was not configured with
+    assert ages_only.diagnosis is None and ages_only.diagnosis_ids(["AD", "Dementia"]).tolist() == [0, 0]
+    assert torch.equal(ages_only(target_BLC, *earlier, *ages, diagnosis_B=ad), ages_only(target_BLC, *earlier, *ages))
 
 
 def test_no_weight_decay_on_embeddings_norms_biases_and_condition_tokens():

@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--target-age", type=float, action="append", required=True, dest="target_ages",
                          help="age to predict at; repeat for several")
     predict.add_argument("--samples", type=int, help="samples per target age (default: the config's)")
+    predict.add_argument("--diagnosis", help="the subject's diagnosis, for a model conditioned on it "
+                                             "(transformer.diagnoses); default: none")
     predict.add_argument("--seed", type=int, default=0)
     predict.add_argument("--out", type=Path, required=True, help="output folder (not the input's folder)")
     predict.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -241,7 +243,7 @@ def _predict(args: argparse.Namespace) -> None:
     from neuroar.predict import write_predictions
 
     for path in write_predictions(args.checkpoint, args.input, args.age, args.target_ages, args.out, args.samples,
-                                  args.seed, sampling=args.overrides):
+                                  args.seed, sampling=args.overrides, diagnosis=args.diagnosis):
         print(path)
 
 

@@ -79,8 +79,10 @@ class Predictor:
         return LatentPredictor.load(run_dir, stem, meta, config, device)
 
     def predict(self, image: str | Path | nib.Nifti1Image, age: float, target_ages: Sequence[float],
-                samples: int | None = None, seed: int = 0) -> list[Prediction]:
-        """Predicted follow-ups of one scan taken at `age`, one per target age (years, each after `age`)."""
+                samples: int | None = None, seed: int = 0, diagnosis: str | None = None) -> list[Prediction]:
+        """Predicted follow-ups of one scan taken at `age`, one per target age (years, each after `age`).
+        `diagnosis`: the subject's, for a NeuroAR model conditioned on it (`transformer.diagnoses`); others
+        ignore it."""
         check_ages(age, target_ages)
         img = read_volume(image) if isinstance(image, (str, Path)) else image
         if len(img.shape) != 3:
@@ -90,14 +92,14 @@ class Predictor:
         volume_DHW, record = preprocess_image(img, self.config.data)
         results = []
         for target_age, (mean, std, detail) in zip(target_ages, self.predict_preprocessed(
-                volume_DHW, age, target_ages, samples, seed)):
+                volume_DHW, age, target_ages, samples, seed, diagnosis)):
             results.append(Prediction(float(target_age), to_input_space(mean, record), to_input_space(std, record,
                                       restore_intensity=False), to_input_space(detail, record), mean, std, detail))
         return results
 
     @torch.no_grad()
     def predict_preprocessed(self, volume_DHW: np.ndarray, age: float, target_ages: Sequence[float],
-                             samples: int | None = None, seed: int = 0
+                             samples: int | None = None, seed: int = 0, diagnosis: str | None = None
                              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(mean, std, detail-preserving) volumes on the preprocessed grid, one triple per target age.
 
@@ -107,14 +109,14 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(volume_DHW, dtype=np.float32))[None, None].to(self.device)
         generator = torch.Generator(self.device)
         earlier_decoded, per_age = self.decoded_samples(x, age, target_ages, samples or self.config.sampling.samples,
-                                                        lambda: generator.manual_seed(seed))
+                                                        lambda: generator.manual_seed(seed), diagnosis)
         outputs = []
         for mean, decoded_SDHW in per_age:
             outputs.append((mean, decoded_SDHW.std(0), with_change(volume_DHW, mean, earlier_decoded)))
         return outputs
 
     def decoded_samples(self, x: torch.Tensor, age: float, target_ages: Sequence[float], samples: int,
-                        generator: Callable[[], torch.Generator]
+                        generator: Callable[[], torch.Generator], diagnosis: str | None = None
                         ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """The earlier scan (1, 1, D, H, W) through the model's own encoder and decoder (D, H, W), and per
         target age the prediction (D, H, W) with the `samples` decoded follow-ups (S, D, H, W) it combines,
@@ -143,14 +145,16 @@ class NeuroARPredictor(Predictor):
         load_checkpoint(stem, {"model": model})
         return cls(config, load_tokenizer(run_dir, config), model, device)
 
-    def decoded_samples(self, x, age, target_ages, samples, generator):
+    def decoded_samples(self, x, age, target_ages, samples, generator, diagnosis=None):
+        diagnosis_S = self.model.diagnosis_ids([diagnosis]).to(self.device).expand(samples)
         earlier_tokens = self.tokenizer.tokenize(x)
         earlier_decoded = self.tokenizer.decode_tokens(earlier_tokens)[0, 0].clamp(0, 1).cpu().numpy()
         earlier_tokens = [t.expand(samples, -1, -1, -1) for t in earlier_tokens]
         per_age = []
         for target_age in target_ages:
             tokens = self.model.sample(self.tokenizer.quantizer, earlier_tokens, self._ages(age, samples),
-                                       self._ages(target_age, samples), self.config.sampling, generator())
+                                       self._ages(target_age, samples), self.config.sampling, generator(),
+                                       diagnosis_B=diagnosis_S)
             f_hat_S = self.tokenizer.quantizer.tokens_to_fhat(tokens)
             decoded = self.tokenizer.decode(f_hat_S)[:, 0].clamp(0, 1).cpu().numpy()
             if self.config.sampling.average == "fhat":  # decode the samples' mean latent
@@ -183,7 +187,7 @@ class LatentPredictor(Predictor):
         return cls(config, meta["model"], load_autoencoder(run_dir, config), model, float(meta["latent_scale"]),
                    device)
 
-    def decoded_samples(self, x, age, target_ages, samples, generator):
+    def decoded_samples(self, x, age, target_ages, samples, generator, diagnosis=None):
         if self.kind == "stargan":
             samples = 1  # deterministic: every sample would be this one
         latent = self.autoencoder.encode(x)[0]
@@ -200,7 +204,7 @@ class LatentPredictor(Predictor):
 
 def write_predictions(checkpoint: str | Path, image: str | Path, age: float, target_ages: Sequence[float],
                       out_dir: str | Path, samples: int | None = None, seed: int = 0, sampling: Sequence[str] = (),
-                      device: str | torch.device | None = None) -> list[Path]:
+                      device: str | torch.device | None = None, diagnosis: str | None = None) -> list[Path]:
     """Predict a scan at each target age and write, per age, OUT/STEM_age-A_{mean,std,detail}.nii.gz in the
     input's grid and header; returns the files written. `sampling` as in `Predictor.from_checkpoint`."""
     image, out_dir = Path(image), Path(out_dir)
@@ -213,7 +217,7 @@ def write_predictions(checkpoint: str | Path, image: str | Path, age: float, tar
     predictor = Predictor.from_checkpoint(checkpoint, device, sampling=sampling)
     stem = image.name.removesuffix(".gz").removesuffix(".nii")
     written = []
-    for prediction in predictor.predict(volume, age, target_ages, samples, seed):
+    for prediction in predictor.predict(volume, age, target_ages, samples, seed, diagnosis):
         for kind in ("mean", "std", "detail"):
             path = out_dir / f"{stem}_age-{prediction.target_age:g}_{kind}.nii.gz"
             write_volume(path, getattr(prediction, kind).get_fdata(dtype="float32"), volume.affine, volume.header)

@@ -54,7 +54,7 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
     for pair in shown.to_dict("records"):
         earlier_DHW, later_DHW = load_preprocessed(pair["earlier_path"])[0], load_preprocessed(pair["later_path"])[0]
         (mean, std, detail), = predictor.predict_preprocessed(earlier_DHW, pair["earlier_age"], [pair["later_age"]],
-                                                         seed=seed)
+                                                         seed=seed, diagnosis=pair.get("diagnosis"))
         first_prediction = mean if first_prediction is None else first_prediction
         title = (f"{pair['subject_id']}: {pair['earlier_age']:.1f} -> {pair['later_age']:.1f} years "
                  f"({pair['years']:.1f} years)")
@@ -104,8 +104,8 @@ def sweep_section(predictor: Predictor, run_dir: Path, subject: str, split: str,
     first_DHW = load_preprocessed(visits.iloc[0]["preprocessed"])[0]
     age = float(visits.iloc[0]["age"])
     targets = [age + y for y in SWEEP_YEARS[1:]]
-    predictions = [first_DHW] + [mean for mean, _, _ in predictor.predict_preprocessed(first_DHW, age, targets,
-                                                                                         seed=seed)]
+    predictions = [first_DHW] + [mean for mean, _, _ in predictor.predict_preprocessed(
+        first_DHW, age, targets, seed=seed, diagnosis=visits.iloc[0].get("diagnosis"))]
     regions = template_regions(config.data)
     predicted = [regional_volumes(p, regions)["ventricles"] for p in predictions]
     real = [regional_volumes(load_preprocessed(p)[0], regions)["ventricles"] for p in visits["preprocessed"]]

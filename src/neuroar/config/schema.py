@@ -137,6 +137,10 @@ class TransformerConfig:
     # through AdaLN.
     cross_attention: bool = True
     adaln: bool = True
+    # Diagnoses the model is conditioned on besides the ages (e.g. [CN, MCI, AD]; empty: the ages alone, which
+    # can only predict the average rate of subjects of that age). A scan without a diagnosis gets the learned
+    # "no diagnosis" embedding, which is also what pairs with dropped ages see.
+    diagnoses: tuple[str, ...] = ()
 
     @property
     def width(self) -> int:
@@ -151,6 +155,8 @@ class TransformerConfig:
         for name in ("dropout", "condition_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 fail(f"{key}.{name}", f"must be in [0, 1), got {getattr(self, name)}.")
+        if len(set(self.diagnoses)) != len(self.diagnoses) or not all(d.strip() for d in self.diagnoses):
+            fail(f"{key}.diagnoses", f"must be distinct, non-empty labels, got {list(self.diagnoses)}.")
 
 
 @dataclass

@@ -90,7 +90,8 @@ def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_
                                   enabled=progress)):
         targets = [scan["age"] + years for years in settings.synthetic_years]
         outputs = predictor.predict_preprocessed(load_preprocessed(scan["preprocessed"])[0], scan["age"], targets,
-                                                 samples=1, seed=config.seed * 100_003 + i)
+                                                 samples=1, seed=config.seed * 100_003 + i,
+                                                 diagnosis=scan.get("diagnosis"))
         for target, (sample_DHW, _, _) in zip(targets, outputs):
             volumes.append(_downsample(torch.from_numpy(sample_DHW), settings.downsample))
             ages.append(target)

@@ -78,7 +78,7 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
             predictions: dict[str, list[np.ndarray]] = {}
             for forecaster in forecasters:
                 predictions |= forecaster.predict(earlier_DHW, group["earlier_age"].iloc[0],
-                                                  list(group["later_age"]), seed)
+                                                  list(group["later_age"]), seed, group.iloc[0].get("diagnosis"))
                 if isinstance(forecaster, TokenizerCopy):
                     copies = predictions["tokenizer-copy"]
                     predictions["tokenizer-oracle"] = [forecaster.oracle(earlier_DHW, later_DHW, copy_DHW)
@@ -128,7 +128,8 @@ def age_sweep(forecasters, run_dir: Path, split: str, years: Sequence[float], re
         start = regional_volumes(volume_DHW, regions)["ventricles"]
         targets = [scan["age"] + y for y in years]
         for forecaster in forecasters:
-            for name, predictions in forecaster.predict(volume_DHW, scan["age"], targets, seed).items():
+            for name, predictions in forecaster.predict(volume_DHW, scan["age"], targets, seed,
+                                                        scan.get("diagnosis")).items():
                 for target, predicted_DHW in zip(targets, predictions):
                     rows.append({"model": name, "subject_id": scan["subject_id"], "age": scan["age"],
                                  "target_age": target, "years": target - scan["age"], "ventricles_start": start,

@@ -33,12 +33,12 @@ TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle")
 class Forecaster(Protocol):
     """`predict` returns named outputs (a model may offer variants), each one volume per target age."""
 
-    def predict(self, earlier_DHW: np.ndarray, earlier_age: float, target_ages: Sequence[float], seed: int
-                ) -> dict[str, list[np.ndarray]]: ...
+    def predict(self, earlier_DHW: np.ndarray, earlier_age: float, target_ages: Sequence[float], seed: int,
+                diagnosis: str | None = None) -> dict[str, list[np.ndarray]]: ...
 
 
 class Copy:
-    def predict(self, earlier_DHW, earlier_age, target_ages, seed):
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None):
         return {"copy": [earlier_DHW for _ in target_ages]}
 
 
@@ -46,7 +46,7 @@ class TokenizerCopy:
     def __init__(self, run_dir: Path, config: Config):
         self.tokenizer = load_tokenizer(run_dir, config)
 
-    def predict(self, earlier_DHW, earlier_age, target_ages, seed):
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None):
         decoded = self.reconstruct(earlier_DHW)
         return {"tokenizer-copy": [decoded for _ in target_ages]}
 
@@ -75,11 +75,11 @@ class ModelForecaster:
         name = run_dir.name if model == MODEL_NAME else f"{run_dir.name}/{model}"
         return cls(name, Predictor.from_checkpoint(path, sampling=sampling), samples)
 
-    def predict(self, earlier_DHW, earlier_age, target_ages, seed):
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None):
         # Every age draws the same random numbers, so the prediction at the earlier scan's own age holds the
         # model's changes that are not aging (the tokens it flips in any scan) and cancels them.
         (unaged_DHW, _, _), *outputs = self.predictor.predict_preprocessed(
-            earlier_DHW, earlier_age, [earlier_age, *target_ages], self.samples, seed)
+            earlier_DHW, earlier_age, [earlier_age, *target_ages], self.samples, seed, diagnosis)
         return {self.name: [mean for mean, _, _ in outputs], f"{self.name}+detail": [d for _, _, d in outputs],
                 f"{self.name}+aging": [with_change(earlier_DHW, mean, unaged_DHW) for mean, _, _ in outputs]}
 

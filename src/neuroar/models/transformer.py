@@ -15,9 +15,11 @@ training pairs' copy rates, the model starts as the copy baseline and learns wha
 (`transformer.earlier` selects this input, the earlier scan's pooled f_hat, or none, for ablations.)
 Attention is block-causal by scale. The ages enter every block twice: an embedding of (earlier age, target
 age, years between) modulates it through AdaLN (shift, scale and gate, zero-initialised so each block
-starts as the identity), and the same three age tokens are reached through cross-attention. Dropping the
-ages for a share of training pairs (learned "no age" tokens) allows classifier-free guidance at sampling
-time.
+starts as the identity), and the same three age tokens are reached through cross-attention. With
+`config.diagnoses`, the subject's diagnosis enters the same two ways (one more token, added to the AdaLN
+condition): with ages alone a model can only predict the average rate of subjects of that age. Dropping the
+conditions for a share of training pairs (learned "no age" tokens and "no diagnosis" embedding, which a scan
+without a diagnosis also gets) allows classifier-free guidance at sampling time.
 
 Sampling runs scale by scale with a KV cache; each scale's tokens go through the quantizer's `add_scale`,
 the same step that built the teacher-forcing inputs during training.
@@ -26,6 +28,7 @@ the same step that built the teacher-forcing inputs during training.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neuroar.config import Config, SamplingConfig, TransformerConfig
+from neuroar.errors import NeuroARError
 from neuroar.models.conditioning import AgeEmbedding
 from neuroar.models.quantizer import MultiScaleQuantizer, Shape3, area_down
 
@@ -53,6 +57,8 @@ class NeuroAR(nn.Module):
         self.level = nn.Embedding(len(self.scales), width)
         self.position = nn.Parameter(torch.empty(1, sum(self.lengths), width))
         self.ages = AgeEmbedding(width)
+        # One row per configured diagnosis and a last one for "no diagnosis" (missing, or dropped with the ages).
+        self.diagnosis = nn.Embedding(len(config.diagnoses) + 1, width) if config.diagnoses else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.head_norm = nn.LayerNorm(width, elementwise_affine=not config.adaln, eps=1e-6)
         self.head_modulation = _modulation(width, 2) if config.adaln else None
@@ -89,11 +95,12 @@ class NeuroAR(nn.Module):
 
     def forward(self, target_inputs_BLC: torch.Tensor, earlier_BLC: torch.Tensor | None,
                 earlier_tokens_BL: torch.Tensor | None, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor,
-                drop_ages_B: torch.Tensor | None = None) -> torch.Tensor:
+                drop_ages_B: torch.Tensor | None = None, diagnosis_B: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) for every token of the sequence. `earlier_BLC` is the earlier scan's
         input (`earlier_scale_features`, flattened), `earlier_tokens_BL` its token ids; the model reads what
-        `config.earlier` asks for (None is fine for the rest)."""
-        age_tokens, condition = self.ages(earlier_age_B, target_age_B, drop_ages_B)
+        `config.earlier` asks for (None is fine for the rest). `diagnosis_B`: `diagnosis_ids` of the subjects
+        (None: no diagnosis); `drop_ages_B` drops the diagnosis too."""
+        age_tokens, condition = self.conditions(earlier_age_B, target_age_B, drop_ages_B, diagnosis_B)
         x_BLW = self._embed(target_inputs_BLC, earlier_BLC, earlier_tokens_BL, 0, self.levels.numel())
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
@@ -101,6 +108,39 @@ class NeuroAR(nn.Module):
             else:
                 x_BLW = block(x_BLW, condition, age_tokens, self.ends)
         return self._logits(x_BLW, condition, earlier_tokens_BL, 0)
+
+    def conditions(self, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor, drop_B: torch.Tensor | None,
+                   diagnosis_B: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens (B, T, W) that cross-attention reaches and the AdaLN condition (B, W): the three age
+        tokens and their pooled vector, and with `config.diagnoses` the diagnosis embedding as a fourth token,
+        added to the condition."""
+        tokens_BTW, condition_BW = self.ages(earlier_age_B, target_age_B, drop_B)
+        if self.diagnosis is None:
+            return tokens_BTW, condition_BW
+        none = len(self.config.diagnoses)
+        if diagnosis_B is None:
+            diagnosis_B = torch.full_like(earlier_age_B, none, dtype=torch.long)
+        if drop_B is not None:
+            diagnosis_B = diagnosis_B.masked_fill(drop_B, none)
+        diagnosis_BW = self.diagnosis(diagnosis_B)
+        return torch.cat([tokens_BTW, diagnosis_BW[:, None]], 1), condition_BW + diagnosis_BW
+
+    def diagnosis_ids(self, labels: Sequence[str | None]) -> torch.Tensor:
+        """(B,) rows of the diagnosis embedding: a missing label ("" or None) reads "no diagnosis"; a label that
+        `config.diagnoses` does not list is refused. All zeros for a model conditioned on the ages alone."""
+        known = {label: i for i, label in enumerate(self.config.diagnoses)}
+        ids = []
+        for label in labels:
+            if label is None or (isinstance(label, float) and math.isnan(label)) or str(label).strip() == "":
+                ids.append(len(known))
+            elif not known:
+                ids.append(0)
+            elif str(label) in known:
+                ids.append(known[str(label)])
+            else:
+                raise NeuroARError(f"diagnosis {label!r} is not one this model was trained on "
+                                   f"({', '.join(known)}); give one of those, or none.")
+        return torch.tensor(ids, dtype=torch.long)
 
     def _embed(self, target_BlC: torch.Tensor, earlier_BlC: torch.Tensor | None, earlier_tokens_Bl: torch.Tensor | None,
                start: int, end: int) -> torch.Tensor:
@@ -136,8 +176,9 @@ class NeuroAR(nn.Module):
     @torch.no_grad()
     def sample(self, quantizer: MultiScaleQuantizer, earlier_tokens: list[torch.Tensor], earlier_age_B: torch.Tensor,
                target_age_B: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
-               use_cache: bool = True) -> list[torch.Tensor]:
-        """Token maps (B, d, h, w) per scale of the predicted follow-ups, one per batch item.
+               use_cache: bool = True, diagnosis_B: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Token maps (B, d, h, w) per scale of the predicted follow-ups, one per batch item (`diagnosis_B` as in
+        `forward`).
 
         Without the cache every scale re-runs the whole prefix, block-causal by scale; both ways give
         the same logits, the cache only saves the work."""
@@ -149,8 +190,9 @@ class NeuroAR(nn.Module):
             earlier_maps = [torch.cat([m, m]) for m in earlier_maps]
             earlier_tokens = [torch.cat([t, t]) for t in earlier_tokens]
             earlier_age_B, target_age_B = earlier_age_B.repeat(2), target_age_B.repeat(2)
+            diagnosis_B = None if diagnosis_B is None else diagnosis_B.repeat(2)
             drop = torch.cat([drop, ~drop])
-        age_tokens, condition = self.ages(earlier_age_B, target_age_B, drop)
+        age_tokens, condition = self.conditions(earlier_age_B, target_age_B, drop, diagnosis_B)
         caches: list[dict[str, torch.Tensor]] | None = [{} for _ in self.blocks] if use_cache else None
         f_hat = None
         next_input = earlier_maps[0].new_zeros(len(earlier_maps[0]), quantizer.codebook.embedding_dim, *self.scales[0])

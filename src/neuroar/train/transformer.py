@@ -6,10 +6,11 @@ the target, cross-entropy with teacher forcing. The frozen tokenizer's quantizer
 into the two sequences the model reads (its teacher-forcing inputs, and its features as an earlier scan);
 batches are then only indexing. Logged losses and accuracies are those of the whole step (every micro-batch
 and process), beside the accuracy of copying the earlier scan's tokens: a model below it has not learned
-to keep what stays. Ages are dropped for `transformer.condition_dropout` of the pairs so that
-sampling can use classifier-free guidance. A model lives in RUN/NAME/ (NAME = "neuroar" unless an ablation
-gets its own): last.* (with the sha256 of the tokenizer weights the tokens came from) and config.yaml; logs
-go to RUN/NAME_train.csv, RUN/NAME_val.csv and TensorBoard.
+to keep what stays. Ages (and diagnoses, see `transformer.diagnoses`) are dropped for
+`transformer.condition_dropout` of the pairs so that sampling can use classifier-free guidance. A model lives
+in RUN/NAME/ (NAME = "neuroar" unless an ablation gets its own): last.* (with the sha256 of the tokenizer
+weights the tokens came from) and config.yaml; logs go to RUN/NAME_train.csv, RUN/NAME_val.csv and
+TensorBoard.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class ScanSequences:
         return {"target_inputs": self.inputs_NLC[later].to(device), "earlier": self.earlier_NLC[earlier].to(device),
                 "earlier_tokens": self.tokens_NL[earlier].to(device), "tokens": self.tokens_NL[later].to(device),
                 "earlier_age": torch.tensor(chosen["earlier_age"].to_numpy(), dtype=torch.float32, device=device),
-                "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device)}
+                "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device),
+                "diagnosis": torch.as_tensor(chosen["diagnosis_id"].to_numpy(copy=True), device=device)}
 
 
 def train_transformer(run_dir: str | Path, config: Config, progress: bool = True, name: str = MODEL_NAME
@@ -92,6 +94,8 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens, config.transformer.earlier)
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
+    for pairs in (train_pairs, val_pairs):
+        pairs["diagnosis_id"] = model.diagnosis_ids(list(pairs.get("diagnosis", [""] * len(pairs)))).numpy()
     model.init_copy_logits(copy_rates(model, sequences, train_pairs))
     model.activation_checkpointing = settings.activation_checkpointing
     optimizer = torch.optim.AdamW(model.parameter_groups(settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
@@ -120,7 +124,8 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
                 with distributed.autocast(device):
                     logits = model_ddp(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"],
-                                       batch["earlier_age"], batch["target_age"], drop[positions].to(device))
+                                       batch["earlier_age"], batch["target_age"], drop[positions].to(device),
+                                       batch["diagnosis"])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
                 (loss / len(micro)).backward()
             # Per-scale metrics only where they are logged: they cost a second pass over the logits.
@@ -185,7 +190,7 @@ def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences, pairs: pd.
         rows = list(range(start, min(start + chunk, len(pairs))))
         batch = sequences.batch(pairs, rows, device)
         logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"], batch["earlier_age"],
-                       batch["target_age"])
+                       batch["target_age"], diagnosis_B=batch["diagnosis"])
         values = {"loss": F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten()).item(),
                   **per_scale_metrics(model, logits, batch["tokens"], batch["earlier_tokens"])}
         for key, value in values.items():
