@@ -168,6 +168,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     demo.set_defaults(handler=_demo)
+
+    study = commands.add_parser("study", help="the paper's study on an elderly and an adolescent synthetic cohort")
+    study.add_argument("--out", type=Path, default=Path("runs/study"))
+    study.add_argument("--cohorts", nargs="+", choices=["elderly", "adolescent"], default=["elderly", "adolescent"])
+    study.add_argument("--subjects", type=int, default=150, help="per cohort")
+    study.add_argument("--visits", type=int, default=4)
+    study.add_argument("--seed", type=int, default=0)
+    study.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
+    study.set_defaults(handler=_study)
     return parser
 
 
@@ -296,6 +305,12 @@ def _demo(args: argparse.Namespace) -> None:
     from neuroar.pipeline import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, overrides=args.overrides)
+
+
+def _study(args: argparse.Namespace) -> None:
+    from neuroar.study import run_study
+
+    print(run_study(args.out, args.cohorts, args.subjects, args.visits, args.seed, args.overrides).read_text())
 
 
 if __name__ == "__main__":

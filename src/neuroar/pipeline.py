@@ -7,6 +7,7 @@ when a run is repeated.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -75,11 +76,28 @@ QUICK = ["train_tokenizer.steps=300", "train_tokenizer.val_every=300", "train_tr
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overrides: Sequence[str] = ()
              ) -> Path:
     """Synthetic cohort -> preprocessing -> tokenizer -> tokens -> NeuroAR -> autoencoder -> LDM -> StarGAN ->
-    evaluation -> brain age -> report and summary.
+    evaluation -> brain age -> report and summary (`run_cohort`), on the demo's cohort and config."""
+    out_dir = Path(out_dir)
+    config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}", *(QUICK if quick else []),
+                                  *overrides])
+    dataset, timings = run_cohort(out_dir, config, demo_cohort_options(quick, seed))
+    report = _demo_summary(dataset, out_dir / "cohort", out_dir, timings)
+    write_text(out_dir / "summary.md", report)
+    print(report)
+    return out_dir
+
+
+def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: dict[str, Sequence[str]] | None = None
+               ) -> tuple[Dataset, dict[str, float]]:
+    """Every stage on a synthetic cohort into one run folder: the cohort (OUT/cohort), preprocessing, tokenizer,
+    tokens, NeuroAR, each of `variants` (more NeuroAR models on the same tokens, name -> config overrides, e.g.
+    an ablation), autoencoder and latents, LDM, latent StarGAN, the evaluation of all of them, the brain-age
+    experiment and the report. Returns the dataset and each stage's seconds.
 
     Every stage resumes: the cohort is kept when its options did not change, preprocessing, tokens and
     latents are cached by content, training continues from its last checkpoint (a finished run is not
     retrained), and the evaluation and brain-age experiment are skipped while their models are unchanged."""
+    from neuroar.config import config_from_dict
     from neuroar.data.latents import encode_run
     from neuroar.data.tokens import tokenize_run
     from neuroar.report import build_report
@@ -88,10 +106,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     from neuroar.train.tokenizer import train_tokenizer
     from neuroar.train.transformer import train_transformer
 
-    out_dir = Path(out_dir)
-    config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}", *(QUICK if quick else []),
-                                  *overrides])
-    options = demo_cohort_options(quick, seed)
+    variants = variants or {}
     timings: dict[str, float] = {}
 
     def stage(name: str, work):
@@ -115,28 +130,30 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     stage("tokenizer", lambda: train_tokenizer(out_dir, config))
     stage("tokens", lambda: tokenize_run(out_dir, config))
     stage("NeuroAR", lambda: train_transformer(out_dir, config))
+    for name, overrides in variants.items():
+        variant = config_from_dict(config.to_dict(), f"variant {name}", overrides)
+        stage(f"NeuroAR {name}", functools.partial(train_transformer, out_dir, variant, name=name))
     stage("autoencoder and latents", lambda: (train_autoencoder(out_dir, config), encode_run(out_dir, config)))
     stage("LDM", lambda: train_baseline(out_dir, config, "ldm"))
     stage("latent StarGAN", lambda: train_baseline(out_dir, config, "stargan"))
-    stage("evaluation", lambda: evaluate_run(out_dir, seed))
+    stage("evaluation", lambda: evaluate_run(out_dir, config.seed, list(variants)))
     stage("brain age", lambda: brain_age_run(out_dir, config))
-    stage("report", lambda: print(f"report: {build_report(out_dir, seed=seed)}"))
-    report = _demo_summary(dataset, cohort_dir, out_dir, timings)
-    write_text(out_dir / "summary.md", report)
-    print(report)
-    return out_dir
+    stage("report", lambda: print(f"report: {build_report(out_dir, seed=config.seed)}"))
+    return dataset, timings
 
 
-def evaluate_run(run_dir: Path, seed: int = 0) -> Path:
-    """Evaluate a run's NeuroAR model and its baselines (those trained) on its test split (or val, when there
-    is no test split) into RUN/evaluation, unless that was already done for the same checkpoints."""
+def evaluate_run(run_dir: Path, seed: int = 0, variants: Sequence[str] = ()) -> Path:
+    """Evaluate a run's NeuroAR model, the NeuroAR models named `variants` (RUN/NAME) and its baselines (those
+    trained) on its test split (or val, when there is no test split) into RUN/evaluation, unless that was
+    already done for the same checkpoints."""
     from neuroar.evaluate.compare import evaluate_models
     from neuroar.models.baselines import BASELINES
 
     out = run_dir / "evaluation"
     pairs = pd.read_csv(run_dir / "pairs.csv", keep_default_na=False)
     split = "test" if (pairs["split"] == "test").any() else "val"
-    models = [run_dir, *(run_dir / kind for kind in BASELINES if (run_dir / kind / "last.json").is_file())]
+    models = [run_dir, *(run_dir / name for name in variants),
+              *(run_dir / kind for kind in BASELINES if (run_dir / kind / "last.json").is_file())]
     if _up_to_date(out, {"split": split, "seed": seed, "models": _checkpoints(run_dir, models)}):
         return out
     evaluate_models([str(m) for m in models], out, split=split, seed=seed)

@@ -1,0 +1,145 @@
+"""`neuroar study`: the paper's study on two synthetic cohorts, elderly (CN / MCI / AD, 55-90 years) and
+adolescent (9-16 years), each run end to end by `pipeline.run_cohort` into OUT/COHORT (resumable stage by stage),
+then both cohorts' results side by side in OUT/results:
+
+    models.csv     per cohort and model: PSNR, SSIM (mean, std), and the change r / MAE / mean of the cohort's
+                   aging region (ventricles in the elderly, grey matter in adolescents) beside the truth's
+    brain_age.csv  per cohort and training set: MAE and R2 over seeds (mean, std) and a paired t-test of
+                   real + synthetic against real alone over the seeds
+    machine.json   the machine and the command, and per cohort the seconds each stage took
+    results.md     both tables, with the command, seed, machine and stage times that made them
+
+Each cohort's OUT/COHORT/stage_seconds.json sums each stage's seconds over every invocation, so a study
+resumed after an interruption still states what it cost.
+
+Per cohort: NeuroAR, its ablation without the earlier scan, NeuroAR conditioned on diagnosis as well (in a cohort
+with more than one diagnosis), LDM, latent StarGAN, copy, tokenizer-copy and the tokenizer-oracle, all on the
+same pairs. The models are the demo's (4 mm); the cohorts are three times the demo's and the training longer
+(`STUDY`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from scipy import stats
+
+from neuroar import __version__
+from neuroar.config import load_config
+from neuroar.data.synth.aging import COHORTS
+from neuroar.data.synth.cohort import SynthOptions
+from neuroar.files import write_json, write_text
+from neuroar.pipeline import run_cohort
+
+# The demo config with the training more subjects carry: NeuroAR 750 steps (on 96 subjects x 4 visits, 3x the
+# demo's steps took "+aging" above copy: benchmarks/NEUROAR_LEVERS_DEMO.md), longer baselines, brain age over
+# 5 seeds with a regressor trained longer.
+STUDY = ["train_transformer.steps=750", "train_transformer.val_every=150", "train_transformer.checkpoint_every=150",
+         "train_ldm.steps=600", "train_stargan.steps=300", "brain_age.seeds=5", "brain_age.steps=300"]
+CHANGE_REGION = {"elderly": "ventricles", "adolescent": "grey_matter"}  # where each cohort's aging shows most
+
+
+def variants(cohort: str) -> dict[str, list[str]]:
+    """The NeuroAR models trained beside the main one: the ablation without the earlier scan and, where the
+    cohort has several diagnoses, the model conditioned on them."""
+    groups = list(COHORTS[cohort].groups)
+    chosen = {"no-earlier": ["transformer.earlier=none"]}
+    if len(groups) > 1:
+        chosen["diagnosis"] = [f"transformer.diagnoses=[{','.join(groups)}]"]
+    return chosen
+
+
+def run_study(out_dir: str | Path = "runs/study", cohorts: Sequence[str] = tuple(CHANGE_REGION), subjects: int = 150,
+              visits: int = 4, seed: int = 0, overrides: Sequence[str] = ()) -> Path:
+    """Run every cohort, then write OUT/results; returns OUT/results/results.md."""
+    out_dir = Path(out_dir)
+    for cohort in cohorts:
+        run_dir = out_dir / cohort
+        config = load_config("demo", [f"seed={seed}", f"data.cache_dir={run_dir / 'cache'}", *STUDY, *overrides])
+        options = SynthOptions(subjects=subjects, visits=visits, cohort=cohort, seed=seed)
+        _, timings = run_cohort(run_dir, config, options, variants(cohort))
+        # Summed over every invocation, so that a study resumed after an interruption still states its cost.
+        spent = _stage_seconds(run_dir)
+        write_json(run_dir / "stage_seconds.json", {k: spent.get(k, 0.0) + v for k, v in timings.items()})
+    command = ["neuroar", "study", "--out", str(out_dir), "--cohorts", *cohorts, "--subjects", str(subjects),
+               "--visits", str(visits), "--seed", str(seed), *overrides]
+    return write_results(out_dir, cohorts, " ".join(command))
+
+
+def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
+    results = out_dir / "results"
+    timings = {cohort: _stage_seconds(out_dir / cohort) for cohort in cohorts}
+    models = pd.concat([model_table(out_dir / cohort, cohort) for cohort in cohorts], ignore_index=True)
+    brain_age = pd.concat([brain_age_table(out_dir / cohort, cohort) for cohort in cohorts], ignore_index=True)
+    write_text(results / "models.csv", models.to_csv(index=False))
+    write_text(results / "brain_age.csv", brain_age.to_csv(index=False))
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_cores": os.cpu_count(),
+               "torch": torch.__version__, "neuroar": __version__}
+    write_json(results / "machine.json", {**machine, "command": command, "stage_seconds": timings})
+    lines = ["# neuroar study", "", f"`{command}`", "", f"Machine: {json.dumps(machine)}", ""]
+    for cohort in cohorts:
+        region = CHANGE_REGION[cohort]
+        lines += [f"## {cohort}", "", _markdown(models[models["cohort"] == cohort].drop(columns="cohort")), "",
+                  f"Change: predicted against true change of the {region.replace('_', ' ')} (mL) over the test pairs.",
+                  "", _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
+                  f"Seconds per stage (summed over every invocation; {sum(timings[cohort].values()) / 60:.0f} min "
+                  "in all): " + ", ".join(f"{k} {v:.0f}" for k, v in timings[cohort].items()), ""]
+    write_text(results / "results.md", "\n".join(lines))
+    return results / "results.md"
+
+
+def _stage_seconds(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "stage_seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def model_table(run_dir: Path, cohort: str) -> pd.DataFrame:
+    """One row per evaluated model of a cohort's run: image metrics and the change of its aging region."""
+    summary = pd.read_csv(run_dir / "evaluation" / "summary.csv")
+    region = CHANGE_REGION[cohort]
+    columns = {"model": "model", "pairs": "pairs", "psnr_mean": "psnr", "psnr_std": "psnr_std", "ssim_mean": "ssim",
+               "ssim_std": "ssim_std", f"{region}_change_r": "change_r", f"{region}_change_mae": "change_mae",
+               f"{region}_change_mean": "change_mean", f"{region}_true_change_mean": "true_change_mean"}
+    table = summary[list(columns)].rename(columns=columns)
+    table["model"] = [_model_name(name, run_dir.name) for name in table["model"]]
+    return table.assign(cohort=cohort)[["cohort", *table.columns]]
+
+
+def _model_name(name: str, run: str) -> str:
+    """The evaluation's names without the run's: RUN -> neuroar, RUN+aging -> neuroar+aging, RUN/ldm -> ldm."""
+    if name.startswith(f"{run}/"):
+        return name.removeprefix(f"{run}/")
+    if name == run or name.startswith(f"{run}+"):
+        return "neuroar" + name.removeprefix(run)
+    return name
+
+
+def brain_age_table(run_dir: Path, cohort: str) -> pd.DataFrame:
+    """Per training set: MAE and R2 over seeds, and the paired t-test of each set against real scans alone."""
+    results = pd.read_csv(run_dir / "brain_age" / "results.csv")
+    real = results[results["training"] == "real"].set_index("seed")
+    rows = []
+    for training, runs in results.groupby("training", sort=False):
+        runs = runs.set_index("seed").loc[real.index]
+        row = {"cohort": cohort, "training": training, "seeds": len(runs)}
+        for metric in ("mae", "r2"):
+            row |= {metric: runs[metric].mean(), f"{metric}_std": runs[metric].std(ddof=1),
+                    f"{metric}_p_vs_real": (float("nan") if training == "real" or len(runs) < 2
+                                            else stats.ttest_rel(runs[metric], real[metric]).pvalue)}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    rows = [list(table.columns), ["---"] * len(table.columns)]
+    rows += [[cell(v) for v in row] for row in table.itertuples(index=False)]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)

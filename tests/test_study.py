@@ -1,0 +1,55 @@
+"""`neuroar study`: both cohorts end to end at a tiny size, their results side by side, and an evaluation that
+repeats to the same numbers on the same checkpoints."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from neuroar.study import run_study
+
+TINY_STUDY = ["data.spacing=4", "data.shape=[40,48,40]", "data.split_fractions=[0.6,0.2,0.2]",
+              "tokenizer.downsample=8", "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]", "train_tokenizer.steps=4",
+              "train_transformer.steps=4", "train_transformer.batch_size=2", "train_autoencoder.steps=3",
+              "train_ldm.steps=4", "train_stargan.steps=4", "ldm.ddim_steps=3", "brain_age.seeds=2",
+              "brain_age.steps=4"]
+COHORTS = ("elderly", "adolescent")
+
+
+@pytest.mark.slow
+def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_csvs(tmp_path):
+    out = tmp_path / "study"
+    results = run_study(out, COHORTS, subjects=6, visits=3, overrides=TINY_STUDY)
+    text = results.read_text()
+    assert "## elderly" in text and "## adolescent" in text and "`neuroar study --out" in text
+    models = pd.read_csv(out / "results" / "models.csv")
+    elderly, adolescent = (set(models.loc[models["cohort"] == c, "model"]) for c in COHORTS)
+    assert {"copy", "tokenizer-copy", "tokenizer-oracle", "neuroar", "neuroar+aging", "no-earlier", "diagnosis",
+            "ldm", "stargan"} <= elderly
+    assert "no-earlier" in adolescent and "diagnosis" not in adolescent  # one diagnosis (TD): nothing to condition on
+    brain_age = pd.read_csv(out / "results" / "brain_age.csv")
+    assert sorted(brain_age["training"]) == ["real", "real", "real + synthetic", "real + synthetic"]
+    assert (brain_age["seeds"] == 2).all()
+    with_synthetic = brain_age["training"] == "real + synthetic"
+    assert brain_age.loc[with_synthetic, "mae_p_vs_real"].between(0, 1).all()
+    assert brain_age.loc[~with_synthetic, "mae_p_vs_real"].isna().all()
+
+    produced = [out / c / "evaluation" / name for c in COHORTS for name in ("pairs.csv", "summary.csv", "sweep.csv")]
+    produced += [out / c / "brain_age" / "results.csv" for c in COHORTS]
+    produced += [out / "results" / name for name in ("models.csv", "brain_age.csv")]
+    first = {path: path.read_bytes() for path in produced}
+    checkpoints = {path: path.stat().st_mtime_ns for path in out.rglob("last.*.safetensors")}
+    # tokenizer, NeuroAR, its ablation, autoencoder, LDM and StarGAN per cohort, and the elderly's diagnosis model
+    assert len(checkpoints) == 2 * 6 + 1
+    seconds = json.loads((out / "elderly" / "stage_seconds.json").read_text())
+    assert seconds["evaluation"] > 0 and "NeuroAR diagnosis" in seconds
+    for cohort in COHORTS:
+        shutil.rmtree(out / cohort / "evaluation")
+        shutil.rmtree(out / cohort / "brain_age")
+    run_study(out, COHORTS, subjects=6, visits=3, overrides=TINY_STUDY)
+    assert {path: path.stat().st_mtime_ns for path in checkpoints} == checkpoints  # nothing retrained
+    for path, content in first.items():
+        assert path.read_bytes() == content, path
+    again = json.loads((out / "elderly" / "stage_seconds.json").read_text())
+    assert again["evaluation"] > seconds["evaluation"] and again["tokenizer"] >= seconds["tokenizer"]
