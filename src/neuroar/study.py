@@ -39,9 +39,10 @@ from neuroar.pipeline import run_cohort
 
 # The demo config with the training more subjects carry: NeuroAR 750 steps (on 96 subjects x 4 visits, 3x the
 # demo's steps took "+aging" above copy: benchmarks/NEUROAR_LEVERS_DEMO.md), longer baselines, brain age over
-# 5 seeds with a regressor trained longer.
-STUDY = ["train_transformer.steps=750", "train_transformer.val_every=150", "train_transformer.checkpoint_every=150",
-         "train_ldm.steps=600", "train_stargan.steps=300", "brain_age.seeds=5", "brain_age.steps=300"]
+# 5 seeds with a regressor trained longer, and a fifth of the subjects held out for testing (30 of 150).
+STUDY = ["data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=750", "train_transformer.val_every=150",
+         "train_transformer.checkpoint_every=150", "train_ldm.steps=600", "train_stargan.steps=300",
+         "brain_age.seeds=5", "brain_age.steps=300"]
 CHANGE_REGION = {"elderly": "ventricles", "adolescent": "grey_matter"}  # where each cohort's aging shows most
 
 
