@@ -9,8 +9,9 @@ then both cohorts' results side by side in OUT/results:
     machine.json   the machine and the command, and per cohort the seconds each stage took
     results.md     both tables, with the command, seed, machine and stage times that made them
 
-Each cohort's OUT/COHORT/stage_seconds.json sums each stage's seconds over every invocation, so a study
-resumed after an interruption still states what it cost.
+Each cohort's OUT/COHORT/stage_seconds.json sums each stage's seconds over the invocations that finished the
+cohort, so that re-running a finished study (which skips what is done) does not replace its cost by seconds;
+an invocation interrupted mid-cohort adds nothing.
 
 Per cohort: NeuroAR, its ablation without the earlier scan, NeuroAR conditioned on diagnosis as well (in a cohort
 with more than one diagnosis), LDM, latent StarGAN, copy, tokenizer-copy and the tokenizer-oracle, all on the
@@ -65,7 +66,7 @@ def run_study(out_dir: str | Path = "runs/study", cohorts: Sequence[str] = tuple
         config = load_config("demo", [f"seed={seed}", f"data.cache_dir={run_dir / 'cache'}", *STUDY, *overrides])
         options = SynthOptions(subjects=subjects, visits=visits, cohort=cohort, seed=seed)
         _, timings = run_cohort(run_dir, config, options, variants(cohort))
-        # Summed over every invocation, so that a study resumed after an interruption still states its cost.
+        # Summed over the invocations that finished the cohort: a re-run that skips finished stages adds seconds.
         spent = _stage_seconds(run_dir)
         write_json(run_dir / "stage_seconds.json", {k: spent.get(k, 0.0) + v for k, v in timings.items()})
     command = ["neuroar", "study", "--out", str(out_dir), "--cohorts", *cohorts, "--subjects", str(subjects),
