@@ -90,8 +90,9 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
         lines += [f"## {cohort}", "", _markdown(models[models["cohort"] == cohort].drop(columns="cohort")), "",
                   f"Change: predicted against true change of the {region.replace('_', ' ')} (mL) over the test pairs.",
                   "", _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
-                  f"Seconds per stage (summed over every invocation; {sum(timings[cohort].values()) / 60:.0f} min "
-                  "in all): " + ", ".join(f"{k} {v:.0f}" for k, v in timings[cohort].items()), ""]
+                  "Seconds per stage (summed over the invocations that finished the cohort; "
+                  f"{sum(timings[cohort].values()) / 60:.0f} min in all): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in timings[cohort].items()), ""]
     write_text(results / "results.md", "\n".join(lines))
     return results / "results.md"
 
