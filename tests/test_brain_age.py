@@ -43,31 +43,40 @@ def test_the_regressor_learns_an_age_signal():
 
 
 @pytest.fixture(scope="module")
-def run_with_model(tmp_path_factory):
+def run_with_models(tmp_path_factory):
     run = make_tiny_run(tmp_path_factory.mktemp("brain_age"))
-    config = load_config(run / "config.yaml", ["train_autoencoder.steps=3", "train_stargan.steps=3"])
-    train_baseline(run, config, "stargan", progress=False)
+    config = load_config(run / "config.yaml", ["train_autoencoder.steps=3", "train_stargan.steps=3",
+                                               "train_ldm.steps=3", "ldm.ddim_steps=2"])
+    for kind in ("stargan", "ldm"):
+        train_baseline(run, config, kind, progress=False)
     return run
 
 
-def test_brain_age_compares_real_and_augmented_training_over_seeds(run_with_model, tmp_path):
-    run = shutil.copytree(run_with_model, tmp_path / "run")
+def test_brain_age_compares_real_and_each_models_augmented_training_over_seeds(run_with_models, tmp_path):
+    run = shutil.copytree(run_with_models, tmp_path / "run")
     out = tmp_path / "age"
-    args = ["brain-age", "--run", str(run), "--model", str(run / "stargan"), "--out", str(out),
-            "brain_age.channels=[4,8]", "brain_age.steps=5", "brain_age.seeds=3", "brain_age.synthetic_years=[1,2.5]"]
+    args = ["brain-age", "--run", str(run), "--models", str(run / "stargan"), str(run / "ldm"), "--out", str(out),
+            "brain_age.channels=[4,8]", "brain_age.steps=5", "brain_age.seeds=3", "brain_age.synthetic_years=[1,2.5]",
+            "ldm.ddim_steps=2"]
     assert main(args) == 0
     results = pd.read_csv(out / "results.csv")
     assert sorted(results["seed"].unique()) == [0, 1, 2]
+    assert list(results["training"].unique()) == ["real", "real + synthetic (stargan)", "real + synthetic (ldm)"]
     real = results[results["training"] == "real"]
-    augmented = results[results["training"] == "real + synthetic"]
-    assert len(real) == len(augmented) == 3
-    # two synthetic scans per real one
-    assert (augmented["training_scans"].to_numpy() == 3 * real["training_scans"].to_numpy()).all()
+    for name in ("stargan", "ldm"):
+        augmented = results[results["training"] == f"real + synthetic ({name})"]
+        assert len(real) == len(augmented) == 3
+        # two synthetic scans per real one
+        assert (augmented["training_scans"].to_numpy() == 3 * real["training_scans"].to_numpy()).all()
     assert np.isfinite(results[["mae", "r2"]].to_numpy()).all()
     summary = (out / "summary.md").read_text()
-    assert "real + synthetic" in summary and "MAE" in summary
-    ages = json.loads((out / "synthetic.json").read_text())
-    stamp = (out / "synthetic.safetensors").stat().st_mtime_ns
+    assert "| real + synthetic (ldm) |" in summary and "MAE" in summary
+    cached = out / "synthetic" / "stargan.safetensors"
+    ages = json.loads(cached.with_suffix(".json").read_text())
+    stamp = cached.stat().st_mtime_ns
     assert main(args) == 0  # the synthetic scans are reused, not regenerated
-    assert (out / "synthetic.safetensors").stat().st_mtime_ns == stamp
-    assert json.loads((out / "synthetic.json").read_text()) == ages
+    assert cached.stat().st_mtime_ns == stamp
+    assert json.loads(cached.with_suffix(".json").read_text()) == ages
+    twice = ["brain-age", "--run", str(run), "--models", str(run / "stargan"), str(run / "stargan"), "--out",
+             str(tmp_path / "twice")]
+    assert main(twice) == 2  # two training sets of the same name would hide one another

@@ -110,10 +110,10 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, quick_demo_cohort):
     summary = (out / "summary.md").read_text()
     assert "| train |" in summary and "(40, 48, 40)" in summary and "| AD |" in summary
     assert "| copy |" in summary and "| tokenizer-copy |" in summary and "| demo |" in summary
-    assert "| demo/ldm |" in summary and "| demo/stargan |" in summary and "| real + synthetic |" in summary
+    assert "| demo/ldm |" in summary and "| demo/stargan |" in summary and "| real + synthetic (neuroar) |" in summary
     assert "## NeuroAR against copying the earlier scan's tokens" in summary and "| 1 | " in summary
     report = (out / "report.html").read_text()
-    assert "<td>demo/ldm</td>" in report and "<td>real + synthetic</td>" in report
+    assert "<td>demo/ldm</td>" in report and "<td>real + synthetic (neuroar)</td>" in report
     assert "<td>copy</td>" in report and report.count("data:image/png;base64,") >= 7 and "<iframe srcdoc=" in report
     assert "http://" not in report.replace("http://www.w3.org", "") and "src='http" not in report
     errors = open_in_chromium(out / "report.html", ARTIFACTS / "report.png")

@@ -136,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     age = commands.add_parser("brain-age", help="brain-age regressors trained with and without model-synthetic "
                                                 "scans, over several seeds (MAE, R2 on real test scans)")
     _add_run(age, "run folder made by `neuroar preprocess`")
-    age.add_argument("--model", type=Path, help="model that makes the synthetic scans (default: the run's NeuroAR; "
-                                                "RUN/ldm, RUN/stargan, an ablation work too)")
+    age.add_argument("--models", type=Path, nargs="+", default=[],
+                     help="models that make the synthetic scans, one training set each (default: the run's "
+                          "NeuroAR; RUN/ldm, RUN/stargan, an ablation work too)")
     age.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
     age.add_argument("--out", type=Path, help="output folder (default: RUN/brain_age)")
     age.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help + ", brain_age.seeds=5")
@@ -268,7 +269,7 @@ def _brain_age(args: argparse.Namespace) -> None:
     from neuroar.evaluate.brain_age import run_brain_age
 
     out = args.out or args.run / "brain_age"
-    run_brain_age(args.run, _run_config(args.run, args.config, args.overrides), args.model, out)
+    run_brain_age(args.run, _run_config(args.run, args.config, args.overrides), args.models, out)
     print((out / "summary.md").read_text())
 
 

@@ -87,12 +87,13 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
     return out_dir
 
 
-def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: dict[str, Sequence[str]] | None = None
-               ) -> tuple[Dataset, dict[str, float]]:
+def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: dict[str, Sequence[str]] | None = None,
+               brain_age_baselines: bool = False) -> tuple[Dataset, dict[str, float]]:
     """Every stage on a synthetic cohort into one run folder: the cohort (OUT/cohort), preprocessing, tokenizer,
     tokens, NeuroAR, each of `variants` (more NeuroAR models on the same tokens, name -> config overrides, e.g.
     an ablation), autoencoder and latents, LDM, latent StarGAN, the evaluation of all of them, the brain-age
-    experiment and the report. Returns the dataset and each stage's seconds.
+    experiment (with NeuroAR's synthetic scans, and the baselines' too with `brain_age_baselines`) and the
+    report. Returns the dataset and each stage's seconds.
 
     Every stage resumes: the cohort is kept when its options did not change, preprocessing, tokens and
     latents are cached by content, training continues from its last checkpoint (a finished run is not
@@ -137,7 +138,7 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
     stage("LDM", lambda: train_baseline(out_dir, config, "ldm"))
     stage("latent StarGAN", lambda: train_baseline(out_dir, config, "stargan"))
     stage("evaluation", lambda: evaluate_run(out_dir, config.seed, list(variants)))
-    stage("brain age", lambda: brain_age_run(out_dir, config))
+    stage("brain age", lambda: brain_age_run(out_dir, config, brain_age_baselines))
     stage("report", lambda: print(f"report: {build_report(out_dir, seed=config.seed)}"))
     return dataset, timings
 
@@ -161,15 +162,18 @@ def evaluate_run(run_dir: Path, seed: int = 0, variants: Sequence[str] = ()) -> 
     return out
 
 
-def brain_age_run(run_dir: Path, config: Config) -> Path:
-    """The brain-age experiment with the run's NeuroAR model into RUN/brain_age, unless already done for the
-    same model and settings."""
+def brain_age_run(run_dir: Path, config: Config, baselines: bool = False) -> Path:
+    """The brain-age experiment with the synthetic scans of the run's NeuroAR model (and, with `baselines`, of
+    each trained baseline) into RUN/brain_age, unless already done for the same models and settings."""
     from neuroar.evaluate.brain_age import run_brain_age
+    from neuroar.models.baselines import BASELINES
 
     out = run_dir / "brain_age"
-    inputs = {"brain_age": asdict(config.brain_age), "models": _checkpoints(run_dir, [run_dir])}
+    models = [run_dir, *(run_dir / kind for kind in BASELINES
+                         if baselines and (run_dir / kind / "last.json").is_file())]
+    inputs = {"brain_age": asdict(config.brain_age), "models": _checkpoints(run_dir, models)}
     if not _up_to_date(out, inputs):
-        run_brain_age(run_dir, config, out_dir=out)
+        run_brain_age(run_dir, config, models, out_dir=out)
         _stamp(out, inputs)
     return out
 

@@ -2,15 +2,17 @@
 training data help it on real scans?
 
 An SFCN-style regressor (models/sfcn.py) is trained, for each of `brain_age.seeds` seeds, (a) on the run's
-real training scans and (b) on those plus synthetic scans: each training scan's follow-up predicted by a
-trained model (NeuroAR by default; any model folder works) at the scan's age + `brain_age.synthetic_years`,
-ages at which the subject was not scanned. Both are evaluated on the real test scans (MAE, R2). The synthetic
-scans are cached in OUT/synthetic.safetensors, keyed by the model's checkpoint and the settings.
+real training scans and (b) for each given model, on those plus synthetic scans: each training scan's
+follow-up predicted by the model (NeuroAR by default; any model folder works) at the scan's age +
+`brain_age.synthetic_years`, ages at which the subject was not scanned. All are evaluated on the real test
+scans (MAE, R2). Each model's synthetic scans are cached in OUT/synthetic/NAME.safetensors, keyed by the
+model's checkpoint and the settings.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +31,18 @@ from neuroar.progress import Progress
 from neuroar.runs import resolve_model
 from neuroar.train.loop import batch_indices, learning_rate, set_learning_rate
 
-CONDITIONS = ("real", "real + synthetic")
+REAL = "real"
 
 
-def run_brain_age(run_dir: str | Path, config: Config, model: str | Path | None = None,
+def synthetic_condition(name: str) -> str:
+    """The training set of real scans plus model `name`'s synthetic ones."""
+    return f"real + synthetic ({name})"
+
+
+def run_brain_age(run_dir: str | Path, config: Config, models: Sequence[str | Path] = (),
                   out_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
-    """Train and evaluate the regressors; writes OUT/results.csv (one row per seed and training set) and
+    """Train and evaluate the regressors on real scans and, for each of `models` (default: the run's NeuroAR),
+    on real + that model's synthetic scans; writes OUT/results.csv (one row per seed and training set) and
     OUT/summary.md (mean +- std over seeds); returns the results."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "brain_age"
@@ -48,12 +56,17 @@ def run_brain_age(run_dir: str | Path, config: Config, model: str | Path | None 
                            "experiment.")
     real_x, real_age = _volumes(train, settings.downsample), torch.tensor(train["age"].to_numpy(), dtype=torch.float32)
     test_x, test_age = _volumes(test, settings.downsample), test["age"].to_numpy(dtype=float)
-    synthetic_x, synthetic_age = synthetic_scans(model or run_dir, train, config, out_dir, progress)
-    every_age = torch.cat([real_age, synthetic_age])
+    training_sets = {REAL: (real_x, real_age)}
+    for model in models or [run_dir]:
+        name = resolve_model(model)[1]
+        if synthetic_condition(name) in training_sets:
+            raise NeuroARError(f"two of the brain-age models are named {name!r}; give models of different names.")
+        synthetic_x, synthetic_age = synthetic_scans(model, name, train, config, out_dir, progress)
+        training_sets[synthetic_condition(name)] = (torch.cat([real_x, synthetic_x]),
+                                                    torch.cat([real_age, synthetic_age]))
+    every_age = torch.cat([ages for _, ages in training_sets.values()])
     bins = torch.arange(np.floor(float(every_age.min())) - 5, np.ceil(float(every_age.max())) + 5 + 1e-6,
                         settings.bin_width) + settings.bin_width / 2
-    training_sets = {"real": (real_x, real_age),
-                     "real + synthetic": (torch.cat([real_x, synthetic_x]), every_age)}
     rows = []
     for seed in Progress(range(settings.seeds), desc="brain age", unit="seed", enabled=progress):
         for condition, (x, ages) in training_sets.items():
@@ -64,12 +77,12 @@ def run_brain_age(run_dir: str | Path, config: Config, model: str | Path | None 
     results = pd.DataFrame(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "results.csv", results.to_csv(index=False))
-    write_text(out_dir / "summary.md", summary_markdown(results, test_split, str(model or run_dir)))
+    write_text(out_dir / "summary.md", summary_markdown(results, test_split))
     return results
 
 
-def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_dir: Path, progress: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_scans(model: str | Path, name: str, train: pd.DataFrame, config: Config, out_dir: Path,
+                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Each training scan's predicted follow-ups at its age + `synthetic_years` (one sample each, the model's
     own sampling settings), downsampled like the real scans: (N, 1, d, h, w) and their ages (N,)."""
     from neuroar.predict import Predictor
@@ -79,14 +92,14 @@ def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_
     checkpoint = json.loads((run_dir / name / "last.json").read_text())
     key = sha256_json({"checkpoint": checkpoint, "years": list(settings.synthetic_years), "seed": config.seed,
                        "downsample": settings.downsample, "scans": list(train["preprocessed"])})
-    path = out_dir / "synthetic.safetensors"
-    meta_path = out_dir / "synthetic.json"
+    path = out_dir / "synthetic" / f"{name}.safetensors"
+    meta_path = path.with_suffix(".json")
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
         tensors = load_file(str(path))
         return tensors["volumes"], tensors["ages"]
     predictor = Predictor.from_checkpoint(model)
     volumes, ages = [], []
-    for i, scan in enumerate(Progress(train.to_dict("records"), desc="synthetic scans", unit="scan",
+    for i, scan in enumerate(Progress(train.to_dict("records"), desc=f"synthetic scans ({name})", unit="scan",
                                   enabled=progress)):
         targets = [scan["age"] + years for years in settings.synthetic_years]
         outputs = predictor.predict_preprocessed(load_preprocessed(scan["preprocessed"])[0], scan["age"], targets,
@@ -96,7 +109,7 @@ def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_
             volumes.append(_downsample(torch.from_numpy(sample_DHW), settings.downsample))
             ages.append(target)
     tensors = {"volumes": torch.stack(volumes).contiguous(), "ages": torch.tensor(ages, dtype=torch.float32)}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
     write_json(meta_path, {"key": key, "model": str(model), "scans": len(volumes)})
@@ -126,11 +139,10 @@ def predict_ages(model: SFCN, x_N1DHW: torch.Tensor, chunk: int = 16) -> np.ndar
     return torch.cat([model.age(model(x_N1DHW[i:i + chunk])) for i in range(0, len(x_N1DHW), chunk)]).numpy()
 
 
-def summary_markdown(results: pd.DataFrame, split: str, model: str) -> str:
-    lines = [f"# Brain age ({split} scans, synthetic scans from {model})", "",
+def summary_markdown(results: pd.DataFrame, split: str) -> str:
+    lines = [f"# Brain age ({split} scans)", "",
              "| training data | training scans | MAE (years) | R2 |", "|---|---|---|---|"]
-    for condition in CONDITIONS:
-        group = results[results["training"] == condition]
+    for condition, group in results.groupby("training", sort=False):
         lines.append(f"| {condition} | {int(group['training_scans'].iloc[0])} | "
                      f"{group['mae'].mean():.2f} ± {group['mae'].std(ddof=1):.2f} | "
                      f"{group['r2'].mean():.3f} ± {group['r2'].std(ddof=1):.3f} |")

@@ -86,7 +86,7 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
 
 @torch.no_grad()
 def validate_baseline(kind: str, model: nn.Module, latents_NCDHW: torch.Tensor, pairs: pd.DataFrame,
-                      device: torch.device, seed: int, limit: int = 16) -> dict[str, float]:
+                      device: torch.device, seed: int, limit: int = 64) -> dict[str, float]:
     """Mean squared error of predicted against true follow-up latents on (up to `limit`) pairs, beside the
     error of copying the earlier latent."""
     model.eval()
