@@ -23,6 +23,7 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
     results = run_study(out, COHORTS, subjects=6, visits=3, overrides=TINY_STUDY)
     text = results.read_text()
     assert "## elderly" in text and "## adolescent" in text and "`neuroar study --out" in text
+    assert all((out / "results" / f"{cohort}_change.png").stat().st_size > 10_000 for cohort in COHORTS)
     models = pd.read_csv(out / "results" / "models.csv")
     elderly, adolescent = (set(models.loc[models["cohort"] == c, "model"]) for c in COHORTS)
     assert {"copy", "tokenizer-copy", "tokenizer-oracle", "neuroar", "neuroar+aging", "no-earlier", "diagnosis",

@@ -8,6 +8,7 @@ then both cohorts' results side by side in OUT/results:
                    StarGAN): MAE and R2 over seeds (mean, std) and a paired t-test against real alone
     machine.json   the machine and the command, and per cohort the seconds each stage took
     results.md     both tables, with the command, seed, machine and stage times that made them
+    COHORT_change.png  predicted against true change of the cohort's aging region, per model, over the test pairs
 
 Each cohort's OUT/COHORT/stage_seconds.json sums each stage's seconds over the invocations that finished the
 cohort, so that re-running a finished study (which skips what is done) does not replace its cost by seconds;
@@ -29,12 +30,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from scipy import stats
 
 from neuroar import __version__
 from neuroar.config import load_config
 from neuroar.data.synth.aging import COHORTS
 from neuroar.data.synth.cohort import SynthOptions
+from neuroar.evaluate.compare import pearson
 from neuroar.files import write_json, write_text
 from neuroar.pipeline import run_cohort
 
@@ -84,6 +87,8 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
     brain_age = pd.concat([brain_age_table(out_dir / cohort, cohort) for cohort in cohorts], ignore_index=True)
     write_text(results / "models.csv", models.to_csv(index=False))
     write_text(results / "brain_age.csv", brain_age.to_csv(index=False))
+    for cohort in cohorts:
+        change_figure(out_dir / cohort, cohort).savefig(results / f"{cohort}_change.png", dpi=72)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_cores": os.cpu_count(),
                "torch": torch.__version__, "neuroar": __version__}
     write_json(results / "machine.json", {**machine, "command": command, "stage_seconds": timings})
@@ -93,9 +98,10 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
         lines += [f"## {cohort}", "", _markdown(models[models["cohort"] == cohort].drop(columns="cohort")), "",
                   f"Change: predicted against true change of the {region.replace('_', ' ')} (mL) over the test pairs.",
                   "", _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
-                  "Seconds per stage (summed over the invocations that finished the cohort; "
+                  "Seconds per stage, longest first (summed over the invocations that finished the cohort; "
                   f"{sum(timings[cohort].values()) / 60:.0f} min in all): "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in timings[cohort].items()), ""]
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(timings[cohort].items(), key=lambda kv: -kv[1])),
+                  ""]
     write_text(results / "results.md", "\n".join(lines))
     return results / "results.md"
 
@@ -115,6 +121,29 @@ def model_table(run_dir: Path, cohort: str) -> pd.DataFrame:
     table = summary[list(columns)].rename(columns=columns)
     table["model"] = [_model_name(name, run_dir.name) for name in table["model"]]
     return table.assign(cohort=cohort)[["cohort", *table.columns]]
+
+
+def change_figure(run_dir: Path, cohort: str) -> Figure:
+    """Predicted against true change of the cohort's aging region over the test pairs: the tokenizer-oracle and
+    every model's change-preserving output (+detail), one panel each, with r and MAE."""
+    per_pair = pd.read_csv(run_dir / "evaluation" / "pairs.csv", dtype={"subject_id": str})
+    per_pair["model"] = [_model_name(name, run_dir.name) for name in per_pair["model"]]
+    region = CHANGE_REGION[cohort]
+    models = [m for m in per_pair["model"].unique() if m == "tokenizer-oracle" or m.endswith("+detail")]
+    figure = Figure(figsize=(3 * len(models), 3.2), layout="constrained")
+    axes = figure.subplots(1, len(models), sharex=True, sharey=True, squeeze=False)[0]
+    true = per_pair[f"true_change_{region}"]
+    for axis, model in zip(axes, models):
+        group = per_pair[per_pair["model"] == model]
+        predicted, truth = group[f"predicted_change_{region}"], group[f"true_change_{region}"]
+        axis.scatter(truth, predicted, s=8)
+        axis.plot([true.min(), true.max()], [true.min(), true.max()], color="grey", lw=1)
+        axis.set_title(f"{model}\nr {pearson(predicted, truth):.2f}, MAE {(predicted - truth).abs().mean():.2f} mL",
+                       fontsize=9)
+        axis.set_xlabel(f"true {region.replace('_', ' ')} change (mL)", fontsize=8)
+    axes[0].set_ylabel("predicted change (mL)", fontsize=8)
+    figure.suptitle(f"{cohort}: {len(true) // per_pair['model'].nunique()} test pairs", fontsize=10)
+    return figure
 
 
 def _model_name(name: str, run: str) -> str:
