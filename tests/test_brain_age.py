@@ -80,3 +80,23 @@ def test_brain_age_compares_real_and_each_models_augmented_training_over_seeds(r
     twice = ["brain-age", "--run", str(run), "--models", str(run / "stargan"), str(run / "stargan"), "--out",
              str(tmp_path / "twice")]
     assert main(twice) == 2  # two training sets of the same name would hide one another
+
+
+@pytest.mark.parametrize("output", ["detail", "decoded"])
+def test_the_synthetic_scans_are_the_chosen_output_of_the_models_prediction(run_with_models, tmp_path, output):
+    from neuroar.data.preprocess import load_preprocessed
+    from neuroar.evaluate.brain_age import synthetic_scans
+    from neuroar.predict import Predictor
+
+    config = load_config(run_with_models / "config.yaml", [f"brain_age.synthetic_output={output}",
+                                                           "brain_age.synthetic_years=[2]"])
+    scans = pd.read_csv(run_with_models / "scans.csv", dtype={"subject_id": str}, keep_default_na=False)
+    train = scans[scans["split"] == "train"]
+    volumes, ages = synthetic_scans(run_with_models / "stargan", "stargan", train, config, tmp_path, progress=False)
+    first = train.iloc[0]
+    decoded, _, detail = Predictor.from_checkpoint(run_with_models / "stargan").predict_preprocessed(
+        load_preprocessed(first["preprocessed"])[0], first["age"], [first["age"] + 2], samples=1,
+        seed=config.seed * 100_003)[0]
+    expected = detail if output == "detail" else decoded
+    assert float(ages[0]) == first["age"] + 2 and not np.allclose(detail, decoded, atol=1e-3)
+    np.testing.assert_allclose(volumes[0, 0].numpy(), expected, atol=1e-6)

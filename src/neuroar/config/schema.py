@@ -287,6 +287,10 @@ class BrainAgeConfig:
     bin_width: float = 1.0  # years per soft-label bin
     label_sigma: float = 1.0  # years; the Gaussian soft label around the true age
     synthetic_years: tuple[float, ...] = (1.5, 3.0)  # synthetic scans at each training scan's age + these
+    # Which prediction is a synthetic scan: "detail", the predicted change added to the real scan (which keeps
+    # its texture; the evaluation's +detail), or "decoded", the model's own output, blurred by its decoder (a
+    # regressor can learn that blur as a sign of age).
+    synthetic_output: Literal["detail", "decoded"] = "detail"
     seeds: int = 3
     steps: int = 1000
     batch_size: int = 8

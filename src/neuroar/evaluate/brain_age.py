@@ -4,9 +4,10 @@ training data help it on real scans?
 An SFCN-style regressor (models/sfcn.py) is trained, for each of `brain_age.seeds` seeds, (a) on the run's
 real training scans and (b) for each given model, on those plus synthetic scans: each training scan's
 follow-up predicted by the model (NeuroAR by default; any model folder works) at the scan's age +
-`brain_age.synthetic_years`, ages at which the subject was not scanned. All are evaluated on the real test
-scans (MAE, R2). Each model's synthetic scans are cached in OUT/synthetic/NAME.safetensors, keyed by the
-model's checkpoint and the settings.
+`brain_age.synthetic_years`, ages at which the subject was not scanned (by default the predicted change added
+to the real scan, `brain_age.synthetic_output`). All are evaluated on the real test scans (MAE, R2). Each
+model's synthetic scans are cached in OUT/synthetic/NAME.safetensors, keyed by the model's checkpoint and the
+settings.
 """
 
 from __future__ import annotations
@@ -84,14 +85,16 @@ def run_brain_age(run_dir: str | Path, config: Config, models: Sequence[str | Pa
 def synthetic_scans(model: str | Path, name: str, train: pd.DataFrame, config: Config, out_dir: Path,
                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Each training scan's predicted follow-ups at its age + `synthetic_years` (one sample each, the model's
-    own sampling settings), downsampled like the real scans: (N, 1, d, h, w) and their ages (N,)."""
+    own sampling settings; the `synthetic_output` kind), downsampled like the real scans: (N, 1, d, h, w) and
+    their ages (N,)."""
     from neuroar.predict import Predictor
 
     settings = config.brain_age
     run_dir, name = resolve_model(model)
     checkpoint = json.loads((run_dir / name / "last.json").read_text())
     key = sha256_json({"checkpoint": checkpoint, "years": list(settings.synthetic_years), "seed": config.seed,
-                       "downsample": settings.downsample, "scans": list(train["preprocessed"])})
+                       "output": settings.synthetic_output, "downsample": settings.downsample,
+                       "scans": list(train["preprocessed"])})
     path = out_dir / "synthetic" / f"{name}.safetensors"
     meta_path = path.with_suffix(".json")
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
@@ -105,8 +108,9 @@ def synthetic_scans(model: str | Path, name: str, train: pd.DataFrame, config: C
         outputs = predictor.predict_preprocessed(load_preprocessed(scan["preprocessed"])[0], scan["age"], targets,
                                                  samples=1, seed=config.seed * 100_003 + i,
                                                  diagnosis=scan.get("diagnosis"))
-        for target, (sample_DHW, _, _) in zip(targets, outputs):
-            volumes.append(_downsample(torch.from_numpy(sample_DHW), settings.downsample))
+        for target, (decoded_DHW, _, detail_DHW) in zip(targets, outputs):
+            chosen_DHW = detail_DHW if settings.synthetic_output == "detail" else decoded_DHW
+            volumes.append(_downsample(torch.from_numpy(np.ascontiguousarray(chosen_DHW)), settings.downsample))
             ages.append(target)
     tensors = {"volumes": torch.stack(volumes).contiguous(), "ages": torch.tensor(ages, dtype=torch.float32)}
     path.parent.mkdir(parents=True, exist_ok=True)
