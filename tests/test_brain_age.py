@@ -92,7 +92,7 @@ def test_the_synthetic_scans_are_the_chosen_output_of_the_models_prediction(run_
                                                            "brain_age.synthetic_years=[2]"])
     scans = pd.read_csv(run_with_models / "scans.csv", dtype={"subject_id": str}, keep_default_na=False)
     train = scans[scans["split"] == "train"]
-    volumes, ages = synthetic_scans(run_with_models / "stargan", "stargan", train, config, tmp_path, progress=False)
+    volumes, ages = synthetic_scans(run_with_models / "stargan", train, config, tmp_path, progress=False)
     first = train.iloc[0]
     decoded, _, detail = Predictor.from_checkpoint(run_with_models / "stargan").predict_preprocessed(
         load_preprocessed(first["preprocessed"])[0], first["age"], [first["age"] + 2], samples=1,

@@ -42,17 +42,15 @@ from neuroar.files import write_json, write_text
 from neuroar.pipeline import run_cohort
 
 # The demo config with the training more subjects carry: NeuroAR 750 steps (on 96 subjects x 4 visits, 3x the
-# demo's steps took "+aging" above copy: benchmarks/NEUROAR_LEVERS_DEMO.md), the baselines' autoencoder as long
-# as the tokenizer (after the demo's 300 steps it decoded at 15.8 dB in the brain against the tokenizer's 21.7:
-# the baselines' plain outputs were bounded by it), longer baselines (the StarGAN's
-# generator, zero-initialised to the identity, had barely moved after 300 steps: validation latent error 0.97x
-# copy's on the elderly cohort's 180 pairs, 0.76x after 1000, 0.59x after 2000; its loss weights changed that by
-# under 0.03x), brain age over 5 seeds with a regressor trained longer, and a fifth of the subjects held out for
-# testing (30 of 150).
+# demo's steps took "+aging" above copy: benchmarks/NEUROAR_LEVERS_DEMO.md); the baselines' autoencoder as long
+# as the tokenizer (after the demo's 300 steps it decoded at 15.8 dB in the brain against the tokenizer's 21.7,
+# which bounded the baselines' plain outputs); longer baselines (the StarGAN's generator, zero-initialised to the
+# identity, had barely moved after 300 steps: validation latent error 0.97x copy's on the elderly cohort's 180
+# pairs, 0.76x after 1000, 0.59x after 2000, while its loss weights changed that by under 0.03x); brain age over
+# 5 seeds with a regressor trained longer; and a fifth of the subjects held out for testing (30 of 150).
 STUDY = ["data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=750", "train_transformer.val_every=150",
          "train_transformer.checkpoint_every=150", "train_autoencoder.steps=2400", "train_ldm.steps=600",
-         "train_stargan.steps=2000",
-         "brain_age.seeds=5", "brain_age.steps=300"]
+         "train_stargan.steps=2000", "brain_age.seeds=5", "brain_age.steps=300"]
 CHANGE_REGION = {"elderly": "ventricles", "adolescent": "grey_matter"}  # where each cohort's aging shows most
 
 

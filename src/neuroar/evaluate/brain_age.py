@@ -62,7 +62,7 @@ def run_brain_age(run_dir: str | Path, config: Config, models: Sequence[str | Pa
         name = resolve_model(model)[1]
         if synthetic_condition(name) in training_sets:
             raise NeuroARError(f"two of the brain-age models are named {name!r}; give models of different names.")
-        synthetic_x, synthetic_age = synthetic_scans(model, name, train, config, out_dir, progress)
+        synthetic_x, synthetic_age = synthetic_scans(model, train, config, out_dir, progress)
         training_sets[synthetic_condition(name)] = (torch.cat([real_x, synthetic_x]),
                                                     torch.cat([real_age, synthetic_age]))
     every_age = torch.cat([ages for _, ages in training_sets.values()])
@@ -82,8 +82,8 @@ def run_brain_age(run_dir: str | Path, config: Config, models: Sequence[str | Pa
     return results
 
 
-def synthetic_scans(model: str | Path, name: str, train: pd.DataFrame, config: Config, out_dir: Path,
-                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_dir: Path, progress: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each training scan's predicted follow-ups at its age + `synthetic_years` (one sample each, the model's
     own sampling settings; the `synthetic_output` kind), downsampled like the real scans: (N, 1, d, h, w) and
     their ages (N,)."""
