@@ -11,6 +11,7 @@ from conftest import COHORT_OPTIONS
 from neuroar.data.atlas import CLASSES, load_anatomy
 from neuroar.data.bids import discover_bids
 from neuroar.data.manifest import read_manifest
+from neuroar.data.synth.aging import COHORTS
 from neuroar.data.synth.cohort import SynthOptions, _flow, make_cohort, plan_subjects, subject_aging
 from neuroar.data.synth.warp import sample
 from neuroar.errors import NeuroARError
@@ -127,6 +128,15 @@ def test_adolescents_lose_grey_matter_and_gain_white_matter(tmp_path):
     change = truth.groupby("subject_id")[["grey_matter", "white_matter"]].agg(lambda v: v.iloc[-1] / v.iloc[0] - 1)
     assert (change["grey_matter"] < 0).all() and (change["white_matter"] > 0).all()
     assert pd.read_csv(tmp_path / "manifest.csv")["age"].between(9, 16).all()
+
+
+@pytest.mark.parametrize("cohort", ["elderly", "adolescent"])
+def test_every_visit_lies_in_the_cohort_age_range_even_when_visits_must_be_squeezed(cohort):
+    # The study's size: 4 visits of 0.5-4 years apart often span more than the adolescents' 7 years.
+    youngest, oldest = COHORTS[cohort].ages
+    for plan in plan_subjects(SynthOptions(subjects=150, visits=4, cohort=cohort, seed=0)):
+        assert youngest <= plan.ages[0] < plan.ages[-1] <= oldest, plan
+        assert all(np.diff(plan.ages) > 0), plan
 
 
 def test_template_structures_are_where_anatomy_puts_them():

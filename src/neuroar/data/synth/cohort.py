@@ -142,7 +142,8 @@ def plan_subjects(options: SynthOptions) -> list[SubjectPlan]:
         youngest, oldest = cohort.ages
         if gaps.sum() > oldest - youngest:  # many visits: squeeze them into the cohort's age range
             gaps *= (oldest - youngest) / gaps.sum()
-        first = rng.uniform(youngest, oldest - gaps.sum())
+        # max(): after squeezing, rounding can leave the gaps' sum a hair above the range (numpy refuses high < low).
+        first = rng.uniform(youngest, max(youngest, oldest - gaps.sum()))
         ages = first + np.concatenate([[0.0], np.cumsum(gaps)])
         onset = cohort.reference_age if group == cohort.healthy else first - rng.uniform(*cohort.onset_years)
         plans.append(SubjectPlan(subject_id=f"sub-{k + 1:03d}", group=str(group), sex=str(rng.choice(["F", "M"])),
