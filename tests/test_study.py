@@ -22,7 +22,7 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
     out = tmp_path / "study"
     results = run_study(out, COHORTS, subjects=6, visits=3, overrides=TINY_STUDY)
     text = results.read_text()
-    assert "## elderly" in text and "## adolescent" in text and "`neuroar study --out" in text
+    assert "## elderly" in text and "## adolescent" in text and text.count("`neuroar study --out") == 2
     assert all((out / "results" / f"{cohort}_change.png").stat().st_size > 10_000 for cohort in COHORTS)
     models = pd.read_csv(out / "results" / "models.csv")
     elderly, adolescent = (set(models.loc[models["cohort"] == c, "model"]) for c in COHORTS)
@@ -55,3 +55,13 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
         assert path.read_bytes() == content, path
     again = json.loads((out / "elderly" / "stage_seconds.json").read_text())
     assert again["evaluation"] > seconds["evaluation"] and again["tokenizer"] >= seconds["tokenizer"]
+
+    # One cohort re-run on its own: the other cohort's results stay, in the same place.
+    run_study(out, ["adolescent"], subjects=6, visits=3, overrides=TINY_STUDY)
+    for name in ("models.csv", "brain_age.csv"):
+        assert (out / "results" / name).read_bytes() == first[out / "results" / name]
+    runs = json.loads((out / "results" / "machine.json").read_text())["cohorts"]
+    assert set(runs) == set(COHORTS) and "--cohorts elderly adolescent" in runs["elderly"]["command"]
+    assert runs["adolescent"]["command"].endswith("--cohorts adolescent --subjects 6 --visits 3 --seed 0 "
+                                                  + " ".join(TINY_STUDY))
+    assert "## elderly" in (out / "results" / "results.md").read_text()

@@ -6,8 +6,11 @@ then both cohorts' results side by side in OUT/results:
                    aging region (ventricles in the elderly, grey matter in adolescents) beside the truth's
     brain_age.csv  per cohort and training set (real; real + each model's synthetic scans: NeuroAR, LDM,
                    StarGAN): MAE and R2 over seeds (mean, std) and a paired t-test against real alone
-    machine.json   the machine and the command, and per cohort the seconds each stage took
-    results.md     both tables, with the command, seed, machine and stage times that made them
+    machine.json   per cohort: the command and machine that ran it and the seconds each stage took
+    results.md     both tables, per cohort with the command, seed, machine and stage times that made them
+
+A study may run its cohorts one invocation at a time (`--cohorts elderly`, later `--cohorts adolescent`, each
+fitting beside a working session): OUT/results keeps the rows of the cohorts an invocation did not run.
     COHORT_change.png  predicted against true change of the cohort's aging region, per model, over the test pairs
 
 Each cohort's OUT/COHORT/stage_seconds.json sums each stage's seconds over the invocations that finished the
@@ -82,34 +85,54 @@ def run_study(out_dir: str | Path = "runs/study", cohorts: Sequence[str] = tuple
 
 
 def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
+    """Write OUT/results for `cohorts` from their run folders, keeping what it holds of other cohorts (run by
+    another invocation, perhaps on another machine), so that the cohorts can be run one at a time."""
     results = out_dir / "results"
-    timings = {cohort: _stage_seconds(out_dir / cohort) for cohort in cohorts}
-    models = pd.concat([model_table(out_dir / cohort, cohort) for cohort in cohorts], ignore_index=True)
-    brain_age = pd.concat([brain_age_table(out_dir / cohort, cohort) for cohort in cohorts], ignore_index=True)
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_cores": os.cpu_count(),
+               "torch": torch.__version__, "neuroar": __version__}
+    runs = _read_json(results / "machine.json").get("cohorts", {})
+    runs |= {cohort: {"command": command, "machine": machine, "stage_seconds": _stage_seconds(out_dir / cohort)}
+             for cohort in cohorts}
+    order = [cohort for cohort in CHANGE_REGION if cohort in runs]
+    models = _merge(results / "models.csv", [model_table(out_dir / cohort, cohort) for cohort in cohorts], order)
+    brain_age = _merge(results / "brain_age.csv", [brain_age_table(out_dir / cohort, cohort) for cohort in cohorts],
+                       order)
     write_text(results / "models.csv", models.to_csv(index=False))
     write_text(results / "brain_age.csv", brain_age.to_csv(index=False))
     for cohort in cohorts:
         change_figure(out_dir / cohort, cohort).savefig(results / f"{cohort}_change.png", dpi=72)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_cores": os.cpu_count(),
-               "torch": torch.__version__, "neuroar": __version__}
-    write_json(results / "machine.json", {**machine, "command": command, "stage_seconds": timings})
-    lines = ["# neuroar study", "", f"`{command}`", "", f"Machine: {json.dumps(machine)}", ""]
-    for cohort in cohorts:
-        region = CHANGE_REGION[cohort]
-        lines += [f"## {cohort}", "", _markdown(models[models["cohort"] == cohort].drop(columns="cohort")), "",
+    write_json(results / "machine.json", {"cohorts": {cohort: runs[cohort] for cohort in order}})
+    lines = ["# neuroar study", ""]
+    for cohort in order:
+        run, region = runs[cohort], CHANGE_REGION[cohort]
+        seconds = run["stage_seconds"]
+        lines += [f"## {cohort}", "", f"`{run['command']}`", "", f"Machine: {json.dumps(run['machine'])}", "",
+                  _markdown(models[models["cohort"] == cohort].drop(columns="cohort")), "",
                   f"Change: predicted against true change of the {region.replace('_', ' ')} (mL) over the test pairs.",
                   "", _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
                   "Seconds per stage, longest first (summed over the invocations that finished the cohort; "
-                  f"{sum(timings[cohort].values()) / 60:.0f} min in all): "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(timings[cohort].items(), key=lambda kv: -kv[1])),
-                  ""]
+                  f"{sum(seconds.values()) / 60:.0f} min in all): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])), ""]
     write_text(results / "results.md", "\n".join(lines))
     return results / "results.md"
 
 
-def _stage_seconds(run_dir: Path) -> dict[str, float]:
-    path = run_dir / "stage_seconds.json"
+def _merge(path: Path, tables: list[pd.DataFrame], order: list[str]) -> pd.DataFrame:
+    """The new cohorts' rows in place of the file's rows of those cohorts; cohorts in `order`."""
+    fresh = pd.concat(tables, ignore_index=True)
+    if path.is_file():
+        kept = pd.read_csv(path)
+        fresh = pd.concat([kept[~kept["cohort"].isin(fresh["cohort"])], fresh], ignore_index=True)
+    rank = {cohort: i for i, cohort in enumerate(order)}
+    return fresh.sort_values("cohort", key=lambda c: c.map(rank), kind="stable", ignore_index=True)
+
+
+def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _stage_seconds(run_dir: Path) -> dict[str, float]:
+    return _read_json(run_dir / "stage_seconds.json")
 
 
 def model_table(run_dir: Path, cohort: str) -> pd.DataFrame:
