@@ -8,10 +8,10 @@ then both cohorts' results side by side in OUT/results:
                    StarGAN): MAE and R2 over seeds (mean, std) and a paired t-test against real alone
     machine.json   per cohort: the command and machine that ran it and the seconds each stage took
     results.md     both tables, per cohort with the command, seed, machine and stage times that made them
-
-A study may run its cohorts one invocation at a time (`--cohorts elderly`, later `--cohorts adolescent`, each
-fitting beside a working session): OUT/results keeps the rows of the cohorts an invocation did not run.
     COHORT_change.png  predicted against true change of the cohort's aging region, per model, over the test pairs
+
+A study may run its cohorts one invocation at a time (`--cohorts elderly`, later `--cohorts adolescent`, on the
+same OUT): OUT/results keeps the rows of the cohorts an invocation did not run.
 
 Each cohort's OUT/COHORT/stage_seconds.json sums each stage's seconds over the invocations that finished the
 cohort, so that re-running a finished study (which skips what is done) does not replace its cost by seconds;
