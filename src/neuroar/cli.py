@@ -127,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--samples", type=int, help="NeuroAR samples per prediction (default: the config's)")
     evaluate.add_argument("--subjects", type=int, help="only the split's first N subjects (a quicker look)")
+    evaluate.add_argument("--sweep-subjects", type=int, default=10,
+                          help="subjects whose first scan is predicted at 1-8 more years (the age sweep)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", type=Path, required=True, help="folder for tables and figures")
     evaluate.add_argument("overrides", nargs="*", metavar="sampling.KEY=VALUE",
@@ -261,7 +263,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from neuroar.evaluate.compare import evaluate_models
 
     evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed, sampling=args.overrides,
-                    subjects=args.subjects)
+                    subjects=args.subjects, sweep_subjects=args.sweep_subjects)
     print((args.out / "summary.md").read_text())
 
 
