@@ -132,3 +132,43 @@ def test_ddim_sampling_with_a_perfect_denoiser_returns_the_clean_latent(predicti
     ages = torch.tensor([70.0, 71.0])
     sampled = model.sample(torch.zeros_like(x0), ages, ages + 2, torch.Generator().manual_seed(1))
     assert torch.allclose(sampled, x0, atol=1e-4)
+
+
+def test_a_change_ldm_samples_the_earlier_latent_plus_the_change_its_denoiser_knows(monkeypatch):
+    """A perfect denoiser of the scaled change (later - earlier) * change_scale: DDIM must land on the later latent."""
+    import torch
+
+    from neuroar.models.ldm import LatentDiffusion
+
+    model = LatentDiffusion(load_config("demo", ["ldm.target=change", "ldm.ddim_steps=10"]).ldm, 2, 8)
+    model.change_scale.fill_(4.0)
+    generator = torch.Generator().manual_seed(0)
+    earlier = torch.randn(2, 2, 6, 6, 6, generator=generator)
+    later = earlier + 0.1 * torch.randn(2, 2, 6, 6, 6, generator=generator)
+    x0 = (later - earlier) * 4.0
+    alphas = model.scheduler.alphas_cumprod
+
+    def oracle(noisy, earlier_BCDHW, t_B, earlier_age, target_age):
+        a = alphas[t_B].view(-1, 1, 1, 1, 1)
+        noise = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+        return a.sqrt() * noise - (1 - a).sqrt() * x0  # the velocity, the default prediction
+
+    monkeypatch.setattr(model, "denoise", oracle)
+    ages = torch.tensor([70.0, 71.0])
+    assert torch.allclose(model.sample(earlier, ages, ages + 2, torch.Generator().manual_seed(1)), later, atol=1e-4)
+
+
+def test_a_change_ldm_keeps_the_scale_of_its_training_changes_with_its_weights(run_dir):
+    from neuroar.data.latents import load_latents
+    from neuroar.data.pairs import token_pairs
+
+    config = load_config(run_dir / "config.yaml", settings("ldm", 2, "ldm.target=change"))
+    train_baseline(run_dir, config, "ldm", progress=False)
+    latents, scale, scans = load_latents(run_dir)
+    pairs = token_pairs(run_dir, scans, "train")
+    later, earlier = (latents[pairs[f"{which}_index"].to_numpy(copy=True)] for which in ("later", "earlier"))
+    change = (later - earlier) * scale
+    saved = load_file(weights_path(model_checkpoint(run_dir, "ldm")))
+    assert saved["model.change_scale"].item() == pytest.approx(1 / change.std().item(), rel=1e-5)
+    predictor = Predictor.from_checkpoint(run_dir / "ldm")
+    assert predictor.model.change_scale.item() == pytest.approx(1 / change.std().item(), rel=1e-5)

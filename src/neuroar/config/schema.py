@@ -233,6 +233,8 @@ class LDMConfig:
     timesteps: int = 1000
     # What the U-Net predicts: the velocity (well conditioned at every noise level), the noise, or the latent.
     prediction: Literal["v_prediction", "epsilon", "sample"] = "v_prediction"
+    # What is diffused: the follow-up latent, or its change from the earlier one (models/ldm.py).
+    target: Literal["later", "change"] = "later"
     ddim_steps: int = 50  # sampling steps; a prediction costs this many U-Net passes
 
     def check(self, key: str, fail: Fail) -> None:

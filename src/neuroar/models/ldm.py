@@ -1,7 +1,11 @@
 """The latent diffusion baseline: MONAI's DiffusionModelUNet denoises the follow-up latent (by default it
 predicts the velocity), given the earlier scan's latent (concatenated channels) and both ages
 (cross-attention to three age tokens: earlier age, target age, years between). DDPM noise schedule for
-training, DDIM for sampling; the latent grid is zero-padded to what the U-Net's levels can halve."""
+training, DDIM for sampling; the latent grid is zero-padded to what the U-Net's levels can halve.
+
+With `ldm.target: change` it diffuses the follow-up's change from the earlier latent instead, scaled to unit
+variance over the training pairs (`change_scale`, kept with the weights): a sampler that has learnt little
+then stays near the earlier latent, where one of the follow-up itself starts from noise."""
 
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ class LatentDiffusion(nn.Module):
         self.scheduler = DDIMScheduler(num_train_timesteps=config.timesteps, schedule="scaled_linear_beta",
                                        beta_start=0.0015, beta_end=0.0195, clip_sample=True,
                                        clip_sample_min=-5.0, clip_sample_max=5.0, prediction_type=config.prediction)
+        if config.target == "change":  # set by training; absent otherwise, so models of the follow-up load as before
+            self.register_buffer("change_scale", torch.ones(()))
 
     def denoise(self, noisy_BCDHW: torch.Tensor, earlier_BCDHW: torch.Tensor, t_B: torch.Tensor,
                 earlier_age_B: torch.Tensor, target_age_B: torch.Tensor) -> torch.Tensor:
@@ -48,9 +54,10 @@ class LatentDiffusion(nn.Module):
                 target_age_B: torch.Tensor, noise_BCDHW: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
         """The training loss at timesteps `t_B`: mean squared error of the predicted noise, clean latent or
         velocity (`ldm.prediction`)."""
-        noisy = self.scheduler.add_noise(later_BCDHW, noise_BCDHW, t_B)
-        target = {"epsilon": noise_BCDHW, "sample": later_BCDHW,
-                  "v_prediction": self.scheduler.get_velocity(later_BCDHW, noise_BCDHW, t_B)}[self.config.prediction]
+        clean = (later_BCDHW - earlier_BCDHW) * self.change_scale if self.config.target == "change" else later_BCDHW
+        noisy = self.scheduler.add_noise(clean, noise_BCDHW, t_B)
+        target = {"epsilon": noise_BCDHW, "sample": clean,
+                  "v_prediction": self.scheduler.get_velocity(clean, noise_BCDHW, t_B)}[self.config.prediction]
         return F.mse_loss(self.denoise(noisy, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float(), target)
 
     @torch.no_grad()
@@ -63,4 +70,4 @@ class LatentDiffusion(nn.Module):
             t_B = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
             prediction = self.denoise(x, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float()
             x, _ = self.scheduler.step(prediction, int(t), x)
-        return x
+        return earlier_BCDHW + x / self.change_scale if self.config.target == "change" else x

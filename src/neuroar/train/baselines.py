@@ -1,6 +1,6 @@
 """Training the baselines the paper compares against, in the latent space of one AutoencoderKL per run:
 
-- `ldm`: a latent diffusion model (models/ldm.py), noise-prediction MSE on the follow-up latent;
+- `ldm`: a latent diffusion model (models/ldm.py), denoising MSE on the follow-up latent or its change;
 - `stargan`: a latent StarGAN (models/stargan.py): least-squares adversarial loss, the discriminator's age
   head (trained on real latents, applied to generated ones), cycle consistency back to the earlier age and
   identity at the earlier age.
@@ -51,6 +51,10 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
     torch.manual_seed(config.seed)
     modules = {k: m.to(device) for k, m in build_baseline(kind, config, float(train_pairs["later_age"].mean())
                                                           ).items()}
+    if kind == "ldm" and config.ldm.target == "change":  # a resumed run loads the same value with its weights
+        change_NCDHW = (latents_NCDHW[train_pairs["later_index"].to_numpy(copy=True)]
+                        - latents_NCDHW[train_pairs["earlier_index"].to_numpy(copy=True)])
+        modules["model"].change_scale.fill_(1 / change_NCDHW.std().item())
     betas = (0.5, 0.999) if kind == "stargan" else (0.9, 0.999)
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=settings.lr, betas=betas) for k, m in modules.items()}
     checkpoint = model_checkpoint(run_dir, kind)
