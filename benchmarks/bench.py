@@ -73,8 +73,8 @@ def case_tokenizer(config_name: str, repeats: int) -> dict:
     x = torch.rand(1, 1, *config.data.shape, device=_device())
     before = _rss_mb()
     with torch.no_grad():
-        tokens = model.tokenize(x)
-        encode = _timed(lambda: model.tokenize(x), repeats)
+        tokens = model.encode_scan(x)
+        encode = _timed(lambda: model.encode_scan(x), repeats)
         decode = _timed(lambda: model.decode_tokens(tokens), repeats)
     return {"shape": list(config.data.shape), "encode_volumes_per_s": 1 / encode, "decode_volumes_per_s": 1 / decode,
             "peak_mb": _peak_mb(before)}
@@ -184,7 +184,7 @@ def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     volumes = torch.rand(2 * batch, 1, *config.data.shape, device=_device())
     with torch.no_grad():
-        cached_tokens = tokenizer.tokenize(volumes)
+        cached_tokens = tokenizer.encode_scan(volumes)
 
     def step(tokens):
         later, earlier = [t[:batch] for t in tokens], [t[batch:] for t in tokens]
@@ -201,7 +201,7 @@ def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
 
     def on_the_fly():
         with torch.no_grad():
-            tokens = tokenizer.tokenize(volumes)
+            tokens = tokenizer.encode_scan(volumes)
         step(tokens)
 
     before = _rss_mb()

@@ -121,7 +121,7 @@ def _measure(model, held_out: pd.DataFrame, brain: np.ndarray, tokens: bool) -> 
         psnr = [masked_psnr(model.decode(model.features(x)).clamp(0, 1)[0, 0].numpy(), x[0, 0].numpy(), brain)
                 for x in volumes]
         return {"psnr_brain": float(np.mean(psnr))}
-    token_maps = [model.tokenize(x) for x in volumes]
+    token_maps = [model.encode_scan(x) for x in volumes]
     psnr = [masked_psnr(model.decode_tokens(t).clamp(0, 1)[0, 0].numpy(), x[0, 0].numpy(), brain)
             for x, t in zip(volumes, token_maps)]
     use = pd.DataFrame([model.quantizer.usage_stats(t) for t in token_maps]).mean()

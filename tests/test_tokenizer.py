@@ -160,7 +160,7 @@ def test_tokenizer_shapes_and_token_roundtrip():
     x = torch.rand(2, 1, 16, 16, 16)
     reconstruction, vq_loss, stats = model(x)
     assert reconstruction.shape == x.shape and vq_loss.ndim == 0 and "scale2_perplexity" in stats
-    tokens = model.tokenize(x)
+    tokens = model.encode_scan(x)
     assert [tuple(t.shape[1:]) for t in tokens] == [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
     assert torch.allclose(model.decode_tokens(tokens), reconstruction, atol=1e-5)
 

@@ -76,7 +76,7 @@ def test_training_scans_are_cached_mirrored_left_right_and_join_training(run_dir
     tokenizer = load_tokenizer(run_dir, config)
     for i in (0, len(train) - 1):  # independently: the volume reversed along its left-right (first) axis
         volume = np.ascontiguousarray(load_preprocessed(train["preprocessed"][i])[0][::-1])
-        expected = tokenizer.tokenize(torch.from_numpy(volume)[None, None])
+        expected = tokenizer.encode_scan(torch.from_numpy(volume)[None, None])
         assert all(torch.equal(m[i], e[0]) for m, e in zip(mirrored_tokens, expected))
     # Training sees the run's pairs and the same pairs mirrored; without `mirror`, only the run's.
     import neuroar.train.transformer as trainer
@@ -273,7 +273,7 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     @torch.no_grad()
     def decoded(volume_DHW):
         x = torch.from_numpy(volume_DHW)[None, None]
-        return tokenizer.decode(tokenizer.quantizer.tokens_to_fhat(tokenizer.tokenize(x)))[0, 0].clamp(0, 1).numpy()
+        return tokenizer.decode(tokenizer.quantizer.tokens_to_fhat(tokenizer.encode_scan(x)))[0, 0].clamp(0, 1).numpy()
 
     oracle = np.clip(earlier_DHW + decoded(later_DHW) - decoded(earlier_DHW), 0, 1)
     row = per_pair[(per_pair["model"] == "tokenizer-oracle") & (per_pair["earlier_age"] == val["earlier_age"])]

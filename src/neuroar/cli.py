@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train-tokenizer", help="train (or resume) the MS-VQVAE of a preprocessed run")
     _add_run(train, "run folder made by `neuroar preprocess`")
     train.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
+    train.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     train.set_defaults(handler=_train_tokenizer)
 
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     train_ar.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
     train_ar.add_argument("--name", default="neuroar", help="model folder inside the run, e.g. for an ablation "
                                                             "(default: neuroar)")
+    train_ar.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
     train_ar.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     train_ar.set_defaults(handler=_train_ar)
 
@@ -99,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     baseline.add_argument("kind", choices=["ldm", "stargan"])
     _add_run(baseline, "run folder made by `neuroar preprocess`")
     baseline.add_argument("--config", type=Path, help="config file (default: the run's config.yaml)")
+    baseline.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
     baseline.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     baseline.set_defaults(handler=_train_baseline)
 
@@ -169,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--quick", action="store_true", help="a smaller cohort, for a first look")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     demo.set_defaults(handler=_demo)
 
@@ -178,9 +182,14 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--subjects", type=int, default=150, help="per cohort")
     study.add_argument("--visits", type=int, default=4)
     study.add_argument("--seed", type=int, default=0)
+    study.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
     study.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     study.set_defaults(handler=_study)
     return parser
+
+
+RETRAIN_HELP = ("set aside (RUN/NAME.replaced-TIME) models trained on other data than the run now holds "
+                "(scans, split, pairs) and train anew; without it they are refused")
 
 
 def _add_run(parser: argparse.ArgumentParser, help: str = "run folder", required: bool = True) -> None:
@@ -220,7 +229,7 @@ def _run_config(run: Path, config_path: Path | None, overrides: list[str]):
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from neuroar.train.tokenizer import train_tokenizer
 
-    metrics = train_tokenizer(args.run, _run_config(args.run, args.config, args.overrides))
+    metrics = train_tokenizer(args.run, _run_config(args.run, args.config, args.overrides), retrain=args.retrain)
     print("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
@@ -240,14 +249,16 @@ def _decode(args: argparse.Namespace) -> None:
 def _train_ar(args: argparse.Namespace) -> None:
     from neuroar.train.transformer import train_transformer
 
-    metrics = train_transformer(args.run, _run_config(args.run, args.config, args.overrides), name=args.name)
+    metrics = train_transformer(args.run, _run_config(args.run, args.config, args.overrides), name=args.name,
+                                retrain=args.retrain)
     print("validation (teacher forced): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
 def _train_baseline(args: argparse.Namespace) -> None:
     from neuroar.train.baselines import train_baseline
 
-    metrics = train_baseline(args.run, _run_config(args.run, args.config, args.overrides), args.kind)
+    metrics = train_baseline(args.run, _run_config(args.run, args.config, args.overrides), args.kind,
+                             retrain=args.retrain)
     print("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
@@ -307,13 +318,14 @@ def _show_config(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from neuroar.pipeline import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, overrides=args.overrides)
+    run_demo(args.out, quick=args.quick, seed=args.seed, overrides=args.overrides, retrain=args.retrain)
 
 
 def _study(args: argparse.Namespace) -> None:
     from neuroar.study import run_study
 
-    print(run_study(args.out, args.cohorts, args.subjects, args.visits, args.seed, args.overrides).read_text())
+    print(run_study(args.out, args.cohorts, args.subjects, args.visits, args.seed, args.overrides,
+                    args.retrain).read_text())
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def init() -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world == 1:
-        return Context(device=torch.device("cuda" if cuda else "cpu"))
+        return Context(device=default_device())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
@@ -89,11 +89,28 @@ def init() -> Context:
     return Context(dist.get_rank(), world, torch.device("cuda", local) if cuda else torch.device("cpu"))
 
 
+def default_device() -> torch.device:
+    """Where a single process computes: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def autocast(device: torch.device):
     """bfloat16 autocast on CUDA (training, and encoding scans as training did); full precision on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def full_precision(device: torch.device):
+    """float32 without autocast or TF32, deterministic cuDNN kernels: for work whose numbers decide discrete
+    choices (a scan's tokens), so that they depend as little on the device as kernels allow."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cuda", enabled=False))
+    stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                                   allow_tf32=False))
+    return stack
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from neuroar.config import Config, load_config, save_config
+from neuroar.data.fingerprint import data_fingerprint
 from neuroar.data.manifest import assign_splits, write_manifest
 from neuroar.data.pairs import longitudinal_pairs
 from neuroar.data.preprocess import load_preprocessed, preprocess_scans
@@ -73,14 +74,15 @@ QUICK = ["train_tokenizer.steps=300", "train_tokenizer.val_every=300", "train_tr
          "train_stargan.steps=20", "ldm.ddim_steps=10", "brain_age.seeds=2", "brain_age.steps=20"]
 
 
-def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overrides: Sequence[str] = ()
-             ) -> Path:
+def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overrides: Sequence[str] = (),
+             retrain: bool = False) -> Path:
     """Synthetic cohort -> preprocessing -> tokenizer -> tokens -> NeuroAR -> autoencoder -> LDM -> StarGAN ->
-    evaluation -> brain age -> report and summary (`run_cohort`), on the demo's cohort and config."""
+    evaluation -> brain age -> report and summary (`run_cohort`), on the demo's cohort and config. Models in
+    `out_dir` trained on other data are refused, or with `retrain` set aside and trained anew."""
     out_dir = Path(out_dir)
     config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}", *(QUICK if quick else []),
                                   *overrides])
-    dataset, timings = run_cohort(out_dir, config, demo_cohort_options(quick, seed))
+    dataset, timings = run_cohort(out_dir, config, demo_cohort_options(quick, seed), retrain=retrain)
     report = _demo_summary(dataset, out_dir / "cohort", out_dir, timings)
     write_text(out_dir / "summary.md", report)
     print(report)
@@ -88,7 +90,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
 
 
 def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: dict[str, Sequence[str]] | None = None,
-               brain_age_baselines: bool = False) -> tuple[Dataset, dict[str, float]]:
+               brain_age_baselines: bool = False, retrain: bool = False) -> tuple[Dataset, dict[str, float]]:
     """Every stage on a synthetic cohort into one run folder: the cohort (OUT/cohort), preprocessing, tokenizer,
     tokens, NeuroAR, each of `variants` (more NeuroAR models on the same tokens, name -> config overrides, e.g.
     an ablation), autoencoder and latents, LDM, latent StarGAN, the evaluation of all of them, the brain-age
@@ -97,7 +99,9 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
 
     Every stage resumes: the cohort is kept when its options did not change, preprocessing, tokens and
     latents are cached by content, training continues from its last checkpoint (a finished run is not
-    retrained), and the evaluation and brain-age experiment are skipped while their models are unchanged."""
+    retrained), and the evaluation and brain-age experiment are skipped while their models and data are
+    unchanged. A model trained on other data (scans, split, pairs) is refused, or with `retrain` set aside
+    and trained anew."""
     from neuroar.config import config_from_dict
     from neuroar.data.latents import encode_run
     from neuroar.data.tokens import tokenize_run
@@ -128,15 +132,16 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
     stage("synthetic cohort", cohort)
     dataset = stage("validate, split, preprocess", lambda: prepare_dataset(cohort_dir / "manifest.csv", config,
                                                                           out_dir))
-    stage("tokenizer", lambda: train_tokenizer(out_dir, config))
+    stage("tokenizer", lambda: train_tokenizer(out_dir, config, retrain=retrain))
     stage("tokens", lambda: tokenize_run(out_dir, config))
-    stage("NeuroAR", lambda: train_transformer(out_dir, config))
+    stage("NeuroAR", lambda: train_transformer(out_dir, config, retrain=retrain))
     for name, overrides in variants.items():
         variant = config_from_dict(config.to_dict(), f"variant {name}", overrides)
-        stage(f"NeuroAR {name}", functools.partial(train_transformer, out_dir, variant, name=name))
-    stage("autoencoder and latents", lambda: (train_autoencoder(out_dir, config), encode_run(out_dir, config)))
-    stage("LDM", lambda: train_baseline(out_dir, config, "ldm"))
-    stage("latent StarGAN", lambda: train_baseline(out_dir, config, "stargan"))
+        stage(f"NeuroAR {name}", functools.partial(train_transformer, out_dir, variant, name=name, retrain=retrain))
+    stage("autoencoder and latents", lambda: (train_autoencoder(out_dir, config, retrain=retrain),
+                                              encode_run(out_dir, config)))
+    stage("LDM", lambda: train_baseline(out_dir, config, "ldm", retrain=retrain))
+    stage("latent StarGAN", lambda: train_baseline(out_dir, config, "stargan", retrain=retrain))
     stage("evaluation", lambda: evaluate_run(out_dir, config.seed, list(variants)))
     stage("brain age", lambda: brain_age_run(out_dir, config, brain_age_baselines))
     stage("report", lambda: print(f"report: {build_report(out_dir, seed=config.seed)}"))
@@ -155,10 +160,11 @@ def evaluate_run(run_dir: Path, seed: int = 0, variants: Sequence[str] = ()) -> 
     split = "test" if (pairs["split"] == "test").any() else "val"
     models = [run_dir, *(run_dir / name for name in variants),
               *(run_dir / kind for kind in BASELINES if (run_dir / kind / "last.json").is_file())]
-    if _up_to_date(out, {"split": split, "seed": seed, "models": _checkpoints(run_dir, models)}):
+    inputs = {"split": split, "seed": seed, "data": data_fingerprint(run_dir), "models": _checkpoints(run_dir, models)}
+    if _up_to_date(out, inputs):
         return out
     evaluate_models([str(m) for m in models], out, split=split, seed=seed)
-    _stamp(out, {"split": split, "seed": seed, "models": _checkpoints(run_dir, models)})
+    _stamp(out, inputs)
     return out
 
 
@@ -171,7 +177,8 @@ def brain_age_run(run_dir: Path, config: Config, baselines: bool = False) -> Pat
     out = run_dir / "brain_age"
     models = [run_dir, *(run_dir / kind for kind in BASELINES
                          if baselines and (run_dir / kind / "last.json").is_file())]
-    inputs = {"brain_age": asdict(config.brain_age), "models": _checkpoints(run_dir, models)}
+    inputs = {"brain_age": asdict(config.brain_age), "data": data_fingerprint(run_dir),
+              "models": _checkpoints(run_dir, models)}
     if not _up_to_date(out, inputs):
         run_brain_age(run_dir, config, models, out_dir=out)
         _stamp(out, inputs)

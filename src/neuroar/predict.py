@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuroar import distributed
 from neuroar.checkpoint import load_checkpoint, read_meta, weights_path
 from neuroar.config import Config, config_from_dict
 from neuroar.data.latents import autoencoder_sha256
@@ -73,7 +74,7 @@ class Predictor:
             raise NeuroARError("only sampling.*, ldm.ddim_steps, data.raw and data.register can change at prediction "
                                f"time, not {', '.join(wrong)}.")
         config = config_from_dict(meta["config"], str(stem.with_suffix(".json")), sampling)
-        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(device) if device else distributed.default_device()
         if kind == MODEL_NAME:
             return NeuroARPredictor.load(run_dir, stem, meta, config, device)
         return LatentPredictor.load(run_dir, stem, meta, config, device)
@@ -147,8 +148,8 @@ class NeuroARPredictor(Predictor):
 
     def decoded_samples(self, x, age, target_ages, samples, generator, diagnosis=None):
         diagnosis_S = self.model.diagnosis_ids([diagnosis]).to(self.device).expand(samples)
-        earlier_tokens = self.tokenizer.tokenize(x)
-        earlier_decoded = self.tokenizer.decode_tokens(earlier_tokens)[0, 0].clamp(0, 1).cpu().numpy()
+        earlier_tokens = self.tokenizer.encode_scan(x)
+        earlier_decoded = self.tokenizer.decode_scan(earlier_tokens)[0]
         earlier_tokens = [t.expand(samples, -1, -1, -1) for t in earlier_tokens]
         per_age = []
         for target_age in target_ages:
@@ -190,7 +191,7 @@ class LatentPredictor(Predictor):
     def decoded_samples(self, x, age, target_ages, samples, generator, diagnosis=None):
         if self.kind == "stargan":
             samples = 1  # deterministic: every sample would be this one
-        latent = self.autoencoder.encode(x)[0]
+        latent = self.autoencoder.encode_scan(x)
         earlier_decoded = self.autoencoder.decode(latent)[0, 0].clamp(0, 1).cpu().numpy()
         latent_S = (latent * self.latent_scale).expand(samples, -1, -1, -1, -1)
         per_age = []

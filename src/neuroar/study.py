@@ -68,14 +68,16 @@ def variants(cohort: str) -> dict[str, list[str]]:
 
 
 def run_study(out_dir: str | Path = "runs/study", cohorts: Sequence[str] = tuple(CHANGE_REGION), subjects: int = 150,
-              visits: int = 4, seed: int = 0, overrides: Sequence[str] = ()) -> Path:
-    """Run every cohort, then write OUT/results; returns OUT/results/results.md."""
+              visits: int = 4, seed: int = 0, overrides: Sequence[str] = (), retrain: bool = False) -> Path:
+    """Run every cohort, then write OUT/results; returns OUT/results/results.md. Models trained on other data
+    are refused, or with `retrain` set aside and trained anew."""
     out_dir = Path(out_dir)
     for cohort in cohorts:
         run_dir = out_dir / cohort
         config = load_config("demo", [f"seed={seed}", f"data.cache_dir={run_dir / 'cache'}", *STUDY, *overrides])
         options = SynthOptions(subjects=subjects, visits=visits, cohort=cohort, seed=seed)
-        _, timings = run_cohort(run_dir, config, options, variants(cohort), brain_age_baselines=True)
+        _, timings = run_cohort(run_dir, config, options, variants(cohort), brain_age_baselines=True,
+                                 retrain=retrain)
         # Summed over the invocations that finished the cohort: a re-run that skips finished stages adds seconds.
         spent = _stage_seconds(run_dir)
         write_json(run_dir / "stage_seconds.json", {k: spent.get(k, 0.0) + v for k, v in timings.items()})

@@ -3,7 +3,8 @@ trained AutoencoderKL, for the LDM and latent StarGAN baselines.
 
 RUN/latents/KEY.safetensors ("latents": (N, C, d, h, w) float32) beside a JSON file with the scans in order
 and the latent scale factor (1 / standard deviation of the training scans' latents, which brings them to
-unit variance for diffusion). KEY hashes the autoencoder's weights and the scans.
+unit variance for diffusion). KEY hashes the autoencoder's weights and the run's scans and split (the scale
+factor comes from the training scans). An autoencoder trained on other scans or another split is refused.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from neuroar.checkpoint import weights_path
+from neuroar import distributed
+from neuroar.checkpoint import read_meta, weights_path
 from neuroar.config import Config
+from neuroar.data.fingerprint import check_fingerprint, scan_fingerprint
 from neuroar.data.preprocess import load_preprocessed
 from neuroar.data.tokens import SCAN_COLUMNS
 from neuroar.errors import NeuroARError
@@ -29,14 +32,13 @@ def encode_run(run_dir: str | Path, config: Config, progress: bool = True) -> Pa
     """Encode every scan of the run (once) and return the latent file."""
     run_dir = Path(run_dir)
     scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
-    path = _latent_path(run_dir, scans)
+    path = latent_path(run_dir)
     if path.with_suffix(".json").is_file():
         return path
-    model = load_autoencoder(run_dir, config)
-    latents = []
-    with torch.no_grad():
-        for preprocessed in Progress(scans["preprocessed"], desc="latents", unit="scan", enabled=progress):
-            latents.append(model.encode(torch.from_numpy(load_preprocessed(preprocessed)[0])[None, None])[0][0])
+    check_autoencoder(run_dir)
+    model = load_autoencoder(run_dir, config).to(distributed.default_device())
+    latents = [model.encode_scan(load_preprocessed(preprocessed)[0])[0].cpu()
+               for preprocessed in Progress(scans["preprocessed"], desc="latents", unit="scan", enabled=progress)]
     latents_NCDHW = torch.stack(latents)
     scale = 1.0 / float(latents_NCDHW[torch.tensor((scans["split"] == "train").to_numpy())].std())
     with atomic_path(path) as tmp:
@@ -49,9 +51,9 @@ def encode_run(run_dir: str | Path, config: Config, progress: bool = True) -> Pa
 def load_latents(run_dir: str | Path) -> tuple[torch.Tensor, float, pd.DataFrame]:
     """Unscaled latents (N, C, d, h, w), the latent scale factor, and the table of the N scans."""
     run_dir = Path(run_dir)
-    scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
-    path = _latent_path(run_dir, scans)
+    path = latent_path(run_dir)
     if not path.with_suffix(".json").is_file():
+        check_autoencoder(run_dir)
         raise NeuroARError(f"no latents for the current autoencoder and scans of {run_dir}; run "
                            f"`neuroar train-baseline ldm --run {run_dir}` (it encodes them).")
     meta = json.loads(path.with_suffix(".json").read_text())
@@ -65,6 +67,17 @@ def autoencoder_sha256(run_dir: str | Path) -> str:
     return sha256_file(weights_path(checkpoint))
 
 
-def _latent_path(run_dir: Path, scans: pd.DataFrame) -> Path:
-    key = sha256_json({"weights": autoencoder_sha256(run_dir), "scans": list(scans["preprocessed"])})
+def check_autoencoder(run_dir: Path) -> None:
+    """Refuse an autoencoder trained on other scans or another split than the run holds now."""
+    check_fingerprint(f"the autoencoder {autoencoder_checkpoint(run_dir)}",
+                      read_meta(autoencoder_checkpoint(run_dir)).get("data"), scan_fingerprint(run_dir),
+                      f"Re-train it: `neuroar train-baseline ldm --run {run_dir} --retrain`.")
+
+
+def latent_path(run_dir: str | Path) -> Path:
+    """The run's latent file for its current autoencoder, scans and split (its stem is the latents' fingerprint)."""
+    run_dir = Path(run_dir)
+    scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
+    key = sha256_json({"weights": autoencoder_sha256(run_dir), "scans": list(scans["preprocessed"]),
+                       "split": scan_fingerprint(run_dir)["split"]})
     return run_dir / "latents" / f"{key[:16]}.safetensors"

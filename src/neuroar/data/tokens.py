@@ -4,8 +4,9 @@ way, and doubles the anatomies it learns from).
 
 One safetensors file per dataset (RUN/tokens/KEY.safetensors: "scale0".."scaleK-1", each (N, d, h, w)
 int16, and "mirrored_scale0".. for the M training scans) beside a JSON file listing the scans in order. KEY
-hashes the tokenizer's weights and the scans, so re-running after either changed writes a new file and
-re-running unchanged does nothing.
+hashes the tokenizer's weights and the run's scans and split, so re-running after any of them changed writes a
+new file and re-running unchanged does nothing. A tokenizer trained on other scans or another split (whose
+training subjects may now be test subjects) is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neuroar import distributed
-from neuroar.checkpoint import weights_path
+from neuroar.checkpoint import read_meta, weights_path
 from neuroar.config import Config
+from neuroar.data.fingerprint import check_fingerprint, scan_fingerprint
 from neuroar.data.nifti import write_volume
 from neuroar.data.preprocess import load_preprocessed, to_input_space
 from neuroar.errors import NeuroARError
@@ -35,23 +37,19 @@ def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> 
     """Encode every scan of the run (once) and return the token file."""
     run_dir = Path(run_dir)
     scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
-    path = _token_path(run_dir, scans)
+    path = token_path(run_dir)
     if path.with_suffix(".json").is_file():
         return path
-    # On the device and in the precision the tokenizer trained in, so the cache holds the tokens the decoder
-    # learned from.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_tokenizer(run_dir, config).to(device)
+    check_tokenizer(run_dir)
+    model = load_tokenizer(run_dir, config).to(distributed.default_device())
     train = scans[scans["split"] == "train"]
     jobs = [(p, False) for p in scans["preprocessed"]] + [(p, True) for p in train["preprocessed"]]
     per_scale: dict[bool, list[list[torch.Tensor]]] = {m: [[] for _ in config.tokenizer.scales] for m in (False, True)}
     for preprocessed, mirrored in Progress(jobs, desc="tokenize", unit="scan", enabled=progress):
-        volume = torch.from_numpy(load_preprocessed(preprocessed)[0])[None, None].to(device)
+        volume_DHW = load_preprocessed(preprocessed)[0]
         if mirrored:
-            volume = volume.flip(2)  # the preprocessed grid is RAS: its first axis runs left to right
-        with distributed.autocast(device):
-            tokens = model.tokenize(volume)
-        for k, idx in enumerate(tokens):
+            volume_DHW = volume_DHW[::-1]  # the preprocessed grid is RAS: its first axis runs left to right
+        for k, idx in enumerate(model.encode_scan(volume_DHW)):
             per_scale[mirrored][k].append(idx[0].to(torch.int16).cpu())
     tensors = {f"{'mirrored_' if mirrored else ''}scale{k}": torch.stack(maps)
                for mirrored, scales in per_scale.items() for k, maps in enumerate(scales) if maps}
@@ -67,9 +65,9 @@ def load_tokens(run_dir: str | Path, mirrored: bool = False) -> tuple[list[torch
     """Token maps per scale, (N, d, h, w) int64, and the table of the N scans they belong to: the run's scans,
     or with `mirrored` its training scans mirrored left-right."""
     run_dir = Path(run_dir)
-    scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
-    path = _token_path(run_dir, scans)
+    path = token_path(run_dir)
     if not path.with_suffix(".json").is_file():
+        check_tokenizer(run_dir)
         raise NeuroARError(f"no tokens for the current tokenizer and scans of {run_dir}; run "
                            f"`neuroar tokenize --run {run_dir}`.")
     tensors = load_file(str(path))
@@ -87,8 +85,7 @@ def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id
     if not match.any():
         raise NeuroARError(f"no scan of subject {subject_id!r}, session {session_id!r} in {run_dir}/scans.csv.")
     index = int(match.to_numpy().nonzero()[0][0])
-    model = load_tokenizer(run_dir, config)
-    volume = model.decode_tokens([t[index:index + 1] for t in tokens])[0, 0].clamp(0, 1).numpy()
+    volume = load_tokenizer(run_dir, config).decode_scan([t[index:index + 1] for t in tokens])[0]
     _, record = load_preprocessed(scans["preprocessed"].iloc[index])
     return to_input_space(volume, record)
 
@@ -104,11 +101,22 @@ def write_decoded_scan(run_dir: str | Path, config: Config, subject_id: str, ses
     return Path(out)
 
 
-def _token_path(run_dir: Path, scans: pd.DataFrame) -> Path:
+def check_tokenizer(run_dir: Path) -> None:
+    """Refuse a tokenizer trained on other scans or another split than the run holds now."""
+    check_fingerprint(f"the tokenizer {tokenizer_checkpoint(run_dir)}",
+                      read_meta(tokenizer_checkpoint(run_dir)).get("data"), scan_fingerprint(run_dir),
+                      f"Re-train it: `neuroar train-tokenizer --run {run_dir} --retrain`.")
+
+
+def token_path(run_dir: str | Path) -> Path:
+    """The run's token file for its current tokenizer, scans and split (its stem is the tokens' fingerprint)."""
+    run_dir = Path(run_dir)
     checkpoint = tokenizer_checkpoint(run_dir)
     if not checkpoint.with_suffix(".json").is_file():
         raise NeuroARError(f"no trained tokenizer in {run_dir}; run `neuroar train-tokenizer --run {run_dir}`.")
-    weights = weights_path(checkpoint)
-    # "mirrored": the file also holds the training scans mirrored (older files without them get a new key).
-    key = sha256_json({"weights": sha256_file(weights), "scans": list(scans["preprocessed"]), "mirrored": "train"})
+    scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False)
+    # "mirrored": the file also holds the training scans mirrored; "split": which scans those are.
+    key = sha256_json({"weights": sha256_file(weights_path(checkpoint)), "scans": list(scans["preprocessed"]),
+                       "mirrored": "train", "split": scan_fingerprint(run_dir)["split"]})
     return run_dir / "tokens" / f"{key[:16]}.safetensors"
+

@@ -6,10 +6,12 @@ no convolution runs at full resolution (the same speed-up, for a fair comparison
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from monai.networks.nets import AutoencoderKL
 
 from neuroar.config import AutoencoderConfig
+from neuroar.distributed import full_precision
 from neuroar.models.patches import channels_to_space, space_to_channels
 
 
@@ -25,6 +27,16 @@ class PatchAutoencoderKL(AutoencoderKL):
 
     def decode(self, z_BCdhw: torch.Tensor) -> torch.Tensor:
         return channels_to_space(super().decode(z_BCdhw), self.patch)
+
+    @torch.no_grad()
+    def encode_scan(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A scan's latent (the posterior mean), (B, C, d, h, w) on this model's device: the one way the latent
+        cache and the baselines' predictions encode. `volume` is (D, H, W) or (B, 1, D, H, W); float32 whatever
+        the caller's autocast, as the tokenizer's `encode_scan`."""
+        x = torch.as_tensor(np.ascontiguousarray(volume) if isinstance(volume, np.ndarray) else volume)
+        x_B1DHW = (x[None, None] if x.dim() == 3 else x).to(next(self.parameters()).device, torch.float32)
+        with full_precision(x_B1DHW.device):
+            return self.encode(x_B1DHW)[0]
 
 
 def build_autoencoder(config: AutoencoderConfig) -> PatchAutoencoderKL:

@@ -9,11 +9,13 @@ the convolutions never run at full resolution, where they cost most of a step on
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from torch import nn
 
 from neuroar.config import TokenizerConfig
+from neuroar.distributed import full_precision
 from neuroar.models.patches import channels_to_space, space_to_channels
 from neuroar.models.quantizer import MultiScaleQuantizer
 
@@ -45,8 +47,26 @@ class MSVQVAE(nn.Module):
         return self.decode(f_hat), vq_loss, stats
 
     @torch.no_grad()
-    def tokenize(self, x_B1DHW: torch.Tensor) -> list[torch.Tensor]:
-        return self.quantizer.encode(self.features(x_B1DHW))
+    def encode_scan(self, volume: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+        """A scan's token maps, each (B, d, h, w) on this model's device: the one way the token cache,
+        prediction, tokenizer-copy, the oracle and "+detail" encode. `volume` is (D, H, W) or (B, 1, D, H, W).
+        Always in float32 without TF32, whatever autocast the caller is under, so that the same scan gives the
+        same tokens on every path and as nearly as kernels allow on every device (scripts/gpu-check measures it)."""
+        x = torch.as_tensor(np.ascontiguousarray(volume) if isinstance(volume, np.ndarray) else volume)
+        x_B1DHW = (x[None, None] if x.dim() == 3 else x).to(self._device, torch.float32)
+        with full_precision(x_B1DHW.device):
+            return self.quantizer.encode(self.features(x_B1DHW))
+
+    @torch.no_grad()
+    def decode_scan(self, tokens: list[torch.Tensor]) -> np.ndarray:
+        """Token maps decoded to volumes (B, D, H, W) in [0, 1], float32, on the CPU (the counterpart of
+        `encode_scan`)."""
+        with full_precision(tokens[0].device):
+            return self.decode_tokens(tokens)[:, 0].float().clamp(0, 1).cpu().numpy()
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def decode(self, f_hat_BCdhw: torch.Tensor) -> torch.Tensor:
         return channels_to_space(self.decoder(self.post_quant_conv(f_hat_BCdhw)), self.patch)
@@ -54,4 +74,5 @@ class MSVQVAE(nn.Module):
     @torch.no_grad()
     def decode_tokens(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         return self.decode(self.quantizer.tokens_to_fhat(tokens))
+
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from neuroar import distributed
 from neuroar.config import Config
+from neuroar.data.fingerprint import scan_fingerprint
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.metrics import masked_psnr
 from neuroar.models.autoencoder import PatchAutoencoderKL, build_autoencoder
@@ -25,8 +26,10 @@ from neuroar.runs import autoencoder_checkpoint
 from neuroar.train.loop import batch_indices, run_steps, split_scan_paths, volume_batch
 
 
-def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
-    """Train (or resume) the autoencoder of a preprocessed run; returns its held-out reconstruction metrics."""
+def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True, retrain: bool = False
+                      ) -> dict[str, float]:
+    """Train (or resume) the autoencoder of a preprocessed run; returns its held-out reconstruction metrics.
+    A checkpoint trained on other scans or another split is refused, or with `retrain` set aside."""
     run_dir = Path(run_dir)
     train_paths, val_paths = split_scan_paths(run_dir)
     settings = config.train_autoencoder
@@ -57,7 +60,7 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
     return run_steps(run_dir, "autoencoder", config, "train_autoencoder", autoencoder_checkpoint(run_dir),
                      {"model": model}, {"model": optimizer}, train_step,
                      lambda: validate_autoencoder(model, val_paths or train_paths, device, brain), ctx,
-                     progress=progress)
+                     scan_fingerprint(run_dir), "val" if val_paths else "train", retrain, progress=progress)
 
 
 @torch.no_grad()

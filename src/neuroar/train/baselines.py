@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroar import distributed
-from neuroar.config import Config, save_config
-from neuroar.data.latents import autoencoder_sha256, encode_run, load_latents
+from neuroar.config import Config
+from neuroar.data.fingerprint import data_fingerprint
+from neuroar.data.latents import autoencoder_sha256, encode_run, latent_path, load_latents
 from neuroar.data.pairs import token_pairs
 from neuroar.errors import NeuroARError
 from neuroar.models.baselines import BASELINES, build_baseline, predict_latent
@@ -32,12 +33,14 @@ from neuroar.train.autoencoder import train_autoencoder
 from neuroar.train.loop import batch_indices, run_steps
 
 
-def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: bool = True) -> dict[str, float]:
-    """Train (or resume) a baseline of a preprocessed run; returns its validation metrics."""
+def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: bool = True, retrain: bool = False
+                   ) -> dict[str, float]:
+    """Train (or resume) a baseline of a preprocessed run; returns its validation metrics. A checkpoint (of the
+    autoencoder, or of the baseline) trained on other data is refused, or with `retrain` set aside."""
     if kind not in BASELINES:
         raise NeuroARError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}.")
     run_dir = Path(run_dir)
-    train_autoencoder(run_dir, config, progress)
+    train_autoencoder(run_dir, config, progress, retrain)
     encode_run(run_dir, config, progress)
     latents_NCDHW, scale, scans = load_latents(run_dir)
     latents_NCDHW = latents_NCDHW * scale
@@ -59,20 +62,12 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=settings.lr, betas=betas) for k, m in modules.items()}
     checkpoint = model_checkpoint(run_dir, kind)
     autoencoder = autoencoder_sha256(run_dir)
-
-    def check_resumed(meta: dict) -> None:
-        if meta["autoencoder_sha256"] != autoencoder:
-            raise NeuroARError(f"{checkpoint} was trained in the latent space of another autoencoder; move "
-                               f"{checkpoint.parent} away to train a new {kind} on the current one.")
-
     # What runs forward under DDP: the LDM's training loss, the generator's three passes, the discriminator.
     if kind == "ldm":
         wrapped = {"model": ctx.wrap(modules["model"])}
     else:
         wrapped = {"model": ctx.wrap(GeneratorPasses(modules["model"])),
                    "discriminator": ctx.wrap(modules["discriminator"])}
-    if ctx.main:
-        save_config(config, run_dir / kind / "config.yaml")
     step_losses = _ldm_losses if kind == "ldm" else _stargan_losses
 
     def train_step(step: int) -> dict[str, float]:
@@ -84,8 +79,10 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
     held_out = val_pairs if len(val_pairs) else train_pairs
     return run_steps(run_dir, kind, config, f"train_{kind}", checkpoint, modules, optimizers, train_step,
                      lambda: validate_baseline(kind, modules["model"], latents_NCDHW, held_out, device, config.seed),
-                     ctx, meta={"model": kind, "latent_scale": scale, "autoencoder_sha256": autoencoder},
-                     check_resumed=check_resumed, progress=progress)
+                     ctx, {**data_fingerprint(run_dir), "latents": latent_path(run_dir).stem},
+                     "val" if len(val_pairs) else "train", retrain,
+                     meta={"model": kind, "latent_scale": scale, "autoencoder_sha256": autoencoder},
+                     config_path=run_dir / kind / "config.yaml", progress=progress)
 
 
 @torch.no_grad()

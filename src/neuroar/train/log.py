@@ -13,19 +13,24 @@ from torch.utils.tensorboard import SummaryWriter
 
 from neuroar.files import atomic_path
 
+LOG_KINDS = ("train", "val")
+
 
 class RunLog:
     def __init__(self, run_dir: str | Path, name: str, resume_step: int = 0):
         self.run_dir, self.name = Path(run_dir), name
-        for path in self.run_dir.glob(f"{name}_*.csv"):
-            _keep_rows_up_to(path, resume_step)
+        for kind in LOG_KINDS:  # by name: an ablation "neuroar_x" logs to neuroar_x_train.csv, not neuroar's
+            if (path := self.run_dir / f"{name}_{kind}.csv").is_file():
+                _keep_rows_up_to(path, resume_step)
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / name))
 
-    def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+    def log(self, step: int, values: dict[str, float], kind: str = "train", text: dict[str, str] | None = None
+            ) -> None:
+        """`values` go to TensorBoard and the CSV, `text` (labels such as the data validated on) to the CSV."""
         for key, value in values.items():
             self.writer.add_scalar(f"{kind}/{key}", value, step)
         path = self.run_dir / f"{self.name}_{kind}.csv"
-        row = {"step": step, **values}
+        row = {"step": step, **values, **(text or {})}
         header = None
         if path.exists():
             with open(path, newline="") as f:

@@ -26,6 +26,7 @@ from monai.networks.nets import PatchDiscriminator
 
 from neuroar import distributed
 from neuroar.config import Config, save_config
+from neuroar.data.fingerprint import scan_fingerprint
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
@@ -33,9 +34,11 @@ from neuroar.runs import tokenizer_checkpoint
 from neuroar.train.loop import batch_indices, run_steps, split_scan_paths, volume_batch
 
 
-def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) -> dict[str, float]:
+def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, retrain: bool = False
+                    ) -> dict[str, float]:
     """Train (or resume) the tokenizer of a run prepared by `neuroar preprocess`; returns the last validation.
-    Under `torchrun`, each process takes its share of every batch (see neuroar.distributed)."""
+    Under `torchrun`, each process takes its share of every batch (see neuroar.distributed). A checkpoint
+    trained on other scans or another split is refused, or with `retrain` set aside (see `run_steps`)."""
     run_dir = Path(run_dir)
     train_paths, val_paths = split_scan_paths(run_dir)
     settings = config.train_tokenizer
@@ -101,7 +104,8 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True) 
     return run_steps(run_dir, "tokenizer", config, "train_tokenizer", tokenizer_checkpoint(run_dir),
                      {"model": model, "discriminator": discriminator},
                      {"model": optimizer, "discriminator": optimizer_d}, train_step,
-                     lambda: validate(model, held_out, device, brain), ctx,
+                     lambda: validate(model, held_out, device, brain), ctx, scan_fingerprint(run_dir),
+                     "val" if val_paths else "train", retrain,
                      meta={"scales": [list(s) for s in config.tokenizer.scales]}, val_every=settings.val_every,
                      figures=lambda: {"val/reconstruction": _slice_figure(model, held_out, device)},
                      progress=progress)
@@ -129,7 +133,7 @@ def _reconstruct(model: MSVQVAE, path: str, device: torch.device
                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """A preprocessed scan (1, 1, D, H, W), its tokens, and its reconstruction from them, clamped to [0, 1]."""
     x = torch.from_numpy(load_preprocessed(path)[0])[None, None].to(device)
-    tokens = model.tokenize(x)
+    tokens = model.encode_scan(x)
     return x, tokens, model.decode_tokens(tokens).float().clamp(0, 1)
 
 

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from neuroar import distributed
 from neuroar.checkpoint import weights_path
-from neuroar.config import Config, save_config
+from neuroar.config import Config
+from neuroar.data.fingerprint import data_fingerprint
 from neuroar.data.pairs import token_pairs
-from neuroar.data.tokens import load_tokens
+from neuroar.data.tokens import load_tokens, token_path
 from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.quantizer import MultiScaleQuantizer
@@ -72,10 +73,11 @@ class ScanSequences:
                 "diagnosis": torch.as_tensor(chosen["diagnosis_id"].to_numpy(copy=True), device=device)}
 
 
-def train_transformer(run_dir: str | Path, config: Config, progress: bool = True, name: str = MODEL_NAME
-                      ) -> dict[str, float]:
+def train_transformer(run_dir: str | Path, config: Config, progress: bool = True, name: str = MODEL_NAME,
+                      retrain: bool = False) -> dict[str, float]:
     """Train (or resume) a NeuroAR transformer of a tokenized run into RUN/NAME; returns the last validation
-    metrics. Models with other names (ablations) share the run's tokenizer and tokens."""
+    metrics. Models with other names (ablations) share the run's tokenizer and tokens. A checkpoint trained on
+    other scans, split, pairs or tokens is refused, or with `retrain` set aside (see `run_steps`)."""
     run_dir = Path(run_dir)
     settings = config.train_transformer
     ctx = distributed.init()
@@ -101,15 +103,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     optimizer = torch.optim.AdamW(model.parameter_groups(settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     checkpoint = model_checkpoint(run_dir, name)
     tokenizer_sha = sha256_file(weights_path(tokenizer_checkpoint(run_dir)))
-
-    def check_resumed(meta: dict) -> None:
-        if meta["tokenizer_sha256"] != tokenizer_sha:
-            raise NeuroARError(f"{checkpoint} was trained on tokens of another tokenizer; move {checkpoint.parent} "
-                               "away to train a new transformer on the current tokens.")
-
     model_ddp = ctx.wrap(model)
-    if ctx.main:
-        save_config(config, run_dir / name / "config.yaml")
 
     def train_step(step: int) -> dict[str, float]:
         rows = batch_indices(len(train_pairs), step, settings.batch_size, config.seed)
@@ -141,9 +135,11 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                      {"model": optimizer}, train_step,
                      lambda: evaluate_teacher_forced(model, sequences, val_pairs if len(val_pairs) else train_pairs,
                                                      device), ctx,
+                     {**data_fingerprint(run_dir), "tokens": token_path(run_dir).stem},
+                     "val" if len(val_pairs) else "train", retrain,
                      meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
                            "scales": [list(s) for s in config.tokenizer.scales]},
-                     check_resumed=check_resumed, val_every=settings.val_every, progress=progress)
+                     val_every=settings.val_every, config_path=run_dir / name / "config.yaml", progress=progress)
 
 
 def copy_rates(model: NeuroAR, sequences: ScanSequences, pairs: pd.DataFrame) -> list[float]:
