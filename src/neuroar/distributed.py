@@ -82,11 +82,15 @@ def init() -> Context:
     if world == 1:
         return Context(device=default_device())
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    # More processes than GPUs on a node (e.g. 2 on one GPU, to test DDP there) share the GPUs over gloo:
+    # NCCL refuses two ranks on one device.
+    gpus = torch.cuda.device_count() if cuda else 0
     if cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local % gpus)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Context(dist.get_rank(), world, torch.device("cuda", local) if cuda else torch.device("cpu"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        dist.init_process_group("nccl" if cuda and local_world <= gpus else "gloo")
+    return Context(dist.get_rank(), world, torch.device("cuda", local % gpus) if cuda else torch.device("cpu"))
 
 
 def default_device() -> torch.device:
