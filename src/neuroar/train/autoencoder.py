@@ -44,6 +44,7 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
         micro = ctx.shard(batch_indices(len(train_paths), step, settings.batch_size, config.seed),
                           settings.accumulation)
         optimizer.zero_grad(set_to_none=True)
+        totals = {"l1": 0.0, "kl": 0.0}  # the step's values: micro-batches averaged here, processes below
         for i, rows in enumerate(micro):
             x = volume_batch(train_paths, rows).to(device)
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
@@ -52,9 +53,11 @@ def train_autoencoder(run_dir: str | Path, config: Config, progress: bool = True
                 l1 = F.l1_loss(reconstruction.float(), x)
                 kl = 0.5 * (mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-8) - 1).mean()
                 (l1 + config.autoencoder.kl_weight * kl).div(len(micro)).backward()
+            totals["l1"] += l1.item() / len(micro)
+            totals["kl"] += kl.item() / len(micro)
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
-        return {"l1": l1.item(), "kl": kl.item()}
+        return ctx.mean(totals)
 
     brain = template_brain_mask(config.data)
     return run_steps(run_dir, "autoencoder", config, "train_autoencoder", autoencoder_checkpoint(run_dir),

@@ -114,10 +114,12 @@ def _finish(optimizer: torch.optim.Optimizer, module: nn.Module, grad_clip: floa
 
 def _ldm_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, config: Config, grad_clip: float,
                 device) -> dict[str, float]:
+    """One LDM step; returns its loss averaged over this process's micro-batches."""
     # Noise and timesteps drawn for the whole batch on every process; each takes those of its own rows.
     noise = torch.randn(len(rows), *latents.shape[1:])
     t = torch.randint(0, config.ldm.timesteps, (len(rows),))
     optimizers["model"].zero_grad(set_to_none=True)
+    totals = {"mse": 0.0}
     for i, positions in enumerate(micro):
         batch = _latent_batch(latents, pairs, [rows[j] for j in positions], device)
         with distributed.no_sync(wrapped["model"], last=i == len(micro) - 1):
@@ -125,14 +127,19 @@ def _ldm_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, confi
                 loss = wrapped["model"](batch["later"], batch["earlier"], batch["earlier_age"], batch["target_age"],
                                         noise[positions].to(device), t[positions].to(device))
             (loss / len(micro)).backward()
+        _add_share(totals, {"mse": loss}, len(micro))
     _finish(optimizers["model"], modules["model"], grad_clip)
-    return {"mse": loss.item()}
+    return totals
 
 
 def _stargan_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, config: Config, grad_clip: float,
                     device) -> dict[str, float]:
+    """One StarGAN step (the discriminator's, then the generator's); returns its losses averaged over this
+    process's micro-batches."""
     generator, discriminator, weights = modules["model"], modules["discriminator"], config.stargan
     batches = [_latent_batch(latents, pairs, [rows[j] for j in positions], device) for positions in micro]
+    totals = dict.fromkeys(("generator", "discriminator", "adversarial_g", "age_g", "age_d", "cycle", "identity"),
+                           0.0)
     optimizers["discriminator"].zero_grad(set_to_none=True)
     for i, batch in enumerate(batches):
         with torch.no_grad():
@@ -145,6 +152,7 @@ def _stargan_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, c
             d_age = F.l1_loss(real_age.float().chunk(2)[0], batch["target_age"]) / 10
             d_loss = weights.adversarial_weight * d_adversarial + weights.age_weight * d_age
             (d_loss / len(batches)).backward()
+        _add_share(totals, {"discriminator": d_loss, "age_d": d_age}, len(batches))
     _finish(optimizers["discriminator"], discriminator, grad_clip)
     optimizers["model"].zero_grad(set_to_none=True)
     for i, batch in enumerate(batches):
@@ -159,6 +167,13 @@ def _stargan_losses(modules, wrapped, optimizers, latents, pairs, rows, micro, c
             g_loss = (weights.adversarial_weight * g_adversarial + weights.age_weight * g_age
                       + weights.cycle_weight * cycle + weights.identity_weight * identity)
             (g_loss / len(batches)).backward()
+        _add_share(totals, {"generator": g_loss, "adversarial_g": g_adversarial, "age_g": g_age, "cycle": cycle,
+                            "identity": identity}, len(batches))
     _finish(optimizers["model"], generator, grad_clip)
-    return {"generator": g_loss.item(), "discriminator": d_loss.item(), "adversarial_g": g_adversarial.item(),
-            "age_g": g_age.item(), "age_d": d_age.item(), "cycle": cycle.item(), "identity": identity.item()}
+    return totals
+
+
+def _add_share(totals: dict[str, float], values: dict[str, torch.Tensor], count: int) -> None:
+    """Add each value's share of the step's mean over `count` micro-batches to `totals`."""
+    for key, value in values.items():
+        totals[key] += value.item() / count

@@ -14,6 +14,7 @@ logs to RUN/tokenizer_train.csv, RUN/tokenizer_val.csv and RUN/tensorboard/.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,8 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, 
                     if use_adversarial:
                         adversarial_g = adversarial(discriminator(reconstruction)[-1], target_is_real=True,
                                                     for_discriminator=False)
-                        weight = _adaptive_weight(l1, adversarial_g, model.decoder.blocks[-1].conv.weight)
+                        weight = _adaptive_weight(l1, adversarial_g, model.decoder.blocks[-1].conv.weight,
+                                                  ctx.gather_batch)
                         loss = loss + settings.adversarial_weight * weight * adversarial_g
                 (loss / len(micro)).backward()
             pairs.append((x, reconstruction.detach()))
@@ -137,9 +139,13 @@ def _reconstruct(model: MSVQVAE, path: str, device: torch.device
     return x, tokens, model.decode_tokens(tokens).float().clamp(0, 1)
 
 
-def _adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    grad_rec = torch.autograd.grad(reconstruction, last, retain_graph=True)[0]
-    grad_adv = torch.autograd.grad(adversarial, last, retain_graph=True)[0]
+def _adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, last: torch.Tensor,
+                     gather: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """VQGAN's weight of the adversarial loss: the ratio of the reconstruction and adversarial gradient norms at
+    the decoder's last layer. The gradients are averaged over the processes (`gather` stacks every rank's)
+    before their norms, so that every rank weighs its term alike, as one process would on the global batch."""
+    grad_rec, grad_adv = (gather(torch.autograd.grad(loss, last, retain_graph=True)[0][None]).mean(0)
+                          for loss in (reconstruction, adversarial))
     return (grad_rec.norm() / (grad_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
