@@ -32,7 +32,7 @@ def test_flops_and_activations_grow_with_the_batch():
 def test_plan_prints_tokens_per_scale_and_a_measured_step(capsys):
     assert main(["plan", "--config", "demo", *TINY, "--run-step"]) == 0
     out = capsys.readouterr().out
-    assert "| all | | 577 |" in out  # 1 + 64 + 512 tokens
+    assert "| all |  | 577 |" in out  # 1 + 64 + 512 tokens
     assert "measured tokenizer step" in out and "measured NeuroAR step" in out
 
 

@@ -26,6 +26,7 @@ from neuroar.data.quality import write_qc_page
 from neuroar.data.scans import read_scans
 from neuroar.data.synth.cohort import SynthOptions, make_cohort
 from neuroar.files import atomic_path, sha256_json, write_json, write_text
+from neuroar.tables import markdown_table
 
 
 @dataclass
@@ -35,12 +36,13 @@ class Dataset:
     qc: tuple[int, Path] | None = None  # registered scans: how many the QC page flagged, and the page
 
     def summary(self) -> str:
-        lines = ["| split | subjects | scans | pairs | years between scans |", "|---|---|---|---|---|"]
+        rows = []
         for split in ("train", "val", "test"):
             scans = self.scans[self.scans["split"] == split]
             pairs = self.pairs[self.pairs["split"] == split] if "split" in self.pairs else self.pairs.iloc[:0]
             years = f"{pairs['years'].min():.1f}-{pairs['years'].max():.1f}" if len(pairs) else "-"
-            lines.append(f"| {split} | {scans['subject_id'].nunique()} | {len(scans)} | {len(pairs)} | {years} |")
+            rows.append([split, scans["subject_id"].nunique(), len(scans), len(pairs), years])
+        lines = [markdown_table(["split", "subjects", "scans", "pairs", "years between scans"], rows)]
         if "diagnosis" in self.scans and (self.scans["diagnosis"] != "").any():
             counts = self.scans.groupby("diagnosis")["subject_id"].nunique()
             lines.append("\nsubjects per diagnosis: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -239,7 +241,8 @@ def _demo_summary(dataset: Dataset, cohort_dir: Path, run_dir: Path, timings: di
         f"Preprocessed volumes: {volume.shape}, intensities {volume.min():.2f}-{volume.max():.2f}.",
         "",
         "## True annual % volume change in the synthetic cohort (mean per group)",
-        _markdown(table),
+        markdown_table([table.index.name or "", *table.columns],
+                       [[i, *(f"{v:+.2f}" for v in row)] for i, row in zip(table.index, table.to_numpy())]),
         "",
         "## NeuroAR against copying the earlier scan's tokens",
         versus_copy(run_dir),
@@ -260,19 +263,15 @@ def versus_copy(run_dir: Path) -> str:
     tokens, and whether the gain is more than two standard errors (over pairs) from zero."""
     last = pd.read_csv(run_dir / "neuroar_val.csv").iloc[-1]
     lines = [f"Validation pairs at step {int(last['step'])}, teacher-forced; gain = model - copy, +- 2 standard "
-             "errors over pairs.", "", "| scale | NeuroAR | copy | gain | verdict |", "|---|---|---|---|---|"]
+             "errors over pairs.", ""]
+    rows = []
     k = 0
     while f"scale{k}_accuracy" in last:
         gain, margin = last[f"scale{k}_accuracy"] - last[f"scale{k}_copy_accuracy"], 2 * last[f"scale{k}_gain_se"]
         verdict = ("above copy" if gain - margin > 0 else "below copy" if gain + margin < 0
                    else "equal to copy" if margin == 0 and gain == 0 else "not distinguishable from copy")
-        lines.append(f"| {k} | {last[f'scale{k}_accuracy']:.3f} | {last[f'scale{k}_copy_accuracy']:.3f} | "
-                     f"{gain:+.3f} +- {margin:.3f} | {verdict} |")
+        rows.append([k, f"{last[f'scale{k}_accuracy']:.3f}", f"{last[f'scale{k}_copy_accuracy']:.3f}",
+                     f"{gain:+.3f} +- {margin:.3f}", verdict])
         k += 1
-    return "\n".join(lines)
+    return "\n".join(lines) + markdown_table(["scale", "NeuroAR", "copy", "gain", "verdict"], rows)
 
-
-def _markdown(table: pd.DataFrame) -> str:
-    header = [table.index.name or "", *table.columns]
-    rows = [[str(i), *(f"{v:+.2f}" for v in row)] for i, row in zip(table.index, table.to_numpy())]
-    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])

@@ -24,6 +24,7 @@ from neuroar.config import Config
 from neuroar.errors import NeuroARError
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.models.transformer import build_transformer, earlier_channels
+from neuroar.tables import markdown_table
 
 OPTIMIZER_BYTES_PER_PARAMETER = 16  # float32 weight, gradient, and Adam's two moments
 
@@ -93,17 +94,17 @@ def plan_markdown(config: Config, batch: int | None = None) -> str:
     lines = [f"# Plan: {config.name} config", "",
              f"Data {config.data.shape} at {config.data.spacing:g} mm; tokenizer latent grid {scales[-1]}, "
              f"autoencoder latent grid {config.autoencoder_latent_shape} x {config.autoencoder.latent_channels}.", "",
-             "| model | parameters |", "|---|---|"]
-    lines += [f"| {name} | {count:,} |" for name, count in parameter_counts(config).items()]
-    lines += ["", "| scale | token map | tokens |", "|---|---|---|"]
-    lines += [f"| {k} | {'x'.join(map(str, s))} | {n:,} |" for k, (s, n) in enumerate(zip(scales, tokens))]
-    lines += [f"| all | | {sum(tokens):,} |", "",
-              "One training step per process (meta device; memory = 16 bytes per parameter for float32 weights, "
-              "gradients and Adam moments, plus float32 activations saved for the backward pass):", "",
-              "| model | batch | FLOPs per step | activations | estimated peak memory |", "|---|---|---|---|---|"]
-    for cost in step_costs(config, batch):
-        lines.append(f"| {cost.model} | {cost.batch} | {cost.flops / 1e12:.3g} TFLOP | "
-                     f"{cost.activation_bytes / 2**30:.2f} GiB | {cost.memory_bytes() / 2**30:.2f} GiB |")
+             markdown_table(["model", "parameters"],
+                            [[name, f"{count:,}"] for name, count in parameter_counts(config).items()]), "",
+             markdown_table(["scale", "token map", "tokens"],
+                            [*([k, "x".join(map(str, s)), f"{n:,}"] for k, (s, n) in enumerate(zip(scales, tokens))),
+                             ["all", "", f"{sum(tokens):,}"]]), "",
+             "One training step per process (meta device; memory = 16 bytes per parameter for float32 weights, "
+             "gradients and Adam moments, plus float32 activations saved for the backward pass):", "",
+             markdown_table(["model", "batch", "FLOPs per step", "activations", "estimated peak memory"],
+                            [[cost.model, cost.batch, f"{cost.flops / 1e12:.3g} TFLOP",
+                              f"{cost.activation_bytes / 2**30:.2f} GiB", f"{cost.memory_bytes() / 2**30:.2f} GiB"]
+                             for cost in step_costs(config, batch)])]
     return "\n".join(lines) + "\n"
 
 
