@@ -15,7 +15,10 @@ from safetensors.torch import load_file
 from conftest import make_tiny_run
 from neuroar.checkpoint import weights_path
 from neuroar.cli import main
+from neuroar.config import load_config
+from neuroar.data.latents import encode_run
 from neuroar.runs import model_checkpoint, tokenizer_checkpoint
+from neuroar.train.autoencoder import train_autoencoder
 
 TOKENIZER = ["train_tokenizer.steps=4", "train_tokenizer.batch_size=4", "train_tokenizer.val_every=100",
              "train_tokenizer.adversarial_weight=0"]
@@ -24,6 +27,9 @@ NEUROAR = ["train_transformer.steps=4", "train_transformer.batch_size=2", "train
            "train_transformer.lr=0.001", "transformer.condition_dropout=0.5", "transformer.dropout=0"]
 # The autoencoder's first step on a global batch of two scans (train-baseline trains it, then one LDM step).
 AUTOENCODER = ["train_autoencoder.steps=1", "train_autoencoder.batch_size=2", "train_ldm.steps=1"]
+# Two steps of either baseline on a global batch of two pairs.
+BASELINES = ["train_autoencoder.steps=1", "train_autoencoder.batch_size=2", "train_ldm.steps=2",
+             "train_ldm.batch_size=2", "train_stargan.steps=2", "train_stargan.batch_size=2"]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -145,3 +151,20 @@ def test_two_processes_log_the_autoencoders_step_over_the_global_batch(runs, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     logged = [pd.read_csv(run / "autoencoder_train.csv").iloc[0] for run in (one, two)]
     assert logged[1]["kl"] == pytest.approx(logged[0]["kl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ldm", "stargan"])
+def test_two_processes_train_a_baseline_like_one_and_log_the_global_batch(runs, tmp_path, kind):
+    """Every loss of two steps, in the latent space of one autoencoder (trained and encoded by one process)."""
+    one = shutil.copytree(runs[0], tmp_path / "one")
+    config = load_config(one / "config.yaml", BASELINES)
+    train_autoencoder(one, config, progress=False)
+    encode_run(one, config, progress=False)
+    two = shutil.copytree(one, tmp_path / "two")
+    assert main(["train-baseline", kind, "--run", str(one), *BASELINES]) == 0
+    done = torchrun("train-baseline", kind, "--run-dir", str(two), *BASELINES)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [pd.read_csv(run / f"{kind}_train.csv") for run in (one, two)]
+    assert len(logged[0]) == 2
+    pd.testing.assert_frame_equal(logged[1], logged[0], rtol=1e-5)
+    assert weight_difference(model_checkpoint(one, kind), model_checkpoint(two, kind)) < TOLERANCE

@@ -25,6 +25,9 @@ class LatentDiffusion(nn.Module):
         self.config = config
         context = config.head_channels
         self.ages = AgeEmbedding(context)
+        # No pooled age vector and no age dropout here; DDP needs every trainable parameter in each step.
+        for unused in (self.ages.pool, self.ages.dropped):
+            unused.requires_grad_(False)
         self.unet = DiffusionModelUNet(
             spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels,
             num_res_blocks=config.res_blocks, channels=config.channels, attention_levels=config.attention_levels,

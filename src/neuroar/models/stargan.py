@@ -33,6 +33,7 @@ class Generator(nn.Module):
     def __init__(self, config: StarGANConfig, latent_channels: int):
         super().__init__()
         self.ages = AgeEmbedding(config.channels)
+        self.ages.dropped.requires_grad_(False)  # no age dropout (DDP needs every trainable parameter in each step)
         self.inp = nn.Conv3d(latent_channels, config.channels, 3, padding=1)
         self.blocks = nn.ModuleList(_ModulatedBlock(config.channels, config.channels)
                                     for _ in range(config.res_blocks))

@@ -73,8 +73,8 @@ def train_baseline(run_dir: str | Path, config: Config, kind: str, progress: boo
     def train_step(step: int) -> dict[str, float]:
         rows = batch_indices(len(train_pairs), step, settings.batch_size, config.seed)
         micro = ctx.shard(list(range(len(rows))), settings.accumulation)
-        return step_losses(modules, wrapped, optimizers, latents_NCDHW, train_pairs, rows, micro, config,
-                           settings.grad_clip, device)
+        return ctx.mean(step_losses(modules, wrapped, optimizers, latents_NCDHW, train_pairs, rows, micro, config,
+                                    settings.grad_clip, device))
 
     held_out = val_pairs if len(val_pairs) else train_pairs
     return run_steps(run_dir, kind, config, f"train_{kind}", checkpoint, modules, optimizers, train_step,
