@@ -103,7 +103,7 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, quick_demo_cohort):
     for name in ("config.yaml", "scans.csv", "pairs.csv", "summary.md", "cohort/manifest.csv", "cohort/truth.csv",
                  "cohort/figures/trajectories.png", "cohort/figures/montage.png", "tokenizer/last.json",
                  "neuroar/last.json", "autoencoder/last.json", "ldm/last.json", "stargan/last.json",
-                 "evaluation/summary.md", "evaluation/pairs.csv", "evaluation/figures/ventricle_change.png",
+                 "evaluation/summary.md", "evaluation/pairs.csv", "evaluation/figures/change.png",
                  "brain_age/summary.md", "brain_age/results.csv", "report.html"):
         assert (out / name).is_file(), name
     assert len(list((out / "tokens").glob("*.safetensors"))) == 1

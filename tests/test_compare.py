@@ -1,13 +1,18 @@
-"""The evaluation's bookkeeping: each pair's row holds the prediction for that pair's own later scan and age."""
+"""The evaluation: each pair's row holds the prediction for that pair's own later scan and age; p-values against
+copy; the cohort's own aging region in the headline and the sweep; "no change" relative to the truth; and a real
+model's outputs against an independent recomputation."""
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from conftest import TINY, ball, write_nifti
+from conftest import TINY, ball, make_tiny_run, write_nifti
 from neuroar.config import load_config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
+from neuroar.errors import NeuroARError
 from neuroar.evaluate import compare
-from neuroar.evaluate.forecasters import Copy, ModelForecaster
+from neuroar.evaluate.forecasters import Copy, ModelForecaster, Output, TokenizerCopy, TokenizerOracle
+from neuroar.evaluate.volumes import REGIONS, regional_volumes, template_regions
 from neuroar.metrics import masked_psnr
 from neuroar.pipeline import prepare_dataset
 
@@ -16,8 +21,8 @@ class AgeScaled:
     """A forecaster whose output differs with every target age, so that a prediction paired with another
     pair's age shows."""
 
-    def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None):
-        return {"scaled": [scaled(earlier_DHW, earlier_age, age) for age in target_ages]}
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None, later_DHWs=None):
+        return {Output("scaled"): [scaled(earlier_DHW, earlier_age, age) for age in target_ages]}
 
 
 def scaled(earlier_DHW: np.ndarray, earlier_age: float, target_age: float) -> np.ndarray:
@@ -49,7 +54,8 @@ def test_every_pair_is_scored_against_its_own_later_scan_and_age(tmp_path, monke
     per_pair = pd.read_csv(tmp_path / "out" / "pairs.csv", dtype={"subject_id": str})
     brain = template_brain_mask(config.data)
     for name in ("copy", "scaled"):
-        mine = per_pair[per_pair["model"] == name].reset_index(drop=True)
+        mine = per_pair[per_pair["label"] == name].reset_index(drop=True)
+        assert (mine["model"] == name).all() and (mine["variant"] == "plain").all()
         columns = ["subject_id", "earlier_age", "later_age"]
         assert mine[columns].equals(pairs[columns])
         for pair, row in zip(pairs.itertuples(), mine.itertuples()):
@@ -74,4 +80,239 @@ def test_the_age_sweep_predicts_the_first_scan_of_the_first_sweep_subjects_only(
 
     sweep = pd.read_csv(tmp_path / "out" / "sweep.csv", dtype={"subject_id": str})
     assert set(sweep["subject_id"]) == {"s0"} and set(sweep["age"]) == {70}
-    assert sorted(sweep.loc[sweep["model"] == "model", "target_age"]) == [71, 73]
+    assert sorted(sweep.loc[sweep["label"] == "model", "target_age"]) == [71, 73]
+    # The model's variants are data: fields, not a name to parse.
+    assert set(zip(sweep["label"], sweep["model"], sweep["variant"])) == {
+        ("model", "model", "plain"), ("model+detail", "model", "detail"), ("model+aging", "model", "aging")}
+
+
+def test_the_headline_and_the_sweep_follow_the_aging_region(tmp_path, monkeypatch):
+    """Given: the sweep records that region's volume and summary.md says it was given. Not given: the region that
+    `aging_region` picks from the evaluated pairs' truth, with the scores it picked from."""
+    config, pairs = two_subjects_in_the_test_split(tmp_path)
+    monkeypatch.setattr(compare, "load_forecasters",
+                        lambda *args: [Copy(), ModelForecaster("model", AgeScaledPredictor())])
+    with pytest.raises(NeuroARError, match="not one of ventricles"):
+        compare.evaluate_models([], tmp_path / "out", run_dir=tmp_path / "run", region="cortex")
+
+    compare.evaluate_models([], tmp_path / "given", run_dir=tmp_path / "run", progress=False, sweep_years=(1, 3),
+                            sweep_subjects=1, region="grey_matter")
+
+    sweep = pd.read_csv(tmp_path / "given" / "sweep.csv", dtype={"subject_id": str})
+    first_DHW = load_preprocessed(pairs["earlier_path"].iloc[0])[0]
+    regions = template_regions(config.data)
+    assert (sweep["region"] == "grey_matter").all()
+    assert sweep["volume_start"].to_numpy() == pytest.approx(regional_volumes(first_DHW, regions)["grey_matter"])
+    plain = sweep[sweep["label"] == "model"].sort_values("target_age")
+    expected = [regional_volumes(scaled(first_DHW, 70, age), regions)["grey_matter"] for age in (71, 73)]
+    assert plain["volume"].to_numpy() == pytest.approx(expected)
+    assert (pd.read_csv(tmp_path / "given" / "summary.csv")["region"] == "grey_matter").all()
+    text = (tmp_path / "given" / "summary.md").read_text()
+    assert "Aging region: grey matter (given)." in text and "| grey matter change r |" in text
+
+    compare.evaluate_models([], tmp_path / "chosen", run_dir=tmp_path / "run", progress=False, sweep_years=(1, 3),
+                            sweep_subjects=1)
+
+    per_pair = pd.read_csv(tmp_path / "chosen" / "pairs.csv", dtype={"subject_id": str})
+    region = compare.aging_region(per_pair)
+    assert (pd.read_csv(tmp_path / "chosen" / "summary.csv")["region"] == region).all()
+    assert (pd.read_csv(tmp_path / "chosen" / "sweep.csv")["region"] == region).all()
+    assert f"Aging region: {region.replace('_', ' ')}, the region whose mean true change" in (
+        tmp_path / "chosen" / "summary.md").read_text()
+
+
+def pairs_table(true_RP: dict[str, np.ndarray], earlier_R: dict[str, float], outputs: dict[Output, dict]
+                ) -> pd.DataFrame:
+    """A per-pair table as `score_pairs` writes it: per output its "psnr", "ssim" and "predicted" change per pair
+    (one array for every region, or one per region), beside the true changes and earlier volumes per region."""
+    pairs = len(next(iter(true_RP.values())))
+    rows = []
+    for output, values in outputs.items():
+        predicted = values["predicted"]
+        predicted_RP = predicted if isinstance(predicted, dict) else {r: predicted for r in REGIONS}
+        for p in range(pairs):
+            rows.append({"label": output.label, "model": output.model, "variant": output.variant, "pair": p,
+                         "subject_id": f"s{p // 2}", "earlier_age": 60.0, "later_age": 61.0 + p % 2,
+                         "years": 1.0 + p % 2, "psnr": values["psnr"][p], "ssim": values["ssim"][p], "mae": 0.05,
+                         **{f"earlier_volume_{r}": earlier_R[r] for r in REGIONS},
+                         **{f"true_change_{r}": true_RP[r][p] for r in REGIONS},
+                         **{f"predicted_change_{r}": predicted_RP[r][p] for r in REGIONS}})
+    return pd.DataFrame(rows)
+
+
+NO_SWEEP = pd.DataFrame(columns=["label", "subject_id", "target_age", "volume"])
+
+
+def test_every_p_value_compares_against_copy_on_the_same_pairs():
+    """Copy has no p (it is what the others are tested against); a model worse than copy on every pair gets a
+    small p against copy, and so does the plain NeuroAR output that the p-values used to be taken against."""
+    rng = np.random.default_rng(0)
+    true_P = rng.uniform(1, 5, 10)
+    copy_psnr, copy_ssim = rng.uniform(24, 26, 10), rng.uniform(0.93, 0.95, 10)
+    better, worse = np.linspace(0.5, 1.4, 10), np.linspace(0.1, 1.0, 10)  # no two pairs alike: an exact test
+    outputs = {Output("copy"): {"psnr": copy_psnr, "ssim": copy_ssim, "predicted": np.zeros(10)},
+               Output("run"): {"psnr": copy_psnr + better, "ssim": copy_ssim + better / 100,
+                               "predicted": true_P * 0.9},
+               Output("run", "detail"): {"psnr": copy_psnr - worse, "ssim": copy_ssim - worse / 100,
+                                         "predicted": -true_P}}
+    per_pair = pairs_table({r: true_P for r in REGIONS}, {r: 100.0 for r in REGIONS}, outputs)
+    # Pairs are matched by their pair, not by their place in the table.
+    per_pair = pd.concat([per_pair[per_pair["label"] != "run+detail"],
+                          per_pair[per_pair["label"] == "run+detail"].iloc[::-1]], ignore_index=True)
+
+    summary = compare.summarize(per_pair, NO_SWEEP, "ventricles").set_index("label")
+
+    columns = ["psnr_p_vs_copy", "ssim_p_vs_copy", "ventricles_change_mae_p_vs_copy"]
+    assert summary.loc["copy", columns].isna().all()
+    every_pair = 2 / 2 ** 10  # the exact two-sided p when all 10 pairs differ in one direction
+    for label in ("run", "run+detail"):
+        assert summary.loc[label, columns].to_numpy(dtype=float) == pytest.approx([every_pair] * 3), label
+    assert (summary.loc["run+detail", ["model", "variant"]] == ["run", "detail"]).all()
+    table = compare.summary_markdown(summary.reset_index(), per_pair, "test")
+    assert "p vs copy: two-sided paired Wilcoxon signed-rank test against copy" in table
+    assert "| PSNR (dB) | p vs copy | SSIM | p vs copy |" in table
+    copy_row = next(line for line in table.splitlines() if line.startswith("| copy |")).split(" | ")
+    assert [copy_row[i] for i in (2, 4, 8)] == ["–", "–", "–"]
+
+
+# Measured on the code's own synthetic cohorts (16 subjects x 4 visits, seed 0, the demo's 4 mm preprocessing,
+# 96 pairs): per region the mean volume in the earlier scans (mL), and the mean and spread over pairs of the true
+# change in % of it. In the elderly, grey matter's change is the steadiest (|mean| / std 1.57 against the
+# ventricles' 1.29) but the ventricles' the largest; in adolescents white matter's change mirrors grey matter's.
+MEASURED = {"elderly": {"ventricles": (34.9, 19.63, 15.20), "grey_matter": (935.6, -8.14, 5.17),
+                        "white_matter": (433.1, 2.80, 4.41), "hippocampus": (14.7, -10.35, 9.85),
+                        "whole_brain": (1327.7, -3.05, 2.24)},
+            "adolescent": {"ventricles": (20.1, 2.10, 3.52), "grey_matter": (1156.0, -4.58, 2.95),
+                           "white_matter": (420.8, 10.05, 7.11), "hippocampus": (17.5, -3.48, 2.75),
+                           "whole_brain": (1463.9, -0.18, 1.00)}}
+
+
+def cohort_truth(cohort: str, pairs: int = 40) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """True changes (mL) per region with exactly the measured mean and spread, and the earlier volumes."""
+    z = np.random.default_rng(1).standard_normal(pairs)
+    z = (z - z.mean()) / z.std(ddof=1)
+    true_RP = {r: volume * (mean + std * z) / 100 for r, (volume, mean, std) in MEASURED[cohort].items()}
+    return true_RP, {r: volume for r, (volume, _, _) in MEASURED[cohort].items()}
+
+
+def test_the_aging_region_is_the_ventricles_in_the_elderly_and_grey_matter_in_adolescents():
+    chosen, scores = {}, {}
+    for cohort in MEASURED:
+        true_RP, earlier_R = cohort_truth(cohort)
+        per_pair = pairs_table(true_RP, earlier_R, {Output("copy"): {"psnr": np.zeros(40), "ssim": np.zeros(40),
+                                                                     "predicted": np.zeros(40)}})
+        chosen[cohort], scores[cohort] = compare.aging_region(per_pair), compare.aging_region_scores(per_pair)
+    assert chosen == {"elderly": "ventricles", "adolescent": "grey_matter"}
+    for cohort in MEASURED:  # in % of the region's volume, as summary.md states them
+        assert scores[cohort]["grey_matter"] == pytest.approx(MEASURED[cohort]["grey_matter"][1])
+
+
+def test_an_adolescent_evaluation_headlines_and_sweeps_grey_matter_and_its_loss(tmp_path):
+    """The headline columns are grey matter's, and the sweep counts a subject whose predicted grey matter falls at
+    every step as monotonic (grey matter shrinks in adolescents), one whose grey matter grows as not."""
+    true_RP, earlier_R = cohort_truth("adolescent", 10)
+    zeros = np.zeros(10)
+    outputs = {Output("copy"): {"psnr": zeros + 25, "ssim": zeros + 0.9, "predicted": zeros},
+               Output("neuroar"): {"psnr": zeros + 24, "ssim": zeros + 0.9, "predicted": true_RP},
+               Output("neuroar", "aging"): {"psnr": zeros + 24, "ssim": zeros + 0.9,
+                                            "predicted": {r: -true_RP[r] for r in REGIONS}}}
+    per_pair = pairs_table(true_RP, earlier_R, outputs)
+    region = compare.aging_region(per_pair)
+    assert region == "grey_matter"
+    sweep = pd.DataFrame([{"label": label, "subject_id": f"s{s}", "target_age": 12 + y,
+                           "volume": 1000 + sign * (y + s)} for label, sign in (("neuroar", -1), ("neuroar+aging", 1))
+                          for s in range(3) for y in (1, 2, 4)])
+
+    summary = compare.summarize(per_pair, sweep, region)
+    compare.write_evaluation(tmp_path / "out", per_pair, sweep.assign(years=sweep["target_age"] - 12,
+                                                                      volume_start=1000.0), summary, "test")
+
+    rows = summary.set_index("label")
+    assert rows.loc["neuroar", "sweep_monotonic"] == 1 and rows.loc["neuroar+aging", "sweep_monotonic"] == 0
+    assert np.isnan(rows.loc["copy", "sweep_monotonic"])
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "| grey matter change r | grey matter change MAE (mL) | p vs copy | grey matter change (mL) |" in text
+    assert "predicted grey matter shrinks at every step" in text
+    assert "Aging region: grey matter, the region whose mean true change" in text and "white matter is no" in text
+    neuroar = next(line for line in text.splitlines() if line.startswith("| neuroar |")).split(" | ")
+    assert neuroar[6] == "1.00" and neuroar[7] == "0.00"  # grey matter's r and MAE: the truth itself
+    assert {p.name for p in (tmp_path / "out" / "figures").iterdir()} == {"metrics.png", "change.png",
+                                                                        "psnr_vs_years.png", "age_sweep.png"}
+
+
+def test_no_change_is_judged_against_the_spread_of_the_true_change():
+    """A hippocampus-sized truth (hundredths of a mL) with a prediction that follows it has an r; a prediction
+    that moves under 1 % of a large truth's spread (decoding noise) has none, however many mL that is."""
+    small_P = np.array([0.01, 0.03, 0.02, 0.05, 0.04])
+    r = compare.pearson(pd.Series(small_P * 0.8 + 0.001), pd.Series(small_P))
+    assert r == pytest.approx(1.0)
+    large_P = np.array([0.0, 10.0, 20.0, 30.0, 40.0])
+    noise_P = np.array([0.0, 0.12, 0.0, 0.12, 0.0])  # 0.4 % of the truth's spread
+    assert np.std(noise_P) < compare.NO_CHANGE_SHARE * np.std(large_P)
+    assert np.isnan(compare.pearson(pd.Series(noise_P), pd.Series(large_P)))
+    assert not np.isnan(compare.pearson(pd.Series(noise_P * 5), pd.Series(large_P)))
+
+
+class HalfTokenizer:
+    """Stands in for TokenizerCopy: a scan's reconstruction is half of it."""
+
+    def reconstruct(self, volume_DHW):
+        return volume_DHW / 2
+
+
+def test_the_oracle_adds_the_later_scans_token_change_and_needs_the_later_scans():
+    earlier_DHW, later_DHW = np.full((2, 3, 4), 0.4, np.float32), np.full((2, 3, 4), 0.8, np.float32)
+    oracle = TokenizerOracle(HalfTokenizer())
+    (output, volumes), = oracle.predict(earlier_DHW, 70.0, [72.0], 0, later_DHWs=[later_DHW]).items()
+    assert output == Output("tokenizer-oracle")
+    np.testing.assert_allclose(volumes[0], 0.4 + 0.4 - 0.2)
+    with pytest.raises(NeuroARError, match="needs the true follow-up"):
+        oracle.predict(earlier_DHW, 70.0, [72.0], 0)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny run (its held-out split: val, one pair) with a tokenizer and a NeuroAR model trained for a few
+    steps."""
+    from neuroar.data.tokens import tokenize_run
+    from neuroar.train.tokenizer import train_tokenizer
+    from neuroar.train.transformer import train_transformer
+
+    run = make_tiny_run(tmp_path_factory.mktemp("trained"))
+    config = load_config(run / "config.yaml", ["train_tokenizer.steps=3", "train_tokenizer.val_every=100",
+                                               "train_tokenizer.adversarial_weight=0", "train_transformer.steps=2"])
+    train_tokenizer(run, config, progress=False)
+    tokenize_run(run, config, progress=False)
+    train_transformer(run, config, progress=False)
+    return run
+
+
+def test_a_trained_models_detail_output_and_the_oracle_match_an_independent_recomputation(trained_run, tmp_path):
+    """"+detail" = the earlier scan + the model's prediction - the earlier scan through the model's tokenizer; the
+    oracle = the earlier scan + decoded tokens of the later scan - decoded tokens of the earlier scan; both
+    recomputed here with the tokenizer's own calls, on the held-out split (val: the run has no test split)."""
+    config = load_config(trained_run / "config.yaml")
+    compare.evaluate_models([str(trained_run)], tmp_path / "out", samples=2, progress=False, sweep_subjects=0)
+
+    per_pair = pd.read_csv(tmp_path / "out" / "pairs.csv", dtype={"subject_id": str})
+    pairs = pd.read_csv(trained_run / "pairs.csv", dtype={"subject_id": str})
+    pair = pairs[pairs["split"] == "val"].iloc[0]
+    assert len(per_pair) == 6 and (per_pair["subject_id"] == pair["subject_id"]).all()
+    run = trained_run.name
+    assert list(per_pair["label"]) == ["copy", "tokenizer-copy", "tokenizer-oracle", run, f"{run}+detail",
+                                       f"{run}+aging"]
+    earlier_DHW, later_DHW = load_preprocessed(pair["earlier_path"])[0], load_preprocessed(pair["later_path"])[0]
+    model = ModelForecaster.load(trained_run, samples=2)
+    outputs = model.predict(earlier_DHW, pair["earlier_age"], [pair["later_age"]], seed=0)
+    tokenizer = TokenizerCopy(trained_run, config).tokenizer
+
+    def decoded(volume_DHW):
+        return tokenizer.decode_scan(tokenizer.encode_scan(volume_DHW))[0]
+
+    detail_DHW = np.clip(earlier_DHW + outputs[Output(run)][0] - decoded(earlier_DHW), 0, 1)
+    np.testing.assert_allclose(outputs[Output(run, "detail")][0], detail_DHW, atol=1e-6)
+    oracle_DHW = np.clip(earlier_DHW + decoded(later_DHW) - decoded(earlier_DHW), 0, 1)
+    brain = template_brain_mask(config.data)
+    scored = per_pair.set_index("label")["psnr"]
+    assert scored[f"{run}+detail"] == pytest.approx(masked_psnr(detail_DHW, later_DHW, brain), rel=1e-5)
+    assert scored["tokenizer-oracle"] == pytest.approx(masked_psnr(oracle_DHW, later_DHW, brain), rel=1e-5)

@@ -84,11 +84,12 @@ def test_the_evaluation_reports_the_predicted_change_beside_the_true_one():
     for model, predicted_P in (("copy", np.zeros(4)), ("noisy", np.array([-6.0, 5.0, -1.0, 3.0])),
                                ("still", still_P)):
         for p, (true, predicted) in enumerate(zip(true_P, predicted_P)):
-            rows.append({"model": model, "subject_id": f"s{p}", "years": 1.0 + p, "psnr": 20.0 + p, "ssim": 0.9,
+            rows.append({"label": model, "model": model, "variant": "plain", "pair": p, "subject_id": f"s{p}",
+                         "years": 1.0 + p, "psnr": 20.0 + p, "ssim": 0.9,
                          "mae": 0.1, **{f"true_change_{r}": true for r in REGIONS},
                          **{f"predicted_change_{r}": predicted for r in REGIONS}})
     per_pair = pd.DataFrame(rows)
-    summary = summarize(per_pair, "noisy", pd.DataFrame(columns=["model"]))
+    summary = summarize(per_pair, pd.DataFrame(columns=["label"]), "ventricles")
     noisy = summary.set_index("model").loc["noisy"]
     assert noisy["ventricles_change_mean"] == pytest.approx(0.25)
     assert noisy["ventricles_change_std"] == pytest.approx(np.std([-6.0, 5.0, -1.0, 3.0], ddof=1))
@@ -97,7 +98,7 @@ def test_the_evaluation_reports_the_predicted_change_beside_the_true_one():
     assert noisy["ventricles_change_r"] == pytest.approx(np.corrcoef([-6.0, 5.0, -1.0, 3.0], true_P)[0, 1])
     # A correlation of decoding noise with the truth (here -0.07) is no measurement: undefined, as copy's.
     assert np.isnan(summary.set_index("model").loc["still", "ventricles_change_r"])
-    table = summary_markdown(summary, per_pair, "test", "noisy")
+    table = summary_markdown(summary, per_pair, "test", chosen=False)
     assert f"| +0.25 ± {np.std([-6.0, 5.0, -1.0, 3.0], ddof=1):.2f} |" in table
     assert "| +0.00 ± 0.00 |" in table
     assert f"true: +4.00 ± {np.std(true_P, ddof=1):.2f} mL" in table

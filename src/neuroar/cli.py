@@ -127,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="compare models (and the copy baselines) on held-out pairs")
     evaluate.add_argument("--models", nargs="+", default=[], help="trained run or model folders (RUN, RUN/NAME)")
     _add_run(evaluate, "run whose pairs are evaluated (default: the first model's)", required=False)
-    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--split", choices=["train", "val", "test"], help="default: test, else val")
+    evaluate.add_argument("--region", help="aging region of the headline and the age sweep, e.g. grey_matter "
+                                           "(default: chosen from the pairs' true changes, stated in summary.md)")
     evaluate.add_argument("--samples", type=int, help="NeuroAR samples per prediction (default: the config's)")
     evaluate.add_argument("--subjects", type=int, help="only the split's first N subjects (a quicker look)")
     evaluate.add_argument("--sweep-subjects", type=int, default=10,
@@ -274,7 +276,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from neuroar.evaluate.compare import evaluate_models
 
     evaluate_models(args.models, args.out, args.run, args.split, args.samples, args.seed, sampling=args.overrides,
-                    subjects=args.subjects, sweep_subjects=args.sweep_subjects)
+                    subjects=args.subjects, sweep_subjects=args.sweep_subjects, region=args.region)
     print((args.out / "summary.md").read_text())
 
 

@@ -2,9 +2,9 @@
 
 Sections: the evaluation table (every model and baseline) and its figures; for a few test pairs, three
 orthogonal slices of the earlier scan, NeuroAR's prediction, the true follow-up, the predicted and the true
-change, and the uncertainty; an age sweep of one subject with its ventricle-volume curve beside the volumes
-of its real scans; the brain-age table (when RUN/brain_age exists); training curves; and an interactive
-viewer (nilearn's `view_img`) of one predicted volume.
+change, and the uncertainty; an age sweep of one subject with the volume curve of the evaluation's aging
+region beside the volumes of its real scans; the brain-age table (when RUN/brain_age exists); training curves;
+and an interactive viewer (nilearn's `view_img`) of one predicted volume.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroar.config import load_config
+from neuroar.data.pairs import held_out_split
 from neuroar.data.preprocess import load_preprocessed
 from neuroar.errors import NeuroARError
 from neuroar.evaluate.volumes import regional_volumes, template_regions
@@ -27,7 +28,7 @@ from neuroar.files import write_text
 from neuroar.predict import Predictor
 
 SWEEP_YEARS = (0, 2, 4, 6, 8)
-FIGURES = ("metrics", "ventricle_change", "psnr_vs_years", "age_sweep")  # written by `neuroar evaluate`
+FIGURES = ("metrics", "change", "psnr_vs_years", "age_sweep")  # written by `neuroar evaluate`
 
 
 def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Path:
@@ -39,7 +40,7 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
     config = load_config(run_dir / "config.yaml")
     predictor = Predictor.from_checkpoint(run_dir)
     pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str}, keep_default_na=False)
-    split = "test" if (pairs["split"] == "test").any() else "val"
+    split = held_out_split(pairs)
     shown = (pairs[pairs["split"] == split].sort_values("years", ascending=False)
              .drop_duplicates("subject_id").head(pairs_shown))
     sections = [f"<h1>neuroar report: {html.escape(run_dir.name)}</h1>",
@@ -61,8 +62,9 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
         figure = pair_figure(earlier_DHW, mean, later_DHW, std, detail)
         sections += [f"<h3>{html.escape(title)}</h3>", _image(_png(figure), title)]
     if len(shown):
+        region = pd.read_csv(evaluation / "summary.csv")["region"].iloc[0]
         sections += ["<h2>Age sweep</h2>", sweep_section(predictor, run_dir, shown.iloc[0]["subject_id"], split,
-                                                         config, seed)]
+                                                         config, region, seed)]
     if (run_dir / "brain_age" / "summary.md").is_file():
         sections += ["<h2>Brain age</h2>", markdown_tables((run_dir / "brain_age" / "summary.md").read_text())]
     sections += ["<h2>Training</h2>", _image(_png(training_figure(run_dir)), "training curves")]
@@ -98,7 +100,10 @@ def pair_figure(earlier_DHW, predicted_DHW, later_DHW, std_DHW, detail_DHW) -> F
     return figure
 
 
-def sweep_section(predictor: Predictor, run_dir: Path, subject: str, split: str, config, seed: int) -> str:
+def sweep_section(predictor: Predictor, run_dir: Path, subject: str, split: str, config, region: str,
+                  seed: int) -> str:
+    """The subject's first scan predicted over the years, and the volume of `region` (the evaluation's aging
+    region) predicted beside that of its real scans."""
     scans = pd.read_csv(run_dir / "scans.csv", dtype={"subject_id": str}, keep_default_na=False)
     visits = scans[scans["subject_id"] == subject].sort_values("age")
     first_DHW = load_preprocessed(visits.iloc[0]["preprocessed"])[0]
@@ -107,8 +112,8 @@ def sweep_section(predictor: Predictor, run_dir: Path, subject: str, split: str,
     predictions = [first_DHW] + [mean for mean, _, _ in predictor.predict_preprocessed(
         first_DHW, age, targets, seed=seed, diagnosis=visits.iloc[0].get("diagnosis"))]
     regions = template_regions(config.data)
-    predicted = [regional_volumes(p, regions)["ventricles"] for p in predictions]
-    real = [regional_volumes(load_preprocessed(p)[0], regions)["ventricles"] for p in visits["preprocessed"]]
+    predicted = [regional_volumes(p, regions)[region] for p in predictions]
+    real = [regional_volumes(load_preprocessed(p)[0], regions)[region] for p in visits["preprocessed"]]
     figure = Figure(figsize=(3 * len(predictions) + 4, 3.2), layout="constrained")
     axes = figure.subplots(1, len(predictions) + 1)
     axial = first_DHW.shape[2] // 2 + 4  # just above the centre: the lateral ventricles
@@ -119,7 +124,7 @@ def sweep_section(predictor: Predictor, run_dir: Path, subject: str, split: str,
     axes[-1].plot([age, *targets], predicted, marker="o", label="predicted")
     axes[-1].plot(visits["age"], real, marker="s", linestyle="--", label="real scans")
     axes[-1].set_xlabel("age (years)")
-    axes[-1].set_ylabel("ventricle volume (mL)")
+    axes[-1].set_ylabel(f"{region.replace('_', ' ')} volume (mL)")
     axes[-1].legend(fontsize=8)
     return f"<p>Subject {html.escape(subject)}, first scan at {age:.1f} years.</p>" + _image(_png(figure), "sweep")
 

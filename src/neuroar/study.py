@@ -141,7 +141,7 @@ def model_table(run_dir: Path, cohort: str) -> pd.DataFrame:
     """One row per evaluated model of a cohort's run: image metrics and the change of its aging region."""
     summary = pd.read_csv(run_dir / "evaluation" / "summary.csv")
     region = CHANGE_REGION[cohort]
-    columns = {"model": "model", "pairs": "pairs", "psnr_mean": "psnr", "psnr_std": "psnr_std", "ssim_mean": "ssim",
+    columns = {"label": "model", "pairs": "pairs", "psnr_mean": "psnr", "psnr_std": "psnr_std", "ssim_mean": "ssim",
                "ssim_std": "ssim_std", f"{region}_change_r": "change_r", f"{region}_change_mae": "change_mae",
                f"{region}_change_mean": "change_mean", f"{region}_true_change_mean": "true_change_mean"}
     table = summary[list(columns)].rename(columns=columns)
@@ -153,14 +153,15 @@ def change_figure(run_dir: Path, cohort: str) -> Figure:
     """Predicted against true change of the cohort's aging region over the test pairs: the tokenizer-oracle and
     every model's change-preserving output (+detail), one panel each, with r and MAE."""
     per_pair = pd.read_csv(run_dir / "evaluation" / "pairs.csv", dtype={"subject_id": str})
-    per_pair["model"] = [_model_name(name, run_dir.name) for name in per_pair["model"]]
+    per_pair["name"] = [_model_name(label, run_dir.name) for label in per_pair["label"]]
     region = CHANGE_REGION[cohort]
-    models = [m for m in per_pair["model"].unique() if m == "tokenizer-oracle" or m.endswith("+detail")]
+    shown = (per_pair["model"] == "tokenizer-oracle") | (per_pair["variant"] == "detail")
+    models = list(per_pair.loc[shown, "name"].unique())
     figure = Figure(figsize=(3 * len(models), 3.2), layout="constrained")
     axes = figure.subplots(1, len(models), sharex=True, sharey=True, squeeze=False)[0]
     true = per_pair[f"true_change_{region}"]
     for axis, model in zip(axes, models):
-        group = per_pair[per_pair["model"] == model]
+        group = per_pair[per_pair["name"] == model]
         predicted, truth = group[f"predicted_change_{region}"], group[f"true_change_{region}"]
         axis.scatter(truth, predicted, s=8)
         axis.plot([true.min(), true.max()], [true.min(), true.max()], color="grey", lw=1)
@@ -168,7 +169,7 @@ def change_figure(run_dir: Path, cohort: str) -> Figure:
                        fontsize=9)
         axis.set_xlabel(f"true {region.replace('_', ' ')} change (mL)", fontsize=8)
     axes[0].set_ylabel("predicted change (mL)", fontsize=8)
-    figure.suptitle(f"{cohort}: {len(true) // per_pair['model'].nunique()} test pairs", fontsize=10)
+    figure.suptitle(f"{cohort}: {per_pair['pair'].nunique()} test pairs", fontsize=10)
     return figure
 
 

@@ -14,6 +14,12 @@ PAIR_COLUMNS = ["subject_id", "earlier_session", "later_session", "earlier_age",
                 "earlier_path", "later_path"]
 
 
+def held_out_split(table: pd.DataFrame) -> str:
+    """The split that evaluation holds out, from a table with a `split` column (scans or pairs): test, or val
+    when the run has no test split."""
+    return "test" if (table["split"] == "test").any() else "val"
+
+
 def longitudinal_pairs(scans: pd.DataFrame, split: str | None = None, column: str = "path") -> pd.DataFrame:
     """All ordered pairs of scans of each subject with a strictly later age.
 
