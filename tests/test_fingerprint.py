@@ -169,3 +169,12 @@ def test_cached_tokens_equal_the_tokens_a_prediction_encodes(run_dir):
         again = predictor.tokenizer.encode_scan(volume_DHW)
     assert all(torch.equal(a, b) for a, b in zip(encoded, again))
     assert np.array_equal(predictor.tokenizer.decode_scan(encoded), predictor.tokenizer.decode_scan(again))
+
+
+def test_the_evaluation_refuses_a_model_trained_on_another_split(run_dir, tmp_path, capsys):
+    resplit(run_dir, OTHER_SPLIT)
+    # Its training subjects may now be test subjects: scoring it there would score what it learnt from.
+    assert main(["evaluate", "--models", str(run_dir), "--split", "val", "--out", str(tmp_path / "evaluation")]) == 2
+    message = capsys.readouterr().err
+    assert "split" in message and "--retrain" in message
+    assert not (tmp_path / "evaluation").exists()

@@ -60,6 +60,30 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(run_dir):
         # One validation pair has no spread to measure; more give a standard error.
         se = metrics[f"scale{k}_gain_se"]
         assert (0 <= se < 1) if len(pairs) > 1 else np.isnan(se)
+    # The standard error of the gain over copy, against per-pair gains computed here from the trained model's
+    # teacher-forced predictions: over the three training pairs (the tiny run validates on one pair), in
+    # chunks of two so that the chunks' gains are joined.
+    from neuroar.train.transformer import ScanSequences, evaluate_teacher_forced
+
+    model = Predictor.from_checkpoint(run_dir).model
+    sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens, config.transformer.earlier)
+    train_pairs = token_pairs(run_dir, scans, "train")
+    train_pairs["diagnosis_id"] = model.diagnosis_ids([None] * len(train_pairs)).numpy()
+    on_train = evaluate_teacher_forced(model, sequences, train_pairs, torch.device("cpu"), chunk=2)
+    batch = sequences.batch(train_pairs, list(range(len(train_pairs))), torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"], batch["earlier_age"],
+                       batch["target_age"], diagnosis_B=batch["diagnosis"])
+    right_PL = (logits.argmax(-1) == batch["tokens"]).numpy()
+    copied_PL = (batch["earlier_tokens"] == batch["tokens"]).numpy()
+    ends = np.cumsum([maps[0].numel() for maps in tokens])  # each scale's tokens end the sequence's part
+    spreads = []
+    for k, end in enumerate(ends):
+        scale = slice(end - tokens[k][0].numel(), end)
+        gains_P = right_PL[:, scale].mean(1) - copied_PL[:, scale].mean(1)
+        spreads.append(gains_P.std(ddof=1) / np.sqrt(len(gains_P)))
+        assert on_train[f"scale{k}_gain_se"] == pytest.approx(spreads[-1], rel=1e-5, abs=1e-8)
+    assert len(train_pairs) == 3 and max(spreads) > 0  # the gains do differ between pairs
     meta = json.loads(model_checkpoint(run_dir).with_suffix(".json").read_text())
     assert meta["step"] == 30 and len(meta["tokenizer_sha256"]) == 64
     assert (run_dir / "neuroar_val.csv").is_file()
@@ -252,9 +276,9 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     per_pair = pd.read_csv(out / "pairs.csv", dtype={"subject_id": str})
     names = ["copy", "tokenizer-copy", "tokenizer-oracle", "run", "run+detail", "run+aging", "run/no-earlier",
              "run/no-earlier+detail", "run/no-earlier+aging"]
-    assert list(per_pair["model"].unique()) == names
+    assert list(per_pair["label"].unique()) == names
     pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str})
-    assert (per_pair.groupby("model").size() == (pairs["split"] == "val").sum()).all()
+    assert (per_pair.groupby("label").size() == (pairs["split"] == "val").sum()).all()
 
     # The copy baseline scores exactly the copy's error, and predicts no change at all.
     from neuroar.data.preprocess import load_preprocessed, template_brain_mask
@@ -263,9 +287,9 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     brain = template_brain_mask(load_config(run_dir / "config.yaml").data)
     val = pairs[pairs["split"] == "val"].iloc[0]
     expected = masked_psnr(load_preprocessed(val["earlier_path"])[0], load_preprocessed(val["later_path"])[0], brain)
-    copy = per_pair[(per_pair["model"] == "copy") & (per_pair["earlier_age"] == val["earlier_age"])]
+    copy = per_pair[(per_pair["label"] == "copy") & (per_pair["earlier_age"] == val["earlier_age"])]
     assert copy["psnr"].iloc[0] == pytest.approx(expected)
-    assert (per_pair.loc[per_pair["model"] == "copy", "predicted_change_ventricles"] == 0).all()
+    assert (per_pair.loc[per_pair["label"] == "copy", "predicted_change_ventricles"] == 0).all()
     # The oracle adds the true follow-up's token change to the earlier scan (computed here independently).
     tokenizer = load_tokenizer(run_dir, load_config(run_dir / "config.yaml"))
     earlier_DHW, later_DHW = load_preprocessed(val["earlier_path"])[0], load_preprocessed(val["later_path"])[0]
@@ -276,24 +300,24 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
         return tokenizer.decode(tokenizer.quantizer.tokens_to_fhat(tokenizer.encode_scan(x)))[0, 0].clamp(0, 1).numpy()
 
     oracle = np.clip(earlier_DHW + decoded(later_DHW) - decoded(earlier_DHW), 0, 1)
-    row = per_pair[(per_pair["model"] == "tokenizer-oracle") & (per_pair["earlier_age"] == val["earlier_age"])]
+    row = per_pair[(per_pair["label"] == "tokenizer-oracle") & (per_pair["earlier_age"] == val["earlier_age"])]
     assert row["psnr"].iloc[0] == pytest.approx(masked_psnr(oracle, later_DHW, brain), rel=1e-5)
 
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary["model"]) == names
-    assert np.isnan(summary.loc[summary["model"] == "run", "psnr_p_vs_reference"]).all()
+    assert list(summary["label"]) == names
+    assert np.isnan(summary.loc[summary["label"] == "copy", "psnr_p_vs_copy"]).all()
     table = (out / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in names)
     sweep = pd.read_csv(out / "sweep.csv")
-    assert set(sweep["model"]) == set(names[3:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
-    assert {p.name for p in (out / "figures").iterdir()} == {"metrics.png", "ventricle_change.png",
+    assert set(sweep["label"]) == set(names[3:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
+    assert {p.name for p in (out / "figures").iterdir()} == {"metrics.png", "change.png",
                                                            "psnr_vs_years.png", "age_sweep.png"}
 
 
 def test_the_aging_variant_keeps_what_the_years_change_and_cancels_what_the_model_changes_at_zero_years():
     """A stand-in predictor whose every prediction changes the scan by a fixed random field (a bias, whatever the
     ages) and brightens it by 0.01 per year: "+aging" is the earlier scan plus the years' part alone."""
-    from neuroar.evaluate.forecasters import ModelForecaster
+    from neuroar.evaluate.forecasters import ModelForecaster, Output
 
     bias_DHW = np.random.default_rng(0).uniform(-0.2, 0.2, (4, 5, 6)).astype(np.float32)
 
@@ -304,8 +328,8 @@ def test_the_aging_variant_keeps_what_the_years_change_and_cancels_what_the_mode
 
     earlier_DHW = np.full((4, 5, 6), 0.5, dtype=np.float32)
     outputs = ModelForecaster("m", Biased()).predict(earlier_DHW, 70.0, [72.0, 80.0], seed=0)
-    assert set(outputs) == {"m", "m+detail", "m+aging"}
-    for target, mean_DHW, aging_DHW in zip([72.0, 80.0], outputs["m"], outputs["m+aging"]):
+    assert set(outputs) == {Output("m"), Output("m", "detail"), Output("m", "aging")}
+    for target, mean_DHW, aging_DHW in zip([72.0, 80.0], outputs[Output("m")], outputs[Output("m", "aging")]):
         np.testing.assert_allclose(mean_DHW, 0.5 + bias_DHW + 0.01 * (target - 70), atol=1e-6)
         np.testing.assert_allclose(aging_DHW, 0.5 + 0.01 * (target - 70), atol=1e-6)
 

@@ -20,7 +20,7 @@ import pandas as pd
 from neuroar.config import Config, load_config, save_config
 from neuroar.data.fingerprint import data_fingerprint
 from neuroar.data.manifest import assign_splits, write_manifest
-from neuroar.data.pairs import longitudinal_pairs
+from neuroar.data.pairs import held_out_split, longitudinal_pairs
 from neuroar.data.preprocess import load_preprocessed, preprocess_scans
 from neuroar.data.quality import write_qc_page
 from neuroar.data.scans import read_scans
@@ -150,6 +150,10 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
     return dataset, timings
 
 
+# Bump when the evaluation's tables change, so that an older RUN/evaluation is redone rather than read.
+EVALUATION_FORMAT = 2
+
+
 def evaluate_run(run_dir: Path, seed: int = 0, variants: Sequence[str] = ()) -> Path:
     """Evaluate a run's NeuroAR model, the NeuroAR models named `variants` (RUN/NAME) and its baselines (those
     trained) on its test split (or val, when there is no test split) into RUN/evaluation, unless that was
@@ -159,10 +163,11 @@ def evaluate_run(run_dir: Path, seed: int = 0, variants: Sequence[str] = ()) -> 
 
     out = run_dir / "evaluation"
     pairs = pd.read_csv(run_dir / "pairs.csv", keep_default_na=False)
-    split = "test" if (pairs["split"] == "test").any() else "val"
+    split = held_out_split(pairs)
     models = [run_dir, *(run_dir / name for name in variants),
               *(run_dir / kind for kind in BASELINES if (run_dir / kind / "last.json").is_file())]
-    inputs = {"split": split, "seed": seed, "data": data_fingerprint(run_dir), "models": _checkpoints(run_dir, models)}
+    inputs = {"split": split, "seed": seed, "data": data_fingerprint(run_dir), "models": _checkpoints(run_dir, models),
+              "format": EVALUATION_FORMAT}
     if _up_to_date(out, inputs):
         return out
     evaluate_models([str(m) for m in models], out, split=split, seed=seed)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from neuroar.checkpoint import read_meta
 from neuroar.errors import NeuroARError
 from neuroar.files import sha256_json
 
@@ -59,6 +60,17 @@ def check_fingerprint(what: str, recorded: dict[str, str] | None, current: dict[
     if changed:
         raise StaleModelError(f"{what} was computed from other data than the run holds now: "
                               f"{', '.join(changed)} changed since. {fix}")
+
+
+def check_model_fits_run(checkpoint: str | Path, run_dir: str | Path) -> None:
+    """Refuse a model (checkpoint stem RUN/NAME/last) whose recorded data is not what its run holds now: its
+    training subjects may now be test subjects, so evaluating it there would score it on what it learnt from."""
+    run_dir, checkpoint = Path(run_dir), Path(checkpoint)
+    recorded = read_meta(checkpoint).get("data")
+    current = {k: v for k, v in data_fingerprint(run_dir).items() if recorded is None or k in recorded}
+    check_fingerprint(str(checkpoint), recorded, current,
+                      f"Retrain it (e.g. `neuroar train-ar --run {run_dir} --retrain`, `neuroar train-tokenizer "
+                      f"--run {run_dir} --retrain`, `neuroar train-baseline KIND --run {run_dir} --retrain`).")
 
 
 def _age(text: str) -> str:

@@ -27,9 +27,10 @@ import torch
 
 from neuroar import distributed
 from neuroar.config import Config
+from neuroar.data.fingerprint import check_model_fits_run
 from neuroar.errors import NeuroARError
 from neuroar.predict import Predictor, with_change
-from neuroar.runs import MODEL_NAME, load_tokenizer, resolve_model
+from neuroar.runs import MODEL_NAME, load_tokenizer, resolve_model, tokenizer_checkpoint
 
 TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle")
 PLAIN = "plain"  # a model's own output, not one of its variants
@@ -115,7 +116,12 @@ class ModelForecaster:
 
 def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, samples: int | None = None,
                      sampling: Sequence[str] = ()) -> list[Forecaster]:
-    """The trivial baselines first (always), then each model folder given (with `sampling` overrides)."""
+    """The trivial baselines first (always), then each model folder given (with `sampling` overrides). A model
+    (or the run's tokenizer) trained on other data than its run now holds is refused."""
+    check_model_fits_run(tokenizer_checkpoint(run_dir), run_dir)
+    for spec in specs:
+        if spec not in TRIVIAL:
+            check_model_fits_run(Path.joinpath(*resolve_model(spec)) / "last", resolve_model(spec)[0])
     models = [ModelForecaster.load(Path(spec), samples, sampling) for spec in specs if spec not in TRIVIAL]
     tokenizer_copy = TokenizerCopy(run_dir, config)
     return [Copy(), tokenizer_copy, TokenizerOracle(tokenizer_copy), *models]
