@@ -175,6 +175,28 @@ def test_every_p_value_compares_against_copy_on_the_same_pairs():
     assert [copy_row[i] for i in (2, 4, 8)] == ["–", "–", "–"]
 
 
+def test_carried_is_each_outputs_mean_change_over_the_true_mean_change():
+    rng = np.random.default_rng(2)
+    true_P = rng.uniform(1, 5, 10)
+    psnr = {"psnr": rng.uniform(24, 26, 10), "ssim": rng.uniform(0.93, 0.95, 10)}
+    shuffled = rng.permutation(true_P)  # the same mean, another order: carried alone cannot tell it from the truth
+    outputs = {Output("copy"): {**psnr, "predicted": np.zeros(10)},
+               Output("tokenizer-oracle"): {**psnr, "predicted": 0.4 * true_P + 0.1},
+               Output("run"): {**psnr, "predicted": shuffled}}
+    per_pair = pairs_table({r: true_P for r in REGIONS}, {r: 100.0 for r in REGIONS}, outputs)
+    summary = compare.summarize(per_pair, NO_SWEEP, "ventricles").set_index("label")
+    expected = (0.4 * true_P.mean() + 0.1) / true_P.mean()
+    assert summary.loc["tokenizer-oracle", "ventricles_carried"] == pytest.approx(expected)
+    assert summary.loc["copy", "ventricles_carried"] == 0
+    assert summary.loc["run", "ventricles_carried"] == pytest.approx(1.0)
+    assert summary.loc["run", "ventricles_change_r"] < 0.9  # which is why r stands beside it
+    table = compare.summary_markdown(summary.reset_index(), per_pair, "test")
+    oracle_row = next(line for line in table.splitlines() if line.startswith("| tokenizer-oracle |")).split(" | ")
+    assert oracle_row[10] == f"{expected:.0%}"
+    no_change = pairs_table({r: np.zeros(10) for r in REGIONS}, {r: 100.0 for r in REGIONS}, outputs)
+    assert np.isnan(compare.summarize(no_change, NO_SWEEP, "ventricles")["ventricles_carried"]).all()
+
+
 # Measured on the code's own synthetic cohorts (16 subjects x 4 visits, seed 0, the demo's 4 mm preprocessing,
 # 96 pairs): per region the mean volume in the earlier scans (mL), and the mean and spread over pairs of the true
 # change in % of it. In the elderly, grey matter's change is the steadiest (|mean| / std 1.57 against the

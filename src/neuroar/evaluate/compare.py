@@ -236,10 +236,19 @@ def summarize(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str, seed: in
             # Mean and spread beside the truth's: a change that is sampling noise has a wide spread around 0.
             row[f"{r}_change_mean"], row[f"{r}_change_std"] = mean_std(predicted.to_numpy(dtype=float))
             row[f"{r}_true_change_mean"], row[f"{r}_true_change_std"] = mean_std(true.to_numpy(dtype=float))
+            row[f"{r}_carried"] = carried(predicted, true)
         mine = sweep[sweep["label"] == label]
         row["sweep_monotonic"] = monotonic_share(mine, direction) if len(mine) else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def carried(predicted: pd.Series, true: pd.Series) -> float:
+    """The share of the true mean change that an output's mean change carries (the tokenizer-oracle's is the
+    yardstick of a token space, DESIGN.md section 5); NaN where the truth's mean is no change."""
+    if abs(true.mean()) <= NO_CHANGE_SHARE * true.std(ddof=0):
+        return np.nan
+    return float(predicted.mean() / true.mean())
 
 
 def mean_std(values: np.ndarray) -> tuple[float, float]:
@@ -310,6 +319,9 @@ def summary_markdown(summary: pd.DataFrame, per_pair: pd.DataFrame, split: str, 
     def number(value, digits=2):
         return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
+    def percent(value):
+        return "–" if value is None or not np.isfinite(value) else f"{value:.0%}"
+
     first = summary.iloc[0]
     region = str(first["region"])
     name = _words(region)
@@ -329,20 +341,23 @@ def summary_markdown(summary: pd.DataFrame, per_pair: pd.DataFrame, split: str, 
              f"of SSIM and of the absolute error of the predicted {name} change (– for copy itself). "
              f"{name.capitalize()} change: Pearson r (– where the predicted change's spread is under "
              f"{NO_CHANGE_SHARE:.0%} of the true change's) and mean absolute error (mL) of predicted vs true change, "
-             "and the predicted change's mean ± std over pairs (true: "
-             f"{true_mean:+.2f} ± {first[f'{region}_true_change_std']:.2f} mL). Sweep: share of subjects whose "
+             "the predicted change's mean ± std over pairs (true: "
+             f"{true_mean:+.2f} ± {first[f'{region}_true_change_std']:.2f} mL) and the share of the true mean "
+             "change it carries. Sweep: share of subjects whose "
              f"predicted {name} {'grows' if true_mean >= 0 else 'shrinks'} at every step, as its true change does.",
              ""]
     header = ["model", "PSNR (dB)", "p vs copy", "SSIM", "p vs copy", "MAE", f"{name} change r",
-              f"{name} change MAE (mL)", "p vs copy", f"{name} change (mL)", "sweep monotonic"]
+              f"{name} change MAE (mL)", "p vs copy", f"{name} change (mL)", "carried", "sweep monotonic"]
     rows = [[row["label"], cell(row, "psnr", 2), number(row["psnr_p_vs_copy"], 3), cell(row, "ssim", 3),
              number(row["ssim_p_vs_copy"], 3), cell(row, "mae", 4), number(row[f"{region}_change_r"]),
              number(row[f"{region}_change_mae"]), number(row[f"{region}_change_mae_p_vs_copy"], 3),
-             f"{row[f'{region}_change_mean']:+.2f} ± {row[f'{region}_change_std']:.2f}", number(row["sweep_monotonic"])]
+             f"{row[f'{region}_change_mean']:+.2f} ± {row[f'{region}_change_std']:.2f}",
+             percent(row[f"{region}_carried"]), number(row["sweep_monotonic"])]
             for row in summary.to_dict("records")]
     lines += [markdown_table(header, rows), "", "Volume change per region: Pearson r (MAE in mL) of predicted vs true "
-              "change.", ""]
-    rows = [[row["label"], *(f"{number(row[f'{r}_change_r'])} ({number(row[f'{r}_change_mae'])})" for r in REGIONS)]
+              "change, and the share of the true mean change carried.", ""]
+    rows = [[row["label"], *(f"{number(row[f'{r}_change_r'])} ({number(row[f'{r}_change_mae'])}) "
+                             f"{percent(row[f'{r}_carried'])}" for r in REGIONS)]
             for row in summary.to_dict("records")]
     lines.append(markdown_table(["model", *REGIONS], rows))
     return "\n".join(lines) + "\n"
