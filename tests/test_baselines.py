@@ -159,16 +159,25 @@ def test_a_change_ldm_samples_the_earlier_latent_plus_the_change_its_denoiser_kn
 
 
 def test_a_change_ldm_keeps_the_scale_of_its_training_changes_with_its_weights(run_dir):
-    from neuroar.data.latents import load_latents
-    from neuroar.data.pairs import token_pairs
+    """change_scale is 1 / the standard deviation of the training subjects' later - earlier latents, in the
+    latent scale (1 / the training scans' latents' standard deviation): computed here with numpy from the
+    latent file and the scan table."""
+    from safetensors.numpy import load_file as load_numpy
 
     config = load_config(run_dir / "config.yaml", settings("ldm", 2, "ldm.target=change"))
     train_baseline(run_dir, config, "ldm", progress=False)
-    latents, scale, scans = load_latents(run_dir)
-    pairs = token_pairs(run_dir, scans, "train")
-    later, earlier = (latents[pairs[f"{which}_index"].to_numpy(copy=True)] for which in ("later", "earlier"))
-    change = (later - earlier) * scale
+    [path] = (run_dir / "latents").glob("*.safetensors")
+    latents = load_numpy(str(path))["latents"].astype(np.float64)
+    scans = pd.read_csv(run_dir / "scans.csv", dtype={"subject_id": str})
+    assert [s["preprocessed"] for s in json.loads(path.with_suffix(".json").read_text())["scans"]] == list(
+        scans["preprocessed"])  # the latents' rows are the table's scans
+    train = scans[scans["split"] == "train"]
+    latents = latents / latents[train.index].std(ddof=1)
+    changes = [latents[subject["age"].idxmax()] - latents[subject["age"].idxmin()]
+               for _, subject in train.groupby("subject_id")]
+    assert len(changes) == 3  # the tiny run's training subjects, two visits each
+    expected = 1 / np.std(changes, ddof=1)
     saved = load_file(weights_path(model_checkpoint(run_dir, "ldm")))
-    assert saved["model.change_scale"].item() == pytest.approx(1 / change.std().item(), rel=1e-5)
+    assert saved["model.change_scale"].item() == pytest.approx(expected, rel=1e-5)
     predictor = Predictor.from_checkpoint(run_dir / "ldm")
-    assert predictor.model.change_scale.item() == pytest.approx(1 / change.std().item(), rel=1e-5)
+    assert predictor.model.change_scale.item() == pytest.approx(expected, rel=1e-5)

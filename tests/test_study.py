@@ -4,10 +4,12 @@ repeats to the same numbers on the same checkpoints."""
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
-from neuroar.study import run_study
+from neuroar.study import brain_age_table, run_study
 
 TINY_STUDY = ["data.spacing=4", "data.shape=[40,48,40]", "data.split_fractions=[0.6,0.2,0.2]",
               "tokenizer.downsample=8", "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]", "train_tokenizer.steps=4",
@@ -36,6 +38,9 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
     with_synthetic = brain_age["training"] != "real"
     assert brain_age.loc[with_synthetic, "mae_p_vs_real"].between(0, 1).all()
     assert brain_age.loc[~with_synthetic, "mae_p_vs_real"].isna().all()
+    for cohort in COHORTS:
+        expected = expected_p_values(pd.read_csv(out / cohort / "brain_age" / "results.csv"))
+        assert_p_values(brain_age[brain_age["cohort"] == cohort], expected)
 
     produced = [out / c / "evaluation" / name for c in COHORTS for name in ("pairs.csv", "summary.csv", "sweep.csv")]
     produced += [out / c / "brain_age" / "results.csv" for c in COHORTS]
@@ -65,3 +70,42 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
     assert runs["adolescent"]["command"].endswith("--cohorts adolescent --subjects 6 --visits 3 --seed 0 "
                                                   + " ".join(TINY_STUDY))
     assert "## elderly" in (out / "results" / "results.md").read_text()
+
+
+def paired_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided p of the paired t statistic of a - b, from the differences' mean and standard error."""
+    d = a - b
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    return float(2 * stats.t.sf(abs(t), len(d) - 1))
+
+
+def expected_p_values(results: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """Per (training set, metric) but real: the p of each seed's regressor against real's of the same seed."""
+    by_seed = results.pivot(index="seed", columns="training", values=["mae", "r2"])
+    return {(training, metric): paired_p(by_seed[metric][training].to_numpy(), by_seed[metric]["real"].to_numpy())
+            for training in results["training"].unique() if training != "real" for metric in ("mae", "r2")}
+
+
+def assert_p_values(table: pd.DataFrame, expected: dict[tuple[str, str], float]) -> None:
+    assert table.loc[table["training"] == "real", ["mae_p_vs_real", "r2_p_vs_real"]].isna().all().all()
+    for (training, metric), p in expected.items():
+        assert table.loc[table["training"] == training, f"{metric}_p_vs_real"].item() == pytest.approx(p, rel=1e-9)
+
+
+def test_the_brain_age_p_values_pair_each_seed_with_real_of_the_same_seed(tmp_path):
+    """The seeds' spread is large and the synthetic scans make each seed's regressor a little worse: a paired
+    test over seeds shows it, an unpaired one or pairs of other seeds (the rows here are in another order) not."""
+    real_mae, real_r2 = np.array([3.0, 5.0, 4.0, 6.5]), np.array([0.8, 0.5, 0.7, 0.3])
+    rows = [{"training": "real", "seed": s, "training_scans": 6, "test_scans": 2, "mae": real_mae[s],
+             "r2": real_r2[s]} for s in range(4)]
+    for name, worse in (("neuroar", [0.2, 0.25, 0.15, 0.22]), ("ldm", [0.5, -0.1, 0.3, 0.05])):
+        rows += [{"training": f"real + synthetic ({name})", "seed": s, "training_scans": 18, "test_scans": 2,
+                  "mae": real_mae[s] + worse[s], "r2": real_r2[s] - worse[s] / 10} for s in (3, 1, 0, 2)]
+    results = pd.DataFrame(rows)
+    (tmp_path / "brain_age").mkdir()
+    results.to_csv(tmp_path / "brain_age" / "results.csv", index=False)
+    table = brain_age_table(tmp_path, "elderly")
+    expected = expected_p_values(results)
+    assert_p_values(table, expected)
+    assert expected["real + synthetic (neuroar)", "mae"] < 0.01
+    assert (table["cohort"] == "elderly").all() and (table["seeds"] == 4).all()

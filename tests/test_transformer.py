@@ -245,11 +245,13 @@ def test_top_k_and_top_p_draw_only_from_the_kept_tokens():
 def test_it_learns_to_keep_the_earlier_scans_tokens_and_does_so_on_unseen_scans():
     """Trained a few dozen steps on pairs whose later scan is the earlier one (at other ages), greedy sampling
     reproduces the tokens of scans it never saw: copying is learnable from the earlier scan's input, not
-    memorised from positions."""
+    memorised from positions. The copy logit is held at 0 throughout, since it alone would copy: the network
+    must learn it from the earlier scan's code vectors and token embedding."""
     torch.manual_seed(0)
     quantizer = MultiScaleQuantizer(CODES, DIM, SCALES).eval()
     nn_init_all(quantizer)
     model = NeuroAR(TransformerConfig(depth=2), DIM, CODES, SCALES)
+    model.copy_logit.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameter_groups(0.0), lr=3e-3)
     for step in range(60):
         tokens = random_tokens(16, seed=100 + step)
@@ -265,6 +267,7 @@ def test_it_learns_to_keep_the_earlier_scans_tokens_and_does_so_on_unseen_scans(
     a1 = torch.full((8,), 71.0)
     predicted = model.sample(quantizer, unseen, a1, a1 + 4, SamplingConfig(top_k=1), torch.Generator().manual_seed(0))
     assert (sequence(predicted) == sequence(unseen)).float().mean().item() >= 0.99
+    assert torch.equal(model.copy_logit, torch.zeros(len(SCALES)))
 
 
 @pytest.mark.parametrize("name", ["demo", "paper"])

@@ -5,9 +5,16 @@ An SFCN-style regressor (models/sfcn.py) is trained, for each of `brain_age.seed
 real training scans and (b) for each given model, on those plus synthetic scans: each training scan's
 follow-up predicted by the model (NeuroAR by default; any model folder works) at the scan's age +
 `brain_age.synthetic_years`, ages at which the subject was not scanned (by default the predicted change added
-to the real scan, `brain_age.synthetic_output`). All are evaluated on the real test scans (MAE, R2). Each
-model's synthetic scans are cached in OUT/synthetic/NAME.safetensors, keyed by the model's checkpoint and the
-settings.
+to the real scan, `brain_age.synthetic_output`). All are evaluated on the real test scans (MAE, R2).
+
+A seed's regressors differ by the synthetic scans alone: the same age bins (from the real training scans, so
+that the real-only regressor does not move with the models compared), the same initial weights, and the same
+real scans at every step, each with its synthetic scans beside it (`train_regressor`). So each model is
+compared with real scans alone by a paired t-test over seeds, seed with seed, and the p-values of all the
+tests a table reports (each model, MAE and R2) are Holm-Bonferroni-adjusted as one family.
+
+Each model's synthetic scans are cached in OUT/synthetic/NAME.safetensors, keyed by the model's checkpoint and
+the settings.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from scipy import stats
 from sklearn.metrics import mean_absolute_error, r2_score
 
 from neuroar.config import Config
@@ -33,6 +41,8 @@ from neuroar.runs import resolve_model
 from neuroar.train.loop import batch_indices, learning_rate, set_learning_rate
 
 REAL = "real"
+METRICS = ("mae", "r2")
+BIN_MARGIN = 5.0  # years of bins below the youngest and above the oldest real training scan
 
 
 def synthetic_condition(name: str) -> str:
@@ -43,12 +53,14 @@ def synthetic_condition(name: str) -> str:
 def run_brain_age(run_dir: str | Path, config: Config, models: Sequence[str | Path] = (),
                   out_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Train and evaluate the regressors on real scans and, for each of `models` (default: the run's NeuroAR),
-    on real + that model's synthetic scans; writes OUT/results.csv (one row per seed and training set) and
-    OUT/summary.md (mean +- std over seeds); returns the results."""
+    on real + that model's synthetic scans; writes OUT/results.csv (one row per seed and training set),
+    OUT/predictions.csv (one row per seed, training set and test scan) and OUT/summary.md (mean +- std over
+    seeds, paired t-tests against real alone, raw and Holm-Bonferroni-adjusted); returns the results."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "brain_age"
     settings = config.brain_age
-    scans = pd.read_csv(run_dir / "scans.csv", dtype={"subject_id": str}, keep_default_na=False)
+    scans = pd.read_csv(run_dir / "scans.csv", dtype={"subject_id": str, "session_id": str},
+                        keep_default_na=False)
     train = scans[scans["split"] == "train"]
     test_split = "test" if (scans["split"] == "test").any() else "val"
     test = scans[scans["split"] == test_split]
@@ -57,36 +69,48 @@ def run_brain_age(run_dir: str | Path, config: Config, models: Sequence[str | Pa
                            "experiment.")
     real_x, real_age = _volumes(train, settings.downsample), torch.tensor(train["age"].to_numpy(), dtype=torch.float32)
     test_x, test_age = _volumes(test, settings.downsample), test["age"].to_numpy(dtype=float)
-    training_sets = {REAL: (real_x, real_age)}
+    added: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {REAL: None}  # synthetic scans per training set
     for model in models or [run_dir]:
         name = resolve_model(model)[1]
-        if synthetic_condition(name) in training_sets:
+        if synthetic_condition(name) in added:
             raise NeuroARError(f"two of the brain-age models are named {name!r}; give models of different names.")
-        synthetic_x, synthetic_age = synthetic_scans(model, train, config, out_dir, progress)
-        training_sets[synthetic_condition(name)] = (torch.cat([real_x, synthetic_x]),
-                                                    torch.cat([real_age, synthetic_age]))
-    every_age = torch.cat([ages for _, ages in training_sets.values()])
-    bins = torch.arange(np.floor(float(every_age.min())) - 5, np.ceil(float(every_age.max())) + 5 + 1e-6,
-                        settings.bin_width) + settings.bin_width / 2
-    rows = []
+        added[synthetic_condition(name)] = synthetic_scans(model, train, config, out_dir, progress)
+    bins = age_bins(real_age, settings.bin_width)
+    rows, predictions = [], []
     for seed in Progress(range(settings.seeds), desc="brain age", unit="seed", enabled=progress):
-        for condition, (x, ages) in training_sets.items():
-            regressor = train_regressor(x, ages, bins, config, seed)
-            predicted = predict_ages(regressor, test_x)
-            rows.append({"training": condition, "seed": seed, "training_scans": len(x), "test_scans": len(test),
-                         "mae": mean_absolute_error(test_age, predicted), "r2": r2_score(test_age, predicted)})
+        for condition, synthetic in added.items():
+            regressor = train_regressor(real_x, real_age, bins, config, seed, synthetic)
+            predicted = predict_ages(regressor, test_x).astype(float)  # float64, as written to the CSV
+            rows.append({"training": condition, "seed": seed,
+                         "training_scans": len(real_x) + (0 if synthetic is None else synthetic[1].numel()),
+                         "test_scans": len(test), "mae": mean_absolute_error(test_age, predicted),
+                         "r2": r2_score(test_age, predicted)})
+            predictions.append(pd.DataFrame({"training": condition, "seed": seed,
+                                             "subject_id": test["subject_id"].to_numpy(),
+                                             "session_id": test["session_id"].to_numpy(), "age": test_age,
+                                             "predicted_age": predicted}))
     results = pd.DataFrame(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "results.csv", results.to_csv(index=False))
+    write_text(out_dir / "predictions.csv", pd.concat(predictions, ignore_index=True).to_csv(index=False))
     write_text(out_dir / "summary.md", summary_markdown(results, test_split))
     return results
+
+
+def age_bins(real_ages_N: torch.Tensor, width: float) -> torch.Tensor:
+    """Centres of `width`-year bins from `BIN_MARGIN` years below the youngest to as many above the oldest of
+    the real training scans. The real scans' alone: the real-only regressor must not change with the models
+    compared (a synthetic scan older than the last bin is labelled towards the last bins)."""
+    low = np.floor(float(real_ages_N.min())) - BIN_MARGIN
+    high = np.ceil(float(real_ages_N.max())) + BIN_MARGIN
+    return torch.arange(low, high + 1e-6, width) + width / 2
 
 
 def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_dir: Path, progress: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each training scan's predicted follow-ups at its age + `synthetic_years` (one sample each, the model's
-    own sampling settings; the `synthetic_output` kind), downsampled like the real scans: (N, 1, d, h, w) and
-    their ages (N,)."""
+    own sampling settings; the `synthetic_output` kind), downsampled like the real scans: (N, K, 1, d, h, w) for
+    the N training scans and K `synthetic_years`, and their ages (N, K)."""
     from neuroar.predict import Predictor
 
     settings = config.brain_age
@@ -99,7 +123,7 @@ def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_
     meta_path = path.with_suffix(".json")
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
         tensors = load_file(str(path))
-        return tensors["volumes"], tensors["ages"]
+        return _per_scan(tensors, len(train))
     predictor = Predictor.from_checkpoint(model)
     volumes, ages = [], []
     for i, scan in enumerate(Progress(train.to_dict("records"), desc=f"synthetic scans ({name})", unit="scan",
@@ -117,11 +141,21 @@ def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
     write_json(meta_path, {"key": key, "model": str(model), "scans": len(volumes)})
-    return tensors["volumes"], tensors["ages"]
+    return _per_scan(tensors, len(train))
 
 
-def train_regressor(x_N1DHW: torch.Tensor, ages_N: torch.Tensor, bins: torch.Tensor, config: Config, seed: int
-                    ) -> SFCN:
+def _per_scan(tensors: dict[str, torch.Tensor], scans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached scans, stored one after another (scan by scan, then year), as (N, K, ...)."""
+    return tensors["volumes"].unflatten(0, (scans, -1)), tensors["ages"].unflatten(0, (scans, -1))
+
+
+def train_regressor(x_N1DHW: torch.Tensor, ages_N: torch.Tensor, bins: torch.Tensor, config: Config, seed: int,
+                    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None) -> SFCN:
+    """An SFCN trained on real scans (N, 1, D, H, W) of ages (N,) and, given `synthetic` (K scans per real one,
+    (N, K, 1, D, H, W), and their ages (N, K)), on those too. A step takes the real scans that the real-only
+    regressor of the same seed takes at that step and, with them, their synthetic scans (B (1 + K) scans): the
+    two regressors of a seed start from the same weights and see the same real scans in the same order, so
+    that they differ by the synthetic scans alone (and every scan, real or synthetic, is seen equally often)."""
     settings = config.brain_age
     torch.manual_seed(seed)
     model = SFCN(settings.channels, bins)
@@ -130,8 +164,12 @@ def train_regressor(x_N1DHW: torch.Tensor, ages_N: torch.Tensor, bins: torch.Ten
     for step in range(settings.steps):
         set_learning_rate([optimizer], learning_rate(step, settings.lr, settings.steps // 20, settings.steps))
         rows = batch_indices(len(x_N1DHW), step, settings.batch_size, seed)
-        log_probs = model(x_N1DHW[rows])
-        loss = F.kl_div(log_probs, model.soft_labels(ages_N[rows], settings.label_sigma), reduction="batchmean")
+        x_B1DHW, ages_B = x_N1DHW[rows], ages_N[rows]
+        if synthetic is not None:
+            x_B1DHW = torch.cat([x_B1DHW, synthetic[0][rows].flatten(0, 1)])
+            ages_B = torch.cat([ages_B, synthetic[1][rows].flatten()])
+        log_probs = model(x_B1DHW)
+        loss = F.kl_div(log_probs, model.soft_labels(ages_B, settings.label_sigma), reduction="batchmean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -143,16 +181,70 @@ def predict_ages(model: SFCN, x_N1DHW: torch.Tensor, chunk: int = 16) -> np.ndar
     return torch.cat([model.age(model(x_N1DHW[i:i + chunk])) for i in range(0, len(x_N1DHW), chunk)]).numpy()
 
 
+def compare_with_real(results: pd.DataFrame) -> pd.DataFrame:
+    """Per training set of `results` (`run_brain_age`'s rows; in their order): its seeds, MAE and R2 over seeds
+    (mean, std) and, for each training set but real, the raw two-sided p of a paired t-test of each metric
+    against real alone over the seeds, each seed's regressor with real's of the same seed (`METRIC_p_vs_real`;
+    NaN for real, and with fewer than two seeds)."""
+    real = results[results["training"] == REAL].set_index("seed")
+    rows = []
+    for training, runs in results.groupby("training", sort=False):
+        runs = runs.set_index("seed")
+        if set(runs.index) != set(real.index) or not runs.index.is_unique:
+            raise NeuroARError(f"the brain-age results have {training!r} with seeds {sorted(runs.index)} and "
+                               f"{REAL!r} with {sorted(real.index)}; a paired test needs each seed once in both.")
+        runs = runs.loc[real.index]
+        row = {"training": training, "seeds": len(runs)}
+        paired = training != REAL and len(runs) > 1
+        for metric in METRICS:
+            row |= {metric: runs[metric].mean(), f"{metric}_std": runs[metric].std(ddof=1),
+                    f"{metric}_p_vs_real": (float(stats.ttest_rel(runs[metric], real[metric]).pvalue) if paired
+                                            else float("nan"))}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def holm_adjusted(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` (rows of `compare_with_real`, of one run or several) with `METRIC_p_vs_real_holm` columns added
+    last: all its `METRIC_p_vs_real` Holm-Bonferroni-adjusted as one family, every training set and metric."""
+    columns = [f"{metric}_p_vs_real" for metric in METRICS]
+    adjusted = holm(table[columns].to_numpy(dtype=float).ravel()).reshape(len(table), len(columns))
+    return table.assign(**{f"{column}_holm": adjusted[:, i] for i, column in enumerate(columns)})
+
+
+def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (Holm 1979) of a family of m tests: the i-th smallest p (i from 0)
+    times m - i, made non-decreasing in that order, at most 1. A NaN (no test) is not counted and stays NaN."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * (len(order) - np.arange(len(order)))))
+    return adjusted
+
+
 def summary_markdown(results: pd.DataFrame, split: str) -> str:
+    table = holm_adjusted(compare_with_real(results))
+    tests = int(table[[f"{metric}_p_vs_real" for metric in METRICS]].notna().to_numpy().sum())
+    scans = results.groupby("training", sort=False)["training_scans"].first()
     lines = [f"# Brain age ({split} scans)", "",
-             "| training data | training scans | MAE (years) | R2 |", "|---|---|---|---|"]
-    for condition, group in results.groupby("training", sort=False):
-        lines.append(f"| {condition} | {int(group['training_scans'].iloc[0])} | "
-                     f"{group['mae'].mean():.2f} ± {group['mae'].std(ddof=1):.2f} | "
-                     f"{group['r2'].mean():.3f} ± {group['r2'].std(ddof=1):.3f} |")
+             "| training data | training scans | MAE (years) | p | p (Holm) | R2 | p | p (Holm) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in table.itertuples(index=False):
+        lines.append(f"| {row.training} | {int(scans[row.training])} | {row.mae:.2f} ± {row.mae_std:.2f} | "
+                     f"{_p(row.mae_p_vs_real)} | {_p(row.mae_p_vs_real_holm)} | {row.r2:.3f} ± {row.r2_std:.3f} | "
+                     f"{_p(row.r2_p_vs_real)} | {_p(row.r2_p_vs_real_holm)} |")
+    tested = (f"raw and Holm-Bonferroni-adjusted over the {tests} tests of this table" if tests
+              else "none here: it needs two seeds or more")
     lines += ["", f"Mean ± standard deviation over {results['seed'].nunique()} seeds; "
-              f"{int(results['test_scans'].iloc[0])} real test scans.", ""]
+              f"{int(results['test_scans'].iloc[0])} real test scans. p: two-sided paired t-test against "
+              "real scans alone over the seeds (a seed's regressors share their initial weights and real "
+              f"batches), {tested}.", ""]
     return "\n".join(lines)
+
+
+def _p(value: float) -> str:
+    return "–" if np.isnan(value) else f"{value:.2g}"
 
 
 def _volumes(scans: pd.DataFrame, downsample: int) -> torch.Tensor:
