@@ -181,3 +181,21 @@ def test_a_change_ldm_keeps_the_scale_of_its_training_changes_with_its_weights(r
     assert saved["model.change_scale"].item() == pytest.approx(expected, rel=1e-5)
     predictor = Predictor.from_checkpoint(run_dir / "ldm")
     assert predictor.model.change_scale.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "ldm", "stargan"])
+def test_a_step_logs_the_mean_over_its_micro_batches(encoded, tmp_path, kind):
+    """Two steps of two micro-batches of one scan (or pair) each log what two steps on both at once log: their
+    batch means (the StarGAN's cycle and identity losses are 0 at the first step, its generator being identity)."""
+    logged = []
+    for accumulation in (1, 2):
+        run = shutil.copytree(encoded, tmp_path / f"accumulation{accumulation}")
+        overrides = [f"train_{kind}.steps=2", f"train_{kind}.batch_size=2", f"train_{kind}.accumulation={accumulation}"]
+        if kind == "autoencoder":
+            shutil.rmtree(run / "autoencoder")
+            train_autoencoder(run, load_config(run / "config.yaml", [*AUTOENCODER, *overrides]), progress=False)
+        else:
+            train_baseline(run, load_config(run / "config.yaml", settings(kind, 2, *overrides)), kind, progress=False)
+        logged.append(pd.read_csv(run / f"{kind}_train.csv"))
+    assert len(logged[0]) == 2
+    pd.testing.assert_frame_equal(logged[1], logged[0], rtol=1e-5)

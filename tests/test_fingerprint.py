@@ -178,3 +178,11 @@ def test_the_evaluation_refuses_a_model_trained_on_another_split(run_dir, tmp_pa
     message = capsys.readouterr().err
     assert "split" in message and "--retrain" in message
     assert not (tmp_path / "evaluation").exists()
+
+
+def test_the_brain_age_experiment_refuses_a_model_trained_on_another_split(run_dir, capsys):
+    resplit(run_dir, OTHER_SPLIT)
+    assert main(["brain-age", "--run", str(run_dir), "brain_age.seeds=1", "brain_age.steps=1"]) == 2
+    message = capsys.readouterr().err
+    assert "split" in message and "--retrain" in message
+    assert not (run_dir / "brain_age").exists()

@@ -5,7 +5,9 @@ then both cohorts' results side by side in OUT/results:
     models.csv     per cohort and model: PSNR, SSIM (mean, std), and the change r / MAE / mean of the cohort's
                    aging region (ventricles in the elderly, grey matter in adolescents) beside the truth's
     brain_age.csv  per cohort and training set (real; real + each model's synthetic scans: NeuroAR, LDM,
-                   StarGAN): MAE and R2 over seeds (mean, std) and a paired t-test against real alone
+                   StarGAN): MAE and R2 over seeds (mean, std) and a paired t-test against real alone, seed
+                   with seed: raw p, and (columns METRIC_p_vs_real_holm) Holm-Bonferroni-adjusted over every
+                   test of the file, both cohorts' (evaluate/brain_age.py)
     machine.json   per cohort: the command and machine that ran it and the seconds each stage took
     results.md     both tables, per cohort with the command, seed, machine and stage times that made them
     COHORT_change.png  predicted against true change of the cohort's aging region, per model, over the test pairs
@@ -34,12 +36,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from scipy import stats
 
 from neuroar import __version__
 from neuroar.config import load_config
 from neuroar.data.synth.aging import COHORTS
 from neuroar.data.synth.cohort import SynthOptions
+from neuroar.evaluate.brain_age import compare_with_real, holm_adjusted
 from neuroar.evaluate.compare import pearson
 from neuroar.files import write_json, write_text
 from neuroar.pipeline import run_cohort
@@ -97,8 +99,8 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
              for cohort in cohorts}
     order = [cohort for cohort in CHANGE_REGION if cohort in runs]
     models = _merge(results / "models.csv", [model_table(out_dir / cohort, cohort) for cohort in cohorts], order)
-    brain_age = _merge(results / "brain_age.csv", [brain_age_table(out_dir / cohort, cohort) for cohort in cohorts],
-                       order)
+    brain_age = holm_adjusted(_merge(results / "brain_age.csv",
+                                     [brain_age_table(out_dir / cohort, cohort) for cohort in cohorts], order))
     write_text(results / "models.csv", models.to_csv(index=False))
     write_text(results / "brain_age.csv", brain_age.to_csv(index=False))
     for cohort in cohorts:
@@ -183,19 +185,11 @@ def _model_name(name: str, run: str) -> str:
 
 
 def brain_age_table(run_dir: Path, cohort: str) -> pd.DataFrame:
-    """Per training set: MAE and R2 over seeds, and the paired t-test of each set against real scans alone."""
-    results = pd.read_csv(run_dir / "brain_age" / "results.csv")
-    real = results[results["training"] == "real"].set_index("seed")
-    rows = []
-    for training, runs in results.groupby("training", sort=False):
-        runs = runs.set_index("seed").loc[real.index]
-        row = {"cohort": cohort, "training": training, "seeds": len(runs)}
-        for metric in ("mae", "r2"):
-            row |= {metric: runs[metric].mean(), f"{metric}_std": runs[metric].std(ddof=1),
-                    f"{metric}_p_vs_real": (float("nan") if training == "real" or len(runs) < 2
-                                            else stats.ttest_rel(runs[metric], real[metric]).pvalue)}
-        rows.append(row)
-    return pd.DataFrame(rows)
+    """Per training set: MAE and R2 over seeds, and the paired t-test of each set against real scans alone (raw
+    p; `run_study` adjusts them over every cohort's tests)."""
+    table = compare_with_real(pd.read_csv(run_dir / "brain_age" / "results.csv"))
+    table.insert(0, "cohort", cohort)
+    return table
 
 
 def _markdown(table: pd.DataFrame) -> str:

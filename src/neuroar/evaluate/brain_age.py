@@ -32,6 +32,8 @@ from scipy import stats
 from sklearn.metrics import mean_absolute_error, r2_score
 
 from neuroar.config import Config
+from neuroar.data.fingerprint import check_model_fits_run
+from neuroar.data.pairs import held_out_split
 from neuroar.data.preprocess import load_preprocessed
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_json, write_json, write_text
@@ -62,7 +64,7 @@ def run_brain_age(run_dir: str | Path, config: Config, models: Sequence[str | Pa
     scans = pd.read_csv(run_dir / "scans.csv", dtype={"subject_id": str, "session_id": str},
                         keep_default_na=False)
     train = scans[scans["split"] == "train"]
-    test_split = "test" if (scans["split"] == "test").any() else "val"
+    test_split = held_out_split(scans)
     test = scans[scans["split"] == test_split]
     if train.empty or test.empty:
         raise NeuroARError(f"{run_dir}/scans.csv needs training and test (or validation) scans for the brain-age "
@@ -71,7 +73,9 @@ def run_brain_age(run_dir: str | Path, config: Config, models: Sequence[str | Pa
     test_x, test_age = _volumes(test, settings.downsample), test["age"].to_numpy(dtype=float)
     added: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {REAL: None}  # synthetic scans per training set
     for model in models or [run_dir]:
-        name = resolve_model(model)[1]
+        model_run, name = resolve_model(model)
+        # A model that learnt from what are now test scans would make its synthetic scans from them.
+        check_model_fits_run(model_run / name / "last", model_run)
         if synthetic_condition(name) in added:
             raise NeuroARError(f"two of the brain-age models are named {name!r}; give models of different names.")
         added[synthetic_condition(name)] = synthetic_scans(model, train, config, out_dir, progress)

@@ -29,7 +29,7 @@ class MSVQVAE(nn.Module):
         levels = len(channels)
         common = dict(spatial_dims=3, channels=channels, num_res_blocks=[config.res_blocks] * levels,
                       norm_num_groups=config.norm_groups, norm_eps=1e-6, attention_levels=[False] * levels,
-                      with_nonlocal_attn=True, use_flash_attention=True)
+                      with_nonlocal_attn=config.attention, use_flash_attention=True)
         folded = in_channels * self.patch**3
         self.encoder = Encoder(in_channels=folded, out_channels=config.latent_dim, **common)
         self.decoder = Decoder(in_channels=config.latent_dim, out_channels=folded, **common)

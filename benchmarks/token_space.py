@@ -1,0 +1,140 @@
+"""The token space's yardstick: how much of the true change between two visits survives tokenizing and decoding,
+per tokenizer design, per minute of its training. No transformer is trained.
+
+    python benchmarks/token_space.py runs/demo --seconds 240 --designs demo grid20
+    -> benchmarks/TOKEN_SPACE.md (one row per design measured, kept across invocations; measured on this
+       machine, CPU-minutes) and benchmarks/results/token_space.json
+
+Each design is a set of tokenizer overrides on RUN's config, trained from scratch on RUN's training scans for
+`--seconds` of wall time (the step count from two timed probes of a few steps) into OUT/DESIGN, a run folder of
+its own that shares RUN's preprocessed scans; then `neuroar evaluate` with no model scores the trivial
+outputs on RUN's test pairs. The yardstick is the tokenizer-oracle's row (the earlier scan + dec(tokens(later))
+- dec(tokens(earlier))): per region, r with the true change and "carried" = its mean change / the true mean
+change. For these designs the oracle of a pair with no change is the earlier scan itself (the same
+reconstruction is added and subtracted), so no bias is counted as change; a design whose decoder reads the
+earlier scan must subtract its output for a scan paired with itself. PSNR: the tokenizer-copy's, in the brain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from neuroar.config import load_config
+from neuroar.evaluate.compare import evaluate_models
+from neuroar.tables import markdown_table
+from neuroar.train.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FINE = "[[1,1,1],[3,4,3],[5,6,6],[10,12,11],[20,24,22]]"
+# name -> (what it is, tokenizer overrides on the run's config). The demo's latent grid is 10x12x11 at 4 mm;
+# "grid20" halves the downsampling to 20x24x22 (bottleneck attention off: at 10,560 positions it is most of a
+# CPU step).
+DESIGNS = {
+    "demo": ("the demo's tokenizer: 10x12x11, 512 codes, 5 scales", []),
+    "grid20": ("20x24x22 grid, 512 codes, 5 scales, no attention",
+               ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}"]),
+    "grid20-4096": ("grid20 with 4096 codes",
+                    ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}",
+                     "tokenizer.codebook_size=4096"]),
+    "grid20-twice": ("grid20 with a second residual stage at 20x24x22",
+                     ["tokenizer.downsample=2", "tokenizer.attention=false",
+                      f"tokenizer.scales={FINE[:-1]},[20,24,22]]"]),
+    "grid20-latent4": ("grid20 with 4 latent channels instead of 16 (fewer numbers per code to match)",
+                       ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}",
+                        "tokenizer.latent_dim=4", "tokenizer.norm_groups=4"]),
+}
+REGIONS = ("ventricles", "grey_matter")
+PROBE_STEPS = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a prepared run (neuroar preprocess; e.g. make demo's runs/demo)")
+    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
+    parser.add_argument("--seconds", type=float, default=240, help="wall time of each tokenizer's training")
+    parser.add_argument("--out", type=Path, default=Path("runs/token_space"))
+    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "TOKEN_SPACE.md")
+    args = parser.parse_args(argv)
+    results = _load(args.table.with_name("results") / "token_space.json")
+    for name in args.designs:
+        results[name] = measure(args.run, name, args.seconds, args.out)
+        _write(results, args)
+        print(json.dumps(results[name]), flush=True)
+    return 0
+
+
+def measure(run: Path, name: str, seconds: float, out: Path) -> dict:
+    """Train design `name` for `seconds` into OUT/NAME and measure what its tokenizer-oracle carries."""
+    folder = out / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for table in ("config.yaml", "scans.csv", "pairs.csv"):
+        shutil.copy(run / table, folder / table)
+    overrides = DESIGNS[name][1]
+    quiet = ["train_tokenizer.val_every=1000000", "train_tokenizer.checkpoint_every=1000000"]
+    per_step = _seconds_per_step(folder, overrides + quiet, out / f"{name}.probe")
+    steps = max(PROBE_STEPS, int(seconds / per_step))
+    config = load_config(folder / "config.yaml", [*overrides, *quiet, f"train_tokenizer.steps={steps}",
+                                                  f"train_tokenizer.warmup_steps={min(50, steps // 10)}"])
+    start = time.perf_counter()
+    train_tokenizer(folder, config, progress=False)
+    trained = time.perf_counter() - start
+    summary = evaluate_models([], folder / "evaluation", run_dir=folder, sweep_subjects=0, progress=False)
+    rows = summary.set_index("label")
+    oracle, copy = rows.loc["tokenizer-oracle"], rows.loc["tokenizer-copy"]
+    return {"design": DESIGNS[name][0], "overrides": overrides, "steps": steps, "train_seconds": round(trained, 1),
+            "latent": list(config.tokenizer.scales[-1]),
+            "tokens": sum(d * h * w for d, h, w in config.tokenizer.scales),
+            "pairs": int(oracle["pairs"]), "psnr_brain": round(float(copy["psnr_mean"]), 2),
+            **{f"{r}_r": round(float(oracle[f"{r}_change_r"]), 3) for r in REGIONS},
+            **{f"{r}_carried": round(float(oracle[f"{r}_carried"]), 3) for r in REGIONS}}
+
+
+def _seconds_per_step(folder: Path, overrides: list[str], probe: Path) -> float:
+    """Seconds per training step, from two short runs whose difference cancels what every run pays once
+    (building the model, the codebook's start, the final validation)."""
+    seconds = []
+    for steps in (PROBE_STEPS, 3 * PROBE_STEPS):
+        shutil.rmtree(probe, ignore_errors=True)
+        shutil.copytree(folder, probe)
+        start = time.perf_counter()
+        train_tokenizer(probe, load_config(probe / "config.yaml", [*overrides, f"train_tokenizer.steps={steps}"]),
+                        progress=False)
+        seconds.append(time.perf_counter() - start)
+    shutil.rmtree(probe)
+    return max(1e-3, (seconds[1] - seconds[0]) / (2 * PROBE_STEPS))
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write(results: dict, args: argparse.Namespace) -> None:
+    json_path = args.table.with_name("results") / "token_space.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    frame = pd.DataFrame([{"name": name, **row} for name, row in results.items()])
+    lines = ["# The token space's yardstick", "",
+             "What the tokenizer-oracle carries of the true change on the test pairs, per tokenizer design trained "
+             "from scratch for the same wall time on 2 CPU cores; no transformer. Written by "
+             f"`python benchmarks/token_space.py RUN --seconds {args.seconds:g} --designs ...` (see its docstring); "
+             "numbers in results/token_space.json. carried = oracle mean change / true mean change; r: Pearson with "
+             "the true change; PSNR: tokenizer-copy in the brain.", "",
+             ""]
+    rows = [[row["name"], row["design"], "x".join(map(str, row["latent"])), f"{row['tokens']:,}", row["steps"],
+             f"{row['train_seconds']:.0f}", f"{row['psnr_brain']:.2f}", f"{row['ventricles_r']:.2f}",
+             f"{row['ventricles_carried']:.0%}", f"{row['grey_matter_r']:.2f}", f"{row['grey_matter_carried']:.0%}"]
+            for row in frame.to_dict("records")]
+    lines.append(markdown_table(["design", "what", "latent", "tokens", "steps", "train s", "PSNR", "ventricles r",
+                                 "carried", "grey matter r", "carried"], rows))
+    args.table.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
