@@ -45,6 +45,7 @@ from neuroar.evaluate.brain_age import compare_with_real, holm_adjusted
 from neuroar.evaluate.compare import pearson
 from neuroar.files import write_json, write_text
 from neuroar.pipeline import run_cohort
+from neuroar.tables import markdown_table
 
 # The demo config with the training more subjects carry: NeuroAR 750 steps (on 96 subjects x 4 visits, 3x the
 # demo's steps took "+aging" above copy: benchmarks/NEUROAR_LEVERS_DEMO.md); the baselines' autoencoder as long
@@ -196,6 +197,4 @@ def _markdown(table: pd.DataFrame) -> str:
     def cell(value) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    rows = [list(table.columns), ["---"] * len(table.columns)]
-    rows += [[cell(v) for v in row] for row in table.itertuples(index=False)]
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return markdown_table(list(table.columns), [[cell(v) for v in row] for row in table.itertuples(index=False)])

@@ -40,6 +40,7 @@ from neuroar.files import atomic_path, sha256_json, write_json, write_text
 from neuroar.models.sfcn import SFCN
 from neuroar.progress import Progress
 from neuroar.runs import resolve_model
+from neuroar.tables import markdown_table
 from neuroar.train.loop import batch_indices, learning_rate, set_learning_rate
 
 REAL = "real"
@@ -231,13 +232,12 @@ def summary_markdown(results: pd.DataFrame, split: str) -> str:
     table = holm_adjusted(compare_with_real(results))
     tests = int(table[[f"{metric}_p_vs_real" for metric in METRICS]].notna().to_numpy().sum())
     scans = results.groupby("training", sort=False)["training_scans"].first()
+    rows = [[row.training, int(scans[row.training]), f"{row.mae:.2f} ± {row.mae_std:.2f}", _p(row.mae_p_vs_real),
+             _p(row.mae_p_vs_real_holm), f"{row.r2:.3f} ± {row.r2_std:.3f}", _p(row.r2_p_vs_real),
+             _p(row.r2_p_vs_real_holm)] for row in table.itertuples(index=False)]
     lines = [f"# Brain age ({split} scans)", "",
-             "| training data | training scans | MAE (years) | p | p (Holm) | R2 | p | p (Holm) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in table.itertuples(index=False):
-        lines.append(f"| {row.training} | {int(scans[row.training])} | {row.mae:.2f} ± {row.mae_std:.2f} | "
-                     f"{_p(row.mae_p_vs_real)} | {_p(row.mae_p_vs_real_holm)} | {row.r2:.3f} ± {row.r2_std:.3f} | "
-                     f"{_p(row.r2_p_vs_real)} | {_p(row.r2_p_vs_real_holm)} |")
+             markdown_table(["training data", "training scans", "MAE (years)", "p", "p (Holm)", "R2", "p",
+                             "p (Holm)"], rows)]
     tested = (f"raw and Holm-Bonferroni-adjusted over the {tests} tests of this table" if tests
               else "none here: it needs two seeds or more")
     lines += ["", f"Mean ± standard deviation over {results['seed'].nunique()} seeds; "
