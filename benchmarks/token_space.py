@@ -57,20 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a prepared run (neuroar preprocess; e.g. make demo's runs/demo)")
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
-    parser.add_argument("--seconds", type=float, default=240, help="wall time of each tokenizer's training")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--seconds", type=float, default=240, help="wall time of each tokenizer's training")
+    budget.add_argument("--steps", type=int, help="steps of each tokenizer's training instead (on a busy machine, "
+                                                   "where wall time is not comparable between designs)")
     parser.add_argument("--out", type=Path, default=Path("runs/token_space"))
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "TOKEN_SPACE.md")
     args = parser.parse_args(argv)
     results = _load(args.table.with_name("results") / "token_space.json")
     for name in args.designs:
-        results[name] = measure(args.run, name, args.seconds, args.out)
+        results[name] = measure(args.run, name, args.seconds, args.out, args.steps)
         _write(results, args)
         print(json.dumps(results[name]), flush=True)
     return 0
 
 
-def measure(run: Path, name: str, seconds: float, out: Path) -> dict:
-    """Train design `name` for `seconds` into OUT/NAME and measure what its tokenizer-oracle carries."""
+def measure(run: Path, name: str, seconds: float, out: Path, steps: int | None = None) -> dict:
+    """Train design `name` for `seconds` (or `steps`) into OUT/NAME and measure what its tokenizer-oracle
+    carries."""
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -78,8 +82,8 @@ def measure(run: Path, name: str, seconds: float, out: Path) -> dict:
         shutil.copy(run / table, folder / table)
     overrides = DESIGNS[name][1]
     quiet = ["train_tokenizer.val_every=1000000", "train_tokenizer.checkpoint_every=1000000"]
-    per_step = _seconds_per_step(folder, overrides + quiet, out / f"{name}.probe")
-    steps = max(PROBE_STEPS, int(seconds / per_step))
+    if steps is None:
+        steps = max(PROBE_STEPS, int(seconds / _seconds_per_step(folder, overrides + quiet, out / f"{name}.probe")))
     config = load_config(folder / "config.yaml", [*overrides, *quiet, f"train_tokenizer.steps={steps}",
                                                   f"train_tokenizer.warmup_steps={min(50, steps // 10)}"])
     start = time.perf_counter()
@@ -120,10 +124,11 @@ def _write(results: dict, args: argparse.Namespace) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     frame = pd.DataFrame([{"name": name, **row} for name, row in results.items()])
+    budget = f"--steps {args.steps}" if args.steps else f"--seconds {args.seconds:g}"
     lines = ["# The token space's yardstick", "",
              "What the tokenizer-oracle carries of the true change on the test pairs, per tokenizer design trained "
-             "from scratch for the same wall time on 2 CPU cores; no transformer. Written by "
-             f"`python benchmarks/token_space.py RUN --seconds {args.seconds:g} --designs ...` (see its docstring); "
+             "from scratch for the same budget on 2 CPU cores; no transformer. Written by "
+             f"`python benchmarks/token_space.py RUN {budget} --designs ...` (see its docstring); "
              "numbers in results/token_space.json. carried = oracle mean change / true mean change; r: Pearson with "
              "the true change; PSNR: tokenizer-copy in the brain.", "",
              ""]
