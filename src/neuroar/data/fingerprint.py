@@ -62,15 +62,16 @@ def check_fingerprint(what: str, recorded: dict[str, str] | None, current: dict[
                               f"{', '.join(changed)} changed since. {fix}")
 
 
-def check_model_fits_run(checkpoint: str | Path, run_dir: str | Path) -> None:
-    """Refuse a model (checkpoint stem RUN/NAME/last) whose recorded data is not what its run holds now: its
-    training subjects may now be test subjects, so evaluating it there would score it on what it learnt from."""
+def check_model_fits_run(checkpoint: str | Path, run_dir: str | Path, fix: str | None = None) -> None:
+    """Refuse a model (checkpoint stem, e.g. RUN/NAME/last) whose recorded data is not what its run holds now in
+    the parts it recorded: its training subjects may now be test subjects, and its tokens or latents other ones.
+    `fix` says how to retrain it (default: the commands that do)."""
     run_dir, checkpoint = Path(run_dir), Path(checkpoint)
     recorded = read_meta(checkpoint).get("data")
     current = {k: v for k, v in data_fingerprint(run_dir).items() if recorded is None or k in recorded}
-    check_fingerprint(str(checkpoint), recorded, current,
-                      f"Retrain it (e.g. `neuroar train-ar --run {run_dir} --retrain`, `neuroar train-tokenizer "
-                      f"--run {run_dir} --retrain`, `neuroar train-baseline KIND --run {run_dir} --retrain`).")
+    check_fingerprint(str(checkpoint), recorded, current, fix or (
+        f"Retrain it (e.g. `neuroar train-ar --run {run_dir} --retrain`, `neuroar train-tokenizer --run {run_dir} "
+        f"--retrain`, `neuroar train-baseline KIND --run {run_dir} --retrain`)."))
 
 
 def _age(text: str) -> str:

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neuroar import distributed
-from neuroar.checkpoint import read_meta, weights_path
+from neuroar.checkpoint import weights_path
 from neuroar.config import Config
-from neuroar.data.fingerprint import check_fingerprint, scan_fingerprint
+from neuroar.data.fingerprint import check_model_fits_run, scan_fingerprint
 from neuroar.data.preprocess import load_preprocessed
 from neuroar.data.tokens import SCAN_COLUMNS
 from neuroar.errors import NeuroARError
@@ -35,7 +35,8 @@ def encode_run(run_dir: str | Path, config: Config, progress: bool = True) -> Pa
     path = latent_path(run_dir)
     if path.with_suffix(".json").is_file():
         return path
-    check_autoencoder(run_dir)
+    check_model_fits_run(autoencoder_checkpoint(run_dir), run_dir,
+                         f"Re-train it: `neuroar train-baseline ldm --run {run_dir} --retrain`.")
     model = load_autoencoder(run_dir, config).to(distributed.default_device())
     latents = [model.encode_scan(load_preprocessed(preprocessed)[0])[0].cpu()
                for preprocessed in Progress(scans["preprocessed"], desc="latents", unit="scan", enabled=progress)]
@@ -53,7 +54,8 @@ def load_latents(run_dir: str | Path) -> tuple[torch.Tensor, float, pd.DataFrame
     run_dir = Path(run_dir)
     path = latent_path(run_dir)
     if not path.with_suffix(".json").is_file():
-        check_autoencoder(run_dir)
+        check_model_fits_run(autoencoder_checkpoint(run_dir), run_dir,
+                         f"Re-train it: `neuroar train-baseline ldm --run {run_dir} --retrain`.")
         raise NeuroARError(f"no latents for the current autoencoder and scans of {run_dir}; run "
                            f"`neuroar train-baseline ldm --run {run_dir}` (it encodes them).")
     meta = json.loads(path.with_suffix(".json").read_text())
@@ -65,13 +67,6 @@ def autoencoder_sha256(run_dir: str | Path) -> str:
     if not checkpoint.with_suffix(".json").is_file():
         raise NeuroARError(f"no trained autoencoder in {run_dir}; run `neuroar train-baseline ldm --run {run_dir}`.")
     return sha256_file(weights_path(checkpoint))
-
-
-def check_autoencoder(run_dir: Path) -> None:
-    """Refuse an autoencoder trained on other scans or another split than the run holds now."""
-    check_fingerprint(f"the autoencoder {autoencoder_checkpoint(run_dir)}",
-                      read_meta(autoencoder_checkpoint(run_dir)).get("data"), scan_fingerprint(run_dir),
-                      f"Re-train it: `neuroar train-baseline ldm --run {run_dir} --retrain`.")
 
 
 def latent_path(run_dir: str | Path) -> Path:

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neuroar import distributed
-from neuroar.checkpoint import read_meta, weights_path
+from neuroar.checkpoint import weights_path
 from neuroar.config import Config
-from neuroar.data.fingerprint import check_fingerprint, scan_fingerprint
+from neuroar.data.fingerprint import check_model_fits_run, scan_fingerprint
 from neuroar.data.nifti import write_volume
 from neuroar.data.preprocess import load_preprocessed, to_input_space
 from neuroar.errors import NeuroARError
@@ -40,7 +40,8 @@ def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> 
     path = token_path(run_dir)
     if path.with_suffix(".json").is_file():
         return path
-    check_tokenizer(run_dir)
+    check_model_fits_run(tokenizer_checkpoint(run_dir), run_dir,
+                         f"Re-train it: `neuroar train-tokenizer --run {run_dir} --retrain`.")
     model = load_tokenizer(run_dir, config).to(distributed.default_device())
     train = scans[scans["split"] == "train"]
     jobs = [(p, False) for p in scans["preprocessed"]] + [(p, True) for p in train["preprocessed"]]
@@ -67,7 +68,8 @@ def load_tokens(run_dir: str | Path, mirrored: bool = False) -> tuple[list[torch
     run_dir = Path(run_dir)
     path = token_path(run_dir)
     if not path.with_suffix(".json").is_file():
-        check_tokenizer(run_dir)
+        check_model_fits_run(tokenizer_checkpoint(run_dir), run_dir,
+                         f"Re-train it: `neuroar train-tokenizer --run {run_dir} --retrain`.")
         raise NeuroARError(f"no tokens for the current tokenizer and scans of {run_dir}; run "
                            f"`neuroar tokenize --run {run_dir}`.")
     tensors = load_file(str(path))
@@ -99,13 +101,6 @@ def write_decoded_scan(run_dir: str | Path, config: Config, subject_id: str, ses
     image = decode_scan(run_dir, config, subject_id, session_id)
     write_volume(out, image.get_fdata(dtype="float32"), image.affine)
     return Path(out)
-
-
-def check_tokenizer(run_dir: Path) -> None:
-    """Refuse a tokenizer trained on other scans or another split than the run holds now."""
-    check_fingerprint(f"the tokenizer {tokenizer_checkpoint(run_dir)}",
-                      read_meta(tokenizer_checkpoint(run_dir)).get("data"), scan_fingerprint(run_dir),
-                      f"Re-train it: `neuroar train-tokenizer --run {run_dir} --retrain`.")
 
 
 def token_path(run_dir: str | Path) -> Path:
