@@ -6,6 +6,7 @@ from pathlib import Path
 import nibabel as nib
 import nibabel.tests
 import numpy as np
+import pandas as pd
 import pytest
 
 from neuroar.data.synth.cohort import SynthOptions, make_cohort
@@ -101,3 +102,16 @@ def quick_demo_cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("quick_demo_cohort")
     make_cohort(root, demo_cohort_options(quick=True), progress=False)
     return root
+
+
+def seed_results(names: tuple[str, str]) -> pd.DataFrame:
+    """Brain-age results (results.csv) of four seeds, real and two augmented sets named `names`, the augmented
+    rows in another seed order than real's. The seeds' spread is large and the augmented regressors are each a
+    little worse than real's of the same seed: only seed-with-seed pairs show it."""
+    real_mae, real_r2 = np.array([3.0, 5.0, 4.0, 6.5]), np.array([0.8, 0.5, 0.7, 0.3])
+    rows = [{"training": "real", "seed": s, "training_scans": 6, "test_scans": 2, "mae": real_mae[s],
+             "r2": real_r2[s]} for s in range(4)]
+    for name, worse in zip(names, ([0.2, 0.25, 0.15, 0.22], [0.5, -0.1, 0.3, 0.05])):
+        rows += [{"training": f"real + synthetic ({name})", "seed": s, "training_scans": 18, "test_scans": 2,
+                  "mae": real_mae[s] + worse[s], "r2": real_r2[s] - worse[s] / 10} for s in (3, 1, 0, 2)]
+    return pd.DataFrame(rows)

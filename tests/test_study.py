@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from conftest import seed_results
 from neuroar.study import brain_age_table, run_study
 
 TINY_STUDY = ["data.spacing=4", "data.shape=[40,48,40]", "data.split_fractions=[0.6,0.2,0.2]",
@@ -95,13 +96,7 @@ def assert_p_values(table: pd.DataFrame, expected: dict[tuple[str, str], float])
 def test_the_brain_age_p_values_pair_each_seed_with_real_of_the_same_seed(tmp_path):
     """The seeds' spread is large and the synthetic scans make each seed's regressor a little worse: a paired
     test over seeds shows it, an unpaired one or pairs of other seeds (the rows here are in another order) not."""
-    real_mae, real_r2 = np.array([3.0, 5.0, 4.0, 6.5]), np.array([0.8, 0.5, 0.7, 0.3])
-    rows = [{"training": "real", "seed": s, "training_scans": 6, "test_scans": 2, "mae": real_mae[s],
-             "r2": real_r2[s]} for s in range(4)]
-    for name, worse in (("neuroar", [0.2, 0.25, 0.15, 0.22]), ("ldm", [0.5, -0.1, 0.3, 0.05])):
-        rows += [{"training": f"real + synthetic ({name})", "seed": s, "training_scans": 18, "test_scans": 2,
-                  "mae": real_mae[s] + worse[s], "r2": real_r2[s] - worse[s] / 10} for s in (3, 1, 0, 2)]
-    results = pd.DataFrame(rows)
+    results = seed_results(("neuroar", "ldm"))
     (tmp_path / "brain_age").mkdir()
     results.to_csv(tmp_path / "brain_age" / "results.csv", index=False)
     table = brain_age_table(tmp_path, "elderly")
