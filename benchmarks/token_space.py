@@ -39,6 +39,9 @@ DESIGNS = {
     "demo": ("the demo's tokenizer: 10x12x11, 512 codes, 5 scales", []),
     "grid20": ("20x24x22 grid, 512 codes, 5 scales, no attention",
                ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}"]),
+    "grid20-thrice": ("grid20 with two more residual stages at 20x24x22",
+                      ["tokenizer.downsample=2", "tokenizer.attention=false",
+                       f"tokenizer.scales={FINE[:-1]},[20,24,22],[20,24,22]]"]),
     "grid20-4096": ("grid20 with 4096 codes",
                     ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}",
                      "tokenizer.codebook_size=4096"]),
@@ -127,10 +130,11 @@ def _write(results: dict, args: argparse.Namespace) -> None:
     budget = f"--steps {args.steps}" if args.steps else f"--seconds {args.seconds:g}"
     lines = ["# The token space's yardstick", "",
              "What the tokenizer-oracle carries of the true change on the test pairs, per tokenizer design trained "
-             "from scratch for the same budget on 2 CPU cores; no transformer. Written by "
+             "from scratch for the same budget; no transformer. Written by "
              f"`python benchmarks/token_space.py RUN {budget} --designs ...` (see its docstring); "
              "numbers in results/token_space.json. carried = oracle mean change / true mean change; r: Pearson with "
-             "the true change; PSNR: tokenizer-copy in the brain.", "",
+             "the true change; PSNR: tokenizer-copy in the brain; train s: the wall seconds of its training where it "
+             "ran (compare them within one table only).", "",
              ""]
     rows = [[row["name"], row["design"], "x".join(map(str, row["latent"])), f"{row['tokens']:,}", row["steps"],
              f"{row['train_seconds']:.0f}", f"{row['psnr_brain']:.2f}", f"{row['ventricles_r']:.2f}",
