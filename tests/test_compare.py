@@ -262,6 +262,55 @@ def test_an_adolescent_evaluation_headlines_and_sweeps_grey_matter_and_its_loss(
                                                                         "psnr_vs_years.png", "age_sweep.png"}
 
 
+def test_the_change_figure_keeps_every_panel_on_the_truths_range_with_copy_and_readable_names():
+    """An LDM output 700 mL off widens no panel: every panel has the truth's range across and up to its largest
+    magnitude either way up, the outlier sits on the border and its panel counts it; copy has a panel, every
+    diagonal is labelled y = x, titles are readable names, a grid of at most four columns, diagnoses coloured."""
+    true_P = np.linspace(1.0, 10.0, 8)
+    ldm_P = true_P.copy()
+    ldm_P[3] = -700.0
+    zeros = np.zeros(8)
+    outputs = {Output("copy"): {"psnr": zeros + 25, "ssim": zeros + 0.9, "predicted": zeros},
+               Output("tokenizer-copy"): {"psnr": zeros + 21, "ssim": zeros + 0.9, "predicted": -true_P},
+               Output("tokenizer-oracle"): {"psnr": zeros + 26, "ssim": zeros + 0.9, "predicted": 0.5 * true_P},
+               **{Output(model, variant): {"psnr": zeros + 24, "ssim": zeros + 0.9, "predicted": predicted}
+                  for model in ("run", "run/ldm") for variant, predicted in
+                  (("plain", 2 * true_P), ("detail", ldm_P if model == "run/ldm" else true_P),
+                   ("aging", 0.3 * true_P))}}
+    per_pair = pairs_table({r: true_P for r in REGIONS}, dict.fromkeys(REGIONS, 30.0), outputs)
+    per_pair["diagnosis"] = pd.Categorical(np.where(per_pair["pair"] % 2, "AD", "CN"), categories=["CN", "AD"])
+    labels, names = compare.compared_labels(per_pair), compare.display_names(per_pair)
+    assert labels == ["copy", "tokenizer-oracle", "run+aging", "run+detail", "run/ldm+aging", "run/ldm+detail"]
+
+    figure = compare.change_figure(per_pair, "ventricles", labels, names)
+
+    panels = [axis for axis in figure.axes if axis.get_visible()]
+    assert len(panels) == 6 and panels[0].get_subplotspec().get_gridspec().ncols == 4
+    titles = [axis.get_title().split("\n") for axis in panels]
+    assert [t[0] for t in titles] == ["copy", "tokenizer-oracle", "NeuroAR (+aging)", "NeuroAR (+detail)",
+                                      "LDM (+aging)", "LDM (+detail)"]
+    pad = 0.08 * 10.0  # the truth spans 0 (included) to 10 mL
+    for axis in panels:
+        assert axis.get_xlim() == pytest.approx((-pad, 10 + pad))
+        assert axis.get_ylim() == pytest.approx((-10 - pad, 10 + pad))
+        assert "y = x" in [text.get_text() for text in axis.texts]
+        assert all(np.abs(c.get_offsets()[:, 1]).max() <= 10 + pad for c in axis.collections if len(c.get_offsets()))
+    assert titles[5][2] == "1 beyond the range, to -700 mL" and len(titles[3]) == 2
+    assert titles[0][1] == f"no change, MAE {true_P.mean():.2f} mL"
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["CN", "AD", "no change"]
+
+
+def test_readable_names_drop_the_runs_name_unless_several_runs_are_compared():
+    outputs = [("copy", "plain"), ("tokenizer-oracle", "plain"), ("demo", "plain"), ("demo", "aging"),
+               ("demo/ldm", "detail"), ("demo/stargan", "aging"), ("demo/no-earlier", "aging"), ("demo/mine", "plain")]
+    frame = pd.DataFrame([{"label": Output(m, v).label, "model": m, "variant": v} for m, v in outputs])
+    assert list(compare.display_names(frame).values()) == [
+        "copy", "tokenizer-oracle", "NeuroAR", "NeuroAR (+aging)", "LDM (+detail)", "StarGAN (+aging)",
+        "NeuroAR, no earlier scan (+aging)", "NeuroAR mine"]
+    two = pd.DataFrame([{"label": Output(m, "aging").label, "model": m, "variant": "aging"} for m in ("a", "b/ldm")])
+    assert list(compare.display_names(two).values()) == ["a: NeuroAR (+aging)", "b: LDM (+aging)"]
+
+
 def test_no_change_is_judged_against_the_spread_of_the_true_change():
     """A hippocampus-sized truth (hundredths of a mL) with a prediction that follows it has an r; a prediction
     that moves under 1 % of a large truth's spread (decoding noise) has none, however many mL that is."""

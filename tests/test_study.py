@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from conftest import seed_results
-from neuroar.study import brain_age_table, run_study
+from neuroar.study import brain_age_table, change_figure, run_study
 
 TINY_STUDY = ["data.spacing=4", "data.shape=[40,48,40]", "data.split_fractions=[0.6,0.2,0.2]",
               "tokenizer.downsample=8", "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]", "train_tokenizer.steps=4",
@@ -104,3 +104,33 @@ def test_the_brain_age_p_values_pair_each_seed_with_real_of_the_same_seed(tmp_pa
     assert_p_values(table, expected)
     assert expected["real + synthetic (neuroar)", "mae"] < 0.01
     assert (table["cohort"] == "elderly").all() and (table["seeds"] == 4).all()
+
+
+def test_a_cohorts_change_figure_is_a_grid_of_the_compared_outputs_coloured_by_diagnosis(tmp_path):
+    """The study's models (its run is named after the cohort) under readable names, copy's panel first, three rows
+    of four, and the cohort's diagnoses in its legend in the order its scans list them."""
+    run = tmp_path / "elderly"
+    (run / "evaluation").mkdir(parents=True)
+    subjects, diagnoses = ["a", "b", "c"], ["CN", "MCI", "AD"]
+    pd.DataFrame({"subject_id": subjects, "age": 70.0, "diagnosis": diagnoses}).to_csv(run / "scans.csv", index=False)
+    models = ["copy", "tokenizer-copy", "tokenizer-oracle"] + [f"elderly{m}" for m in ("", "/no-earlier", "/diagnosis",
+                                                                                      "/ldm", "/stargan")]
+    rows = [{"label": model if variant == "plain" else f"{model}+{variant}", "model": model, "variant": variant,
+             "pair": p, "subject_id": subjects[p % 3], "true_change_ventricles": 1.0 + p,
+             "predicted_change_ventricles": 0.5 * p}
+            for model in models for variant in (("plain",) if model in models[:3] else ("plain", "detail", "aging"))
+            for p in range(6)]
+    pd.DataFrame(rows).to_csv(run / "evaluation" / "pairs.csv", index=False)
+
+    figure = change_figure(run, "elderly")
+
+    panels = [axis for axis in figure.axes if axis.get_visible()]
+    grid = panels[0].get_subplotspec().get_gridspec()
+    assert (grid.nrows, grid.ncols, len(panels)) == (3, 4, 12)
+    assert [axis.get_title().split("\n")[0] for axis in panels] == [
+        "copy", "tokenizer-oracle", "NeuroAR (+aging)", "NeuroAR (+detail)", "NeuroAR, no earlier scan (+aging)",
+        "NeuroAR, no earlier scan (+detail)", "NeuroAR with diagnosis (+aging)", "NeuroAR with diagnosis (+detail)",
+        "LDM (+aging)", "LDM (+detail)", "StarGAN (+aging)", "StarGAN (+detail)"]
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == [*diagnoses, "no change"]
+    assert figure.get_suptitle() == "elderly: 6 test pairs"
+    assert panels[0].get_xlabel() == "" and figure.get_supxlabel() == "true ventricles change (mL)"

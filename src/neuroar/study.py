@@ -41,8 +41,8 @@ from neuroar import __version__
 from neuroar.config import load_config
 from neuroar.data.synth.aging import COHORTS
 from neuroar.data.synth.cohort import SynthOptions
+from neuroar.evaluate import compare
 from neuroar.evaluate.brain_age import compare_with_real, holm_adjusted
-from neuroar.evaluate.compare import pearson
 from neuroar.files import write_json, write_text
 from neuroar.pipeline import run_cohort
 from neuroar.tables import markdown_table
@@ -105,7 +105,7 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
     write_text(results / "models.csv", models.to_csv(index=False))
     write_text(results / "brain_age.csv", brain_age.to_csv(index=False))
     for cohort in cohorts:
-        change_figure(out_dir / cohort, cohort).savefig(results / f"{cohort}_change.png", dpi=72)
+        change_figure(out_dir / cohort, cohort).savefig(results / f"{cohort}_change.png", dpi=compare.FIGURE_DPI)
     write_json(results / "machine.json", {"cohorts": {cohort: runs[cohort] for cohort in order}})
     lines = ["# neuroar study", ""]
     for cohort in order:
@@ -153,27 +153,13 @@ def model_table(run_dir: Path, cohort: str) -> pd.DataFrame:
 
 
 def change_figure(run_dir: Path, cohort: str) -> Figure:
-    """Predicted against true change of the cohort's aging region over the test pairs: the tokenizer-oracle and
-    every model's change-preserving output (+detail), one panel each, with r and MAE."""
-    per_pair = pd.read_csv(run_dir / "evaluation" / "pairs.csv", dtype={"subject_id": str})
-    per_pair["name"] = [_model_name(label, run_dir.name) for label in per_pair["label"]]
-    region = CHANGE_REGION[cohort]
-    shown = (per_pair["model"] == "tokenizer-oracle") | (per_pair["variant"] == "detail")
-    models = list(per_pair.loc[shown, "name"].unique())
-    figure = Figure(figsize=(3 * len(models), 3.2), layout="constrained")
-    axes = figure.subplots(1, len(models), sharex=True, sharey=True, squeeze=False)[0]
-    true = per_pair[f"true_change_{region}"]
-    for axis, model in zip(axes, models):
-        group = per_pair[per_pair["name"] == model]
-        predicted, truth = group[f"predicted_change_{region}"], group[f"true_change_{region}"]
-        axis.scatter(truth, predicted, s=8)
-        axis.plot([true.min(), true.max()], [true.min(), true.max()], color="grey", lw=1)
-        axis.set_title(f"{model}\nr {pearson(predicted, truth):.2f}, MAE {(predicted - truth).abs().mean():.2f} mL",
-                       fontsize=9)
-        axis.set_xlabel(f"true {region.replace('_', ' ')} change (mL)", fontsize=8)
-    axes[0].set_ylabel("predicted change (mL)", fontsize=8)
-    figure.suptitle(f"{cohort}: {per_pair['pair'].nunique()} test pairs", fontsize=10)
-    return figure
+    """Predicted against true change of the cohort's aging region over the test pairs, one panel per output a
+    reader compares (copy, the tokenizer-oracle, each model's +aging and +detail), coloured by diagnosis where
+    the cohort has several: the evaluation's change figure."""
+    per_pair = compare.with_diagnosis(pd.read_csv(run_dir / "evaluation" / "pairs.csv", dtype={"subject_id": str}),
+                                      run_dir)
+    return compare.change_figure(per_pair, CHANGE_REGION[cohort], compare.compared_labels(per_pair),
+                                 compare.display_names(per_pair), f"{cohort}: {per_pair['pair'].nunique()} test pairs")
 
 
 def _model_name(name: str, run: str) -> str:

@@ -33,18 +33,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from scipy import stats
 
 from neuroar.config import load_config
 from neuroar.data.pairs import held_out_split
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
-from neuroar.evaluate.forecasters import TRIVIAL, Forecaster, ModelForecaster, Output, load_forecasters
+from neuroar.evaluate.forecasters import PLAIN, TRIVIAL, Forecaster, ModelForecaster, Output, load_forecasters
 from neuroar.evaluate.volumes import REGIONS, TemplateRegions, regional_volumes, template_regions
 from neuroar.files import write_text
 from neuroar.metrics import masked_mae, masked_psnr, masked_ssim
 from neuroar.progress import Progress
-from neuroar.runs import resolve_model
+from neuroar.runs import MODEL_NAME, resolve_model
 from neuroar.tables import markdown_table
 
 IMAGE_METRICS = ("psnr", "ssim", "mae")
@@ -363,46 +364,230 @@ def summary_markdown(summary: pd.DataFrame, per_pair: pd.DataFrame, split: str, 
     return "\n".join(lines) + "\n"
 
 
-def plot_all(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    labels = list(per_pair["label"].unique())
-    figure = Figure(figsize=(4 * len(IMAGE_METRICS), 0.5 * len(labels) + 2.5), layout="constrained")
-    for axis, metric in zip(figure.subplots(1, len(IMAGE_METRICS)), IMAGE_METRICS):
-        axis.boxplot([per_pair.loc[per_pair["label"] == label, metric] for label in labels],
-                     orientation="horizontal", tick_labels=labels)
-        axis.set_xlabel(metric.upper())
-    figure.savefig(folder / "metrics.png", dpi=100)
+# Figures: one panel per output a reader compares (`compared_labels`), on a grid of at most FIGURE_COLUMNS columns
+# sized for a page's width at FIGURE_DPI, fonts of FONT points, readable names (`display_names`), and points or
+# lines coloured by diagnosis where the cohort has several (a `diagnosis` column, `with_diagnosis`).
+FIGURE_COLUMNS = 4
+FIGURE_DPI = 100
+PANEL_INCHES = 3.0
+FONT = 11
+MODEL_NAMES = {MODEL_NAME: "NeuroAR", "ldm": "LDM", "stargan": "StarGAN",
+               # the study's NeuroAR models beside the main one (study.variants)
+               "no-earlier": "NeuroAR, no earlier scan", "diagnosis": "NeuroAR with diagnosis"}
+CHANGE_VARIANTS = ("aging", "detail")  # a trained model's outputs that a reader compares, in this order
+DIAGNOSIS_COLOURS = ("#0072B2", "#E69F00", "#D55E00", "#009E73", "#CC79A7", "#56B4E9")  # Okabe-Ito
+COPY_COLOUR = "#999999"
 
-    figure = Figure(figsize=(4 * len(labels), 4), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(1, len(labels), sharex=True, sharey=True))
-    true = per_pair[f"true_change_{region}"]
+
+def compared_labels(per_pair: pd.DataFrame) -> list[str]:
+    """The outputs a reader compares: copy, the tokenizer-oracle and each trained model's change outputs (+aging,
+    then +detail), in the evaluation's order. The others (tokenizer-copy, a model's decoded prediction) are in
+    the full tables."""
+    outputs = per_pair.drop_duplicates("label")
+    models = list(outputs["model"].unique())
+    chosen = [(models.index(model), CHANGE_VARIANTS.index(variant) if variant in CHANGE_VARIANTS else -1, label)
+              for label, model, variant in outputs[["label", "model", "variant"]].itertuples(index=False)
+              if model in (COPY.model, "tokenizer-oracle") or (model not in TRIVIAL and variant in CHANGE_VARIANTS)]
+    return [label for *_, label in sorted(chosen)]
+
+
+def display_names(per_pair: pd.DataFrame) -> dict[str, str]:
+    """Each output's name for a reader: "RUN+aging" -> "NeuroAR (+aging)", "RUN/ldm+detail" -> "LDM (+detail)",
+    "RUN/NAME" (another NeuroAR model) -> MODEL_NAMES[NAME] or "NeuroAR NAME"; the run's name stays only where
+    the outputs of several runs are compared."""
+    outputs = per_pair.drop_duplicates("label")
+    runs = {model.split("/")[0] for model in outputs["model"] if model not in TRIVIAL}
+    names = {}
+    for label, model, variant in outputs[["label", "model", "variant"]].itertuples(index=False):
+        name = model
+        if model not in TRIVIAL:
+            run, _, folder = model.partition("/")
+            name = MODEL_NAMES.get(folder or MODEL_NAME, f"NeuroAR {folder}")
+            name = f"{run}: {name}" if len(runs) > 1 else name
+        names[label] = name if variant == PLAIN else f"{name} (+{variant})"
+    return names
+
+
+def with_diagnosis(frame: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """`frame` (rows with a subject_id) with a `diagnosis` column: each subject's diagnosis at its first scan
+    (RUN/scans.csv), an ordered category in the order diagnoses first appear there; `frame` unchanged where the
+    scans have fewer than two diagnoses."""
+    scans = pd.read_csv(run_dir / "scans.csv", dtype={"subject_id": str}, keep_default_na=False)
+    if "diagnosis" not in scans or scans["diagnosis"].replace("", np.nan).nunique() < 2:
+        return frame
+    first = scans.sort_values("age", kind="stable").drop_duplicates("subject_id").set_index("subject_id")["diagnosis"]
+    order = [d for d in scans["diagnosis"].unique() if d]
+    return frame.assign(diagnosis=pd.Categorical(frame["subject_id"].astype(str).map(first), categories=order))
+
+
+def plot_all(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str, folder: Path) -> None:
+    """FOLDER/metrics.png, change.png, psnr_vs_years.png and (with a sweep) age_sweep.png, of the compared
+    outputs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    labels, names = compared_labels(per_pair), display_names(per_pair)
+    figures = {"metrics": metrics_figure(per_pair, labels, names),
+               "change": change_figure(per_pair, region, labels, names),
+               "psnr_vs_years": psnr_figure(per_pair, labels, names)}
+    if len(sweep):
+        figures["age_sweep"] = sweep_figure(sweep, per_pair, region, labels, names)
+    for name, figure in figures.items():
+        figure.savefig(folder / f"{name}.png", dpi=FIGURE_DPI)
+
+
+def _grid(panels: int, height: float = PANEL_INCHES) -> tuple[Figure, list]:
+    """A figure of `panels` panels, FIGURE_COLUMNS to a row, and its panels (the grid's unused cells hidden)."""
+    columns = max(1, min(FIGURE_COLUMNS, panels))
+    rows = -(-max(panels, 1) // columns)
+    figure = Figure(figsize=(PANEL_INCHES * columns + 0.8, height * rows + 1.0), layout="constrained")
+    axes = list(figure.subplots(rows, columns, squeeze=False).ravel())
+    for axis in axes[panels:]:
+        axis.set_visible(False)
+    for axis in axes:
+        axis.tick_params(labelsize=FONT - 1)
+    return figure, axes[:panels]
+
+
+def _diagnosis_groups(frame: pd.DataFrame) -> list[tuple[str | None, str, pd.Series]]:
+    """(diagnosis, colour, rows) per diagnosis of `frame` (rows of none: "unknown", grey), or one group of every
+    row where it has no `diagnosis` column."""
+    if "diagnosis" not in frame:
+        return [(None, DIAGNOSIS_COLOURS[0], pd.Series(True, index=frame.index))]
+    groups = [(d, DIAGNOSIS_COLOURS[i % len(DIAGNOSIS_COLOURS)], frame["diagnosis"] == d)
+              for i, d in enumerate(frame["diagnosis"].cat.categories)]
+    unknown = frame["diagnosis"].isna()
+    return groups + ([("unknown", COPY_COLOUR, unknown)] if unknown.any() else [])
+
+
+def _legend(figure: Figure, frame: pd.DataFrame, lines: bool = False, extra: Sequence[Line2D] = ()) -> None:
+    """Right of the panels: the colours of `_diagnosis_groups` as points (or `lines`), where `frame` has
+    diagnoses, then `extra`."""
+    groups = _diagnosis_groups(frame)
+    handles = [] if groups[0][0] is None else [
+        Line2D([], [], color=colour, marker="o", ls="-" if lines else "none", label=d) for d, colour, _ in groups]
+    figure.legend(handles=[*handles, *extra], loc="outside right center", fontsize=FONT)
+
+
+def truth_limits(values: pd.Series) -> tuple[float, float]:
+    """The range of the true changes with 0 in it, padded by 8 %."""
+    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    pad = 0.08 * (high - low) or 1.0
+    return low - pad, high + pad
+
+
+def change_figure(per_pair: pd.DataFrame, region: str, labels: Sequence[str], names: dict[str, str],
+                  title: str | None = None) -> Figure:
+    """Predicted against true change of `region` per pair, one panel per output of `labels`, with the diagonal
+    y = x and copy's no change (y = 0). Every panel has the same ranges: the truth's (`truth_limits`) across,
+    and symmetric about 0 to the truth's largest magnitude up, so that a change in the wrong direction shows and
+    one output's outliers do not flatten the others: a prediction beyond the range is drawn on its border as a
+    triangle, and the panel says how many there are and how far the farthest goes."""
+    true_column, predicted_column = f"true_change_{region}", f"predicted_change_{region}"
+    x_low, x_high = truth_limits(per_pair[true_column])
+    high = max(-x_low, x_high)
+    low = -high
+    figure, axes = _grid(len(labels))
     for axis, label in zip(axes, labels):
         group = per_pair[per_pair["label"] == label]
-        axis.scatter(group[f"true_change_{region}"], group[f"predicted_change_{region}"], s=14)
-        axis.plot([true.min(), true.max()], [true.min(), true.max()], color="grey", lw=1)
-        axis.set_title(label, fontsize=9)
-        axis.set_xlabel(f"true {_words(region)} change (mL)")
-    axes[0].set_ylabel(f"predicted {_words(region)} change (mL)")
-    figure.savefig(folder / "change.png", dpi=100)
+        truth, predicted = group[true_column], group[predicted_column]
+        for _, colour, rows in _diagnosis_groups(group):
+            y = predicted[rows].clip(low, high)
+            inside = predicted[rows].between(low, high)
+            axis.scatter(truth[rows][inside], y[inside], s=18, color=colour, alpha=0.8, linewidths=0)
+            for beyond, marker in ((predicted[rows] > high, "^"), (predicted[rows] < low, "v")):
+                axis.scatter(truth[rows][beyond], y[beyond], s=40, color=colour, marker=marker, linewidths=0)
+        axis.axline((0, 0), slope=1, color="black", lw=0.8)
+        axis.axhline(0, color=COPY_COLOUR, lw=0.8, ls=":")
+        axis.set_xlim(x_low, x_high)
+        axis.set_ylim(low, high)
+        axis.set_box_aspect(1)
+        # On a square panel the diagonal rises at atan(x range / y range).
+        at = 0.85 * (x_high if x_high > 0 else x_low)
+        angle = np.degrees(np.arctan((x_high - x_low) / (high - low)))
+        axis.text(at, at, "y = x", rotation=angle, rotation_mode="anchor", ha="right" if at > 0 else "left",
+                  va="bottom", fontsize=FONT - 1)
+        error = (predicted - truth).abs().mean()
+        r = pearson(predicted, truth)
+        lines = [names[label], (f"no change, MAE {error:.2f} mL" if label == COPY.label else
+                                f"r {'–' if np.isnan(r) else f'{r:.2f}'}, MAE {error:.2f} mL")]
+        outside = ~predicted.between(low, high)
+        if outside.any():
+            extreme = predicted[outside].abs().idxmax()
+            lines.append(f"{outside.sum()} beyond the range, to {predicted[extreme]:+.0f} mL")
+        axis.set_title("\n".join(lines), fontsize=FONT)
+    figure.supxlabel(f"true {_words(region)} change (mL)", fontsize=FONT + 1)
+    figure.supylabel(f"predicted {_words(region)} change (mL)", fontsize=FONT + 1)
+    if title:
+        figure.suptitle(title, fontsize=FONT + 2)
+    _legend(figure, per_pair, extra=[Line2D([], [], color=COPY_COLOUR, lw=0.8, ls=":", label="no change")])
+    return figure
 
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    axis = figure.subplots()
-    for label in labels:
+
+def psnr_figure(per_pair: pd.DataFrame, labels: Sequence[str], names: dict[str, str]) -> Figure:
+    """PSNR against the years between the scans, one panel per output of `labels` on one range, copy's pairs in
+    grey behind each."""
+    shown = per_pair[per_pair["label"].isin(labels)]
+    spread = shown["psnr"].max() - shown["psnr"].min()
+    limits = (shown["psnr"].min() - 0.05 * spread - 0.1, shown["psnr"].max() + 0.05 * spread + 0.1)
+    copy = per_pair[per_pair["label"] == COPY.label]
+    figure, axes = _grid(len(labels), height=2.6)
+    for axis, label in zip(axes, labels):
         group = per_pair[per_pair["label"] == label]
-        axis.scatter(group["years"], group["psnr"], s=12, label=label)
-    axis.set_xlabel("years between scans")
-    axis.set_ylabel("PSNR (dB)")
-    axis.legend(fontsize=7)
-    figure.savefig(folder / "psnr_vs_years.png", dpi=100)
+        if label != COPY.label:
+            axis.scatter(copy["years"], copy["psnr"], s=10, color=COPY_COLOUR, alpha=0.6, linewidths=0)
+        axis.scatter(group["years"], group["psnr"], s=14, color=DIAGNOSIS_COLOURS[0], linewidths=0)
+        axis.set_ylim(*limits)
+        axis.set_title(f"{names[label]}\nmean {group['psnr'].mean():.2f} dB", fontsize=FONT)
+    figure.supxlabel("years between the scans", fontsize=FONT + 1)
+    figure.supylabel("PSNR in the brain (dB)", fontsize=FONT + 1)
+    if len(copy):
+        _legend(figure, pd.DataFrame(), extra=[Line2D([], [], color=COPY_COLOUR, marker="o", ls="none", label="copy")])
+    return figure
 
-    if len(sweep):
-        swept = list(sweep["label"].unique())
-        figure = Figure(figsize=(4 * len(swept), 4), layout="constrained")
-        for axis, label in zip(np.atleast_1d(figure.subplots(1, len(swept), sharey=True)), swept):
-            for _, group in sweep[sweep["label"] == label].groupby("subject_id"):
-                axis.plot(np.r_[0, group["years"]], np.r_[group["volume_start"].iloc[0], group["volume"]],
-                          marker="o", ms=3)
-            axis.set_title(label, fontsize=9)
-            axis.set_xlabel("years after the first scan")
-        figure.axes[0].set_ylabel(f"predicted {_words(region)} volume (mL)")
-        figure.savefig(folder / "age_sweep.png", dpi=100)
+
+def metrics_figure(per_pair: pd.DataFrame, labels: Sequence[str], names: dict[str, str]) -> Figure:
+    """PSNR, SSIM and MAE in the brain per output of `labels` (first at the top), copy's median dashed."""
+    figure = Figure(figsize=(4 * len(IMAGE_METRICS), 0.4 * len(labels) + 1.4), layout="constrained")
+    axes = figure.subplots(1, len(IMAGE_METRICS), sharey=True)
+    units = {"psnr": "PSNR in the brain (dB)", "ssim": "SSIM in the brain", "mae": "MAE in the brain (intensity, 0-1)"}
+    copy = per_pair[per_pair["label"] == COPY.label]
+    for axis, metric in zip(axes, IMAGE_METRICS):
+        axis.boxplot([per_pair.loc[per_pair["label"] == label, metric] for label in labels][::-1],
+                     orientation="horizontal", tick_labels=[names[label] for label in labels][::-1])
+        if len(copy):
+            axis.axvline(copy[metric].median(), color=COPY_COLOUR, ls="--", lw=1)
+        axis.set_xlabel(units[metric], fontsize=FONT + 1)
+        axis.tick_params(labelsize=FONT)
+    return figure
+
+
+def sweep_figure(sweep: pd.DataFrame, per_pair: pd.DataFrame, region: str, labels: Sequence[str],
+                 names: dict[str, str]) -> Figure:
+    """Each swept subject's predicted change of `region` since its first scan against the years, one panel per
+    output of `labels` that was swept, beside the truth's mean rate over the pairs (the least-squares line
+    through 0 of true change against years); every panel on the range of that line, symmetric about 0."""
+    swept = [label for label in labels if label in set(sweep["label"])]
+    pairs = per_pair.drop_duplicates("pair")
+    true, years = pairs[f"true_change_{region}"].to_numpy(dtype=float), pairs["years"].to_numpy(dtype=float)
+    rate = float(true @ years / (years @ years))
+    last = float(sweep["years"].max())
+    reach = 1.5 * abs(rate) * last or float((sweep["volume"] - sweep["volume_start"]).abs().max()) or 1.0
+    direction = np.sign(true.mean())
+    figure, axes = _grid(len(swept), height=2.8)
+    for axis, label in zip(axes, swept):
+        mine = sweep[sweep["label"] == label]
+        for _, colour, rows in _diagnosis_groups(mine):
+            for _, subject in mine[rows].groupby("subject_id"):
+                subject = subject.sort_values("years")
+                axis.plot(np.r_[0, subject["years"]], np.r_[0, subject["volume"] - subject["volume_start"]],
+                          color=colour, marker="o", ms=3, lw=1)
+        axis.plot([0, last], [0, rate * last], color="black", ls="--", lw=1)
+        axis.axhline(0, color=COPY_COLOUR, lw=0.8, ls=":")
+        axis.set_ylim(-reach, reach)
+        subjects = mine["subject_id"].nunique()
+        moving = round(monotonic_share(mine, direction) * subjects) if direction else 0
+        axis.set_title(f"{names[label]}\n{moving} of {subjects} {'grow' if direction >= 0 else 'shrink'} at every "
+                       "step", fontsize=FONT)
+    figure.supxlabel("years after the first scan", fontsize=FONT + 1)
+    figure.supylabel(f"predicted {_words(region)} change (mL)", fontsize=FONT + 1)
+    _legend(figure, sweep, lines=True, extra=[Line2D([], [], color="black", ls="--", label="truth's mean rate")])
+    return figure
