@@ -34,6 +34,7 @@ from neuroar.predict import Predictor
 
 SWEEP_YEARS = (0, 2, 4, 6, 8)
 SIGNIFICANCE = 0.05  # the verdict calls an output better or worse than copy below this p
+HEADLINE = {"better": "beats copy", "worse": "is worse than copy", "no different": "does not differ from copy"}
 STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em;line-height:1.4}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
          "img{max-width:100%}figure{margin:1.5em 0}figcaption{font-size:14px;color:#333;max-width:1100px}"
@@ -120,22 +121,22 @@ def verdict(summary: pd.DataFrame, model: str, names: dict[str, str], split: str
     for label, row in mine.set_index("label").iterrows():
         judged = {r: _judgement(row[f"{r}_change_mae"], copy[f"{r}_change_mae"], row[f"{r}_change_mae_p_vs_copy"])
                   for r in order}
-        headline = {"better": "beats copy", "worse": "is worse than copy", "no different": "does not differ from copy"}
-        carried = row[f"{region}_carried"]
         sentences.append(
-            f"<p><b>{html.escape(names.get(label, label))} {headline[judged[region]]} on the {_words(region)} "
+            f"<p><b>{html.escape(names.get(label, label))} {HEADLINE[judged[region]]} on the {_words(region)} "
             f"change</b>, the cohort's aging region ({numbers(row, region)}, "
-            f"{'–' if not np.isfinite(carried) else f'{carried:.0%}'} of the true mean change carried); elsewhere: "
+            f"{_percent(row[f'{region}_carried'])} of the true mean change carried); elsewhere: "
             + "; ".join(f"{_words(r)} {judged[r]} ({numbers(row, r)})" for r in order[1:]) + ".</p>")
     lead = (f"Change error: the mean absolute error of the predicted against the true volume change over the "
             f"{int(copy['pairs'])} {html.escape(split)} pairs, against copy's (the earlier scan as the forecast, "
             f"which predicts no change); p: paired Wilcoxon test of the errors against copy's, better or worse at "
-            f"p < {SIGNIFICANCE:g}; r: Pearson correlation of predicted and true change.")
+            f"p < {SIGNIFICANCE:g}, each test on its own (not adjusted for the others); r: Pearson correlation of "
+            "predicted and true change.")
     if "tokenizer-oracle" in rows.index:
         oracle = rows.loc["tokenizer-oracle"]
         lead += (f" For scale: the tokenizer-oracle (which reads the true follow-up) has {_words(region)} change error "
                  f"{oracle[f'{region}_change_mae']:.2f} mL, r {_number(oracle[f'{region}_change_r'])}, "
-                 f"{oracle[f'{region}_carried']:.0%} of the true mean change carried: what the token space carries.")
+                 f"{_percent(oracle[f'{region}_carried'])} of the true mean change carried: what the token space "
+                 "carries.")
     return f"<section id='verdict'>{title}{''.join(sentences)}<p class='note'>{lead}</p></section>"
 
 
@@ -153,6 +154,10 @@ def _p(value: float) -> str:
 
 def _number(value: float) -> str:
     return "–" if not np.isfinite(value) else f"{value:.2f}"
+
+
+def _percent(value: float) -> str:
+    return "–" if not np.isfinite(value) else f"{value:.0%}"
 
 
 def _words(region: str) -> str:
@@ -189,7 +194,8 @@ def evaluation_figures(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str,
                    f"r: Pearson correlation; MAE: mean absolute error of the change.{diagnosis}")]
     if len(sweep):
         out.append(_figure(compare.sweep_figure(sweep, per_pair, region, labels, names),
-                           f"Age sweep: each swept subject's first scan predicted 1 to {sweep['years'].max():g} years "
+                           f"Age sweep: each swept subject's first scan predicted {sweep['years'].min():g} to "
+                           f"{sweep['years'].max():g} years "
                            f"ahead, the predicted {words} change since that scan (mL) against the years, one panel per "
                            "model output; dashed: the true change's mean rate over the held-out pairs. The title "
                            f"counts the subjects whose predicted {words} moves the truth's way at every step. Every "

@@ -410,7 +410,7 @@ def display_names(per_pair: pd.DataFrame) -> dict[str, str]:
 
 def with_diagnosis(frame: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
     """`frame` (rows with a subject_id) with a `diagnosis` column: each subject's diagnosis at its first scan
-    (RUN/scans.csv), an ordered category in the order diagnoses first appear there; `frame` unchanged where the
+    (RUN/scans.csv), a categorical with the diagnoses in the order they first appear there; `frame` unchanged where the
     scans have fewer than two diagnoses."""
     scans = pd.read_csv(run_dir / "scans.csv", dtype={"subject_id": str}, keep_default_na=False)
     if "diagnosis" not in scans or scans["diagnosis"].replace("", np.nan).nunique() < 2:
@@ -500,8 +500,8 @@ def change_figure(per_pair: pd.DataFrame, region: str, labels: Sequence[str], na
         axis.set_xlim(x_low, x_high)
         axis.set_ylim(low, high)
         axis.set_box_aspect(1)
-        # On a square panel the diagonal rises at atan(x range / y range).
-        at = 0.85 * (x_high if x_high > 0 else x_low)
+        # On a square panel the diagonal rises at atan(x range / y range); labelled where the truth reaches farthest.
+        at = 0.85 * (x_high if x_high >= -x_low else x_low)
         angle = np.degrees(np.arctan((x_high - x_low) / (high - low)))
         axis.text(at, at, "y = x", rotation=angle, rotation_mode="anchor", ha="right" if at > 0 else "left",
                   va="bottom", fontsize=FONT - 1)
