@@ -25,7 +25,8 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest
+	# One test process per core, one test file each (its module fixtures train once); `pytest` alone runs serially.
+	$(PY) -m pytest -n auto --dist loadfile
 
 # Speed and memory, side by side; writes benchmarks/RESULTS.md and benchmarks/results/bench.json.
 bench: $(STAMP)

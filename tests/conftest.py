@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -8,8 +9,17 @@ import nibabel.tests
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from filelock import FileLock
 
 from neuroar.data.synth.cohort import SynthOptions, make_cohort
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # The test processes share the cores: each (and the demos and torchrun it starts) gets its share of threads,
+    # or OpenMP's spinning threads of one process take the cores the other one needs.
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 NIBABEL_DATA = Path(os.path.dirname(nibabel.tests.__file__)) / "data"
 
@@ -78,20 +88,33 @@ def make_tiny_run(root: Path) -> Path:
 COHORT_OPTIONS = SynthOptions(subjects=15, visits=4, seed=3, workers=2)
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A session fixture's folder, made by `make(folder)` once for the whole run: under pytest-xdist the test
+    processes share one folder (the first makes it, under a file lock; the others wait and read it). Tests
+    only read these folders."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the base folder every worker of this run shares
+    folder, made = root / name, root / f"{name}.made"
+    with FileLock(root / f"{name}.lock"):
+        if not made.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            made.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory):
     """A synthetic cohort (15 subjects x 4 visits at 2 mm) with its truth, made once per test session."""
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root, COHORT_OPTIONS, progress=False)
-    return root
+    return made_once(tmp_path_factory, "cohort", lambda root: make_cohort(root, COHORT_OPTIONS, progress=False))
 
 
 @pytest.fixture(scope="session")
 def raw_cohort(tmp_path_factory):
     """One subject's two visits at 2 mm, clean and raw (raw/: a head, a scanner pose, a strong bias field)."""
-    root = tmp_path_factory.mktemp("raw_cohort")
-    make_cohort(root, SynthOptions(subjects=1, visits=2, seed=5, workers=1, raw=True), progress=False)
-    return root
+    options = SynthOptions(subjects=1, visits=2, seed=5, workers=1, raw=True)
+    return made_once(tmp_path_factory, "raw_cohort", lambda root: make_cohort(root, options, progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -99,9 +122,8 @@ def quick_demo_cohort(tmp_path_factory):
     """The quick demo's synthetic cohort, made once: a demo finds it up to date and skips the stage."""
     from neuroar.pipeline import demo_cohort_options
 
-    root = tmp_path_factory.mktemp("quick_demo_cohort")
-    make_cohort(root, demo_cohort_options(quick=True), progress=False)
-    return root
+    options = demo_cohort_options(quick=True)
+    return made_once(tmp_path_factory, "quick_demo_cohort", lambda root: make_cohort(root, options, progress=False))
 
 
 def seed_results(names: tuple[str, str]) -> pd.DataFrame:
