@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench docs install clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,5 +32,9 @@ test: $(STAMP) $(CHROMIUM)
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
 
+# The documentation (Sphinx, warnings as errors, as tests/test_docs.py builds it) -> build/docs/index.html.
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs build/docs
+
 clean:
-	rm -rf $(VENV) runs cache
+	rm -rf $(VENV) runs cache build
