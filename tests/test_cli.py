@@ -121,6 +121,9 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, quick_demo_cohort):
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
     scans = pd.read_csv(out / "scans.csv")
     assert set(scans["split"]) == {"train", "val", "test"}
+    per_pair = pd.read_csv(out / "evaluation" / "pairs.csv", dtype={"subject_id": str})
+    diagnosis = scans.drop_duplicates("subject_id").set_index("subject_id")["diagnosis"]
+    assert (per_pair["diagnosis"] == per_pair["subject_id"].map(diagnosis)).all()  # the change figure's colours
     again = run("demo", "--quick", "--out", str(out), *SMALL_DEMO, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 3  # cohort, evaluation, brain age
 

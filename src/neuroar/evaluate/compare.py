@@ -98,7 +98,8 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
     models_only = [f for f in forecasters if isinstance(f, ModelForecaster)]
     sweep = age_sweep(models_only, swept, sweep_years, regions, region, seed, progress)
     summary = summarize(per_pair, sweep, region, seed)
-    write_evaluation(Path(out_dir), per_pair, sweep, summary, split, chosen)
+    # pairs.csv and the figures carry each subject's diagnosis where the cohort has several (points coloured by it).
+    write_evaluation(Path(out_dir), with_diagnosis(per_pair, run_dir), sweep, summary, split, chosen)
     return summary
 
 
