@@ -3,8 +3,8 @@
 The commands are read from README.md between `<!-- quickstart -->` and `<!-- /quickstart -->` and given to the
 `neuroar` command as they stand. Two things make them cheap: the run's settings are the test suite's tiny ones
 (appended to `neuroar preprocess`, whose config.yaml every later command reads), and deepbet's networks are
-replaced by the cohort's true brain masks (tests/test_raw.py measures deepbet itself); N4 and the ANTs
-registration run as a user's scans would have them.
+replaced by the cohort's true brain masks (tests/test_raw.py measures deepbet itself). N4 and the ANTs
+registration run as a user's scans would have them, on the raw synthetic scans resampled to 4 mm.
 """
 
 import re
@@ -72,29 +72,32 @@ def raw_bids(raw_cohort: Path, out: Path) -> nib.Nifti1Image:
     return nib.Nifti1Image(union.astype(np.uint8), masks[0].affine)
 
 
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
 def test_the_readme_quickstart_runs_verbatim(raw_cohort, tmp_path, monkeypatch):
     commands = quickstart_commands(README.read_text())
-    assert [c[:2] for c in commands] == [["neuroar", "preprocess"], ["neuroar", "train-tokenizer"],
-                                         ["neuroar", "tokenize"], ["neuroar", "train-ar"], ["neuroar", "evaluate"],
-                                         ["neuroar", "predict"]]
-    preprocess, predict = commands[0], commands[-1]
-    bids = Path(tmp_path / preprocess[2])
-    mask = raw_bids(raw_cohort, bids)
+    by_name = {command[1]: command for command in commands}
+    assert all(command[0] == "neuroar" for command in commands)
+    assert commands[0][1] == "preprocess" and {"evaluate", "predict"} <= set(by_name)
+    preprocess, evaluate, predict = by_name["preprocess"], by_name["evaluate"], by_name["predict"]
+    mask = raw_bids(raw_cohort, tmp_path / preprocess[2])
     monkeypatch.setattr(raw, "_deepbet", lambda: TrueMasks(mask))
     monkeypatch.chdir(tmp_path)
     for command in commands:
         settings = RUN_SETTINGS if command is preprocess else []
         assert main(command[1:] + settings) == 0, " ".join(command)
 
-    run = Path(preprocess[preprocess.index("--out") + 1])
-    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["raw"] is True
+    run = Path(option(preprocess, "--out"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["raw"] is True  # the raw path, by name
     assert (run / "qc" / "index.html").is_file()
-    summary = (Path(commands[4][commands[4].index("--out") + 1]) / "summary.md").read_text()
+    summary = (Path(option(evaluate, "--out")) / "summary.md").read_text()
     assert "| copy |" in summary and "| tokenizer-oracle |" in summary
 
     # Each prediction lies on the raw input's grid, and outside the brain it is the input itself (the head).
-    source = nib.load(predict[predict.index("--input") + 1])
-    out = Path(predict[predict.index("--out") + 1])
+    source = nib.load(option(predict, "--input"))
+    out = Path(option(predict, "--out"))
     ages = [predict[i + 1] for i, arg in enumerate(predict) if arg == "--target-age"]
     outside = np.asarray(mask.dataobj) == 0
     for age in ages:
