@@ -137,3 +137,10 @@ def seed_results(names: tuple[str, str]) -> pd.DataFrame:
         rows += [{"training": f"real + synthetic ({name})", "seed": s, "training_scans": 18, "test_scans": 2,
                   "mae": real_mae[s] + worse[s], "r2": real_r2[s] - worse[s] / 10} for s in (3, 1, 0, 2)]
     return pd.DataFrame(rows)
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow tests first (a stable sort): under pytest-xdist each process takes whole files, the next
+    one when it is free, and a long file taken last would leave the other process idle at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -387,3 +387,17 @@ def test_a_trained_models_detail_output_and_the_oracle_match_an_independent_reco
     scored = per_pair.set_index("label")["psnr"]
     assert scored[f"{run}+detail"] == pytest.approx(masked_psnr(detail_DHW, later_DHW, brain), rel=1e-5)
     assert scored["tokenizer-oracle"] == pytest.approx(masked_psnr(oracle_DHW, later_DHW, brain), rel=1e-5)
+
+
+def test_image_figures_draw_pairs_of_identical_scans(tmp_path):
+    """A pair whose scans are identical has an infinite PSNR for copy: the figures leave it out, not fail."""
+    zeros = np.zeros(4)
+    outputs = {Output("copy"): {"psnr": np.array([np.inf, 25, 26, 27]), "ssim": zeros + 0.9, "predicted": zeros},
+               Output("run", "aging"): {"psnr": np.array([30, 24, 25, 26]), "ssim": zeros + 0.8, "predicted": zeros}}
+    per_pair = pairs_table({r: np.arange(4.0) for r in REGIONS}, dict.fromkeys(REGIONS, 30.0), outputs)
+    labels, names = compare.compared_labels(per_pair), compare.display_names(per_pair)
+
+    axis = compare.psnr_figure(per_pair, labels, names).axes[0]
+
+    assert axis.get_ylim() == pytest.approx((24 - 0.3 - 0.1, 30 + 0.3 + 0.1))
+    compare.metrics_figure(per_pair, labels, names).savefig(tmp_path / "metrics.png")

@@ -526,9 +526,9 @@ def change_figure(per_pair: pd.DataFrame, region: str, labels: Sequence[str], na
 def psnr_figure(per_pair: pd.DataFrame, labels: Sequence[str], names: dict[str, str]) -> Figure:
     """PSNR against the years between the scans, one panel per output of `labels` on one range, copy's pairs in
     grey behind each."""
-    shown = per_pair[per_pair["label"].isin(labels)]
-    spread = shown["psnr"].max() - shown["psnr"].min()
-    limits = (shown["psnr"].min() - 0.05 * spread - 0.1, shown["psnr"].max() + 0.05 * spread + 0.1)
+    psnr = _finite(per_pair.loc[per_pair["label"].isin(labels), "psnr"])  # identical scans: infinite, not drawn
+    spread = psnr.max() - psnr.min() if len(psnr) else 0.0
+    limits = (psnr.min() - 0.05 * spread - 0.1, psnr.max() + 0.05 * spread + 0.1) if len(psnr) else (0.0, 1.0)
     copy = per_pair[per_pair["label"] == COPY.label]
     figure, axes = _grid(len(labels), height=2.6)
     for axis, label in zip(axes, labels):
@@ -545,6 +545,10 @@ def psnr_figure(per_pair: pd.DataFrame, labels: Sequence[str], names: dict[str, 
     return figure
 
 
+def _finite(values: pd.Series) -> pd.Series:
+    return values[np.isfinite(values)]
+
+
 def metrics_figure(per_pair: pd.DataFrame, labels: Sequence[str], names: dict[str, str]) -> Figure:
     """PSNR, SSIM and MAE in the brain per output of `labels` (first at the top), copy's median dashed."""
     figure = Figure(figsize=(4 * len(IMAGE_METRICS), 0.4 * len(labels) + 1.4), layout="constrained")
@@ -552,7 +556,7 @@ def metrics_figure(per_pair: pd.DataFrame, labels: Sequence[str], names: dict[st
     units = {"psnr": "PSNR in the brain (dB)", "ssim": "SSIM in the brain", "mae": "MAE in the brain (intensity, 0-1)"}
     copy = per_pair[per_pair["label"] == COPY.label]
     for axis, metric in zip(axes, IMAGE_METRICS):
-        axis.boxplot([per_pair.loc[per_pair["label"] == label, metric] for label in labels][::-1],
+        axis.boxplot([_finite(per_pair.loc[per_pair["label"] == label, metric]) for label in labels][::-1],
                      orientation="horizontal", tick_labels=[names[label] for label in labels][::-1])
         if len(copy):
             axis.axvline(copy[metric].median(), color=COPY_COLOUR, ls="--", lw=1)
