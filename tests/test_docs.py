@@ -86,10 +86,12 @@ def agrees(shown: str, value: float) -> bool:
     return abs(float(shown) - value) <= 0.5 * 10**-decimals + 1e-9
 
 
-def test_docs_build_and_list_every_config_setting(built):
+def test_docs_build_with_every_config_setting_and_every_benchmark(built):
     for page in ("index", "usage", "data", "method", "configuration", "evaluation", "study", "study_evaluations",
                  "scaling", "synthetic_cohort", "api", "benchmarks/index", "benchmarks/results"):
         assert (built / f"{page}.html").is_file(), page
+    benchmarks = (ROOT / "benchmarks").glob("*.md")
+    assert [b.name for b in benchmarks if not (built / "benchmarks" / f"{b.stem.lower()}.html").is_file()] == []
     text = article(built / "configuration.html").text
     config = Config()
     for section in dataclasses.fields(Config):
