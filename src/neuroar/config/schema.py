@@ -183,8 +183,8 @@ class TransformerTrainingConfig(TrainingConfig):
 @dataclass
 class SamplingConfig:
     samples: int = 4  # predictions per request; their mean is the prediction, their spread the uncertainty
-    # Measured on the reference run (6 validation subjects, 36 pairs): 0.5 gave the best "+detail" PSNR with the
-    # same ventricle-change r as 1.0 and greedy decoding, and coherent age sweeps (README, "Sampling").
+    # Measured once on a reference run (6 validation subjects, 36 pairs; not kept in a committed file): 0.5 gave
+    # the best "+detail" PSNR with the same ventricle-change r as 1.0 and greedy decoding, and coherent age sweeps.
     temperature: float = 0.5
     top_k: int = 0  # 0 = all codes
     top_p: float = 1.0  # nucleus; 1.0 = off
