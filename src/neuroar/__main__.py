@@ -1,3 +1,3 @@
-from neuroar.cli import main
+from neuroar.cli import run
 
-raise SystemExit(main())
+run()

@@ -15,6 +15,14 @@ from neuroar import __version__
 from neuroar.errors import NeuroARError
 
 
+def run() -> None:
+    """The `neuroar` program (`neuroar ...`, `python -m neuroar ...`, `torchrun ... -m neuroar ...`)."""
+    code = main()
+    from neuroar import distributed  # torch only now: `neuroar --help` stays quick
+
+    distributed.exit_program(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     # Overrides (key.sub=value) may come before or after options, so collect what argparse leaves over.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +102,19 @@ def close() -> None:
     """The process group released while Python is still alive (a no-op without one)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_program(code: int) -> None:
+    """End the `neuroar` program with `code`. A torchrun worker leaves without the interpreter's teardown: gloo's
+    threads still hold tensors then and abort the finished process now and then (SIGABRT, "terminate called
+    without an active exception", in CI after a run had written everything, even with `close` at exit;
+    pytorch/pytorch#179291 was abandoned as harder than it looked). Every trainer ends on a barrier, so no
+    rank is still talking when this one leaves."""
+    if not dist.is_initialized():
+        raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def default_device() -> torch.device:
