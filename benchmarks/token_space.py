@@ -51,6 +51,13 @@ DESIGNS = {
     "grid20-latent4": ("grid20 with 4 latent channels instead of 16 (fewer numbers per code to match)",
                        ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}",
                         "tokenizer.latent_dim=4", "tokenizer.norm_groups=4"]),
+    # Code the change from the earlier scan's continuous latent (tokenizer.code=change; batch_size counts pairs).
+    "change": ("grid20 coding the change from the earlier scan's latent",
+               ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}",
+                "tokenizer.code=change"]),
+    "change-twice": ("change with a second residual stage at 20x24x22",
+                     ["tokenizer.downsample=2", "tokenizer.attention=false",
+                      f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change"]),
 }
 REGIONS = ("ventricles", "grey_matter")
 PROBE_STEPS = 4

@@ -54,11 +54,16 @@ def inputs(model, quantizer, batch=2, seed=0):
     return target, teacher_forcing_sequence(quantizer, target), earlier_inputs(model, quantizer, earlier), ages
 
 
-def test_a_token_sees_only_its_own_and_coarser_scales():
+# The finest scale through attention, or through the convolutional head (`transformer.local_scales`).
+LOCAL = pytest.mark.parametrize("local", [0, 1])
+
+
+@LOCAL
+def test_a_token_sees_only_its_own_and_coarser_scales(local):
     """Perturbing scale 1 (inputs or earlier tokens) leaves scale 0's logits alone and changes those of scales 1
     and 2: a token-causal mask (a token sees only earlier positions) would fail the last check, a mask that
-    leaks finer scales the first."""
-    model, quantizer = build()
+    leaks finer scales the first; with a local head for scale 2, it must read the attended scales."""
+    model, quantizer = build(local_scales=local)
     _, target_BLC, (earlier_BLC, earlier_BL), (a1, a2) = inputs(model, quantizer)
     logits = model(target_BLC, earlier_BLC, earlier_BL, a1, a2)
     start, end = model.starts[1], model.starts[2]
@@ -173,10 +178,11 @@ def test_embeddings_start_small_beside_the_positions():
         assert 0.01 < weight.std().item() < 0.03
 
 
-def test_copy_logits_start_the_model_as_a_calibrated_copy():
+@LOCAL
+def test_copy_logits_start_the_model_as_a_calibrated_copy(local):
     torch.manual_seed(0)
     quantizer = MultiScaleQuantizer(CODES, DIM, SCALES).eval()
-    model = NeuroAR(TransformerConfig(depth=2), DIM, CODES, SCALES).eval()
+    model = NeuroAR(TransformerConfig(depth=2, local_scales=local), DIM, CODES, SCALES).eval()
     rates = [0.95, 0.7, 0.4]
     model.init_copy_logits(rates)
     target, earlier = random_tokens(4, seed=0), random_tokens(4, seed=1)
@@ -203,10 +209,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*gradients))
 
 
+@LOCAL
 @pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(guidance=2.5, top_k=8, top_p=0.9,
                                                                        temperature=0.7)])
-def test_kv_cache_sampling_gives_exactly_the_tokens_of_full_recomputation(sampling):
-    model, quantizer = build()
+def test_kv_cache_sampling_gives_exactly_the_tokens_of_full_recomputation(sampling, local):
+    model, quantizer = build(local_scales=local)
     model, quantizer = model.double(), quantizer.double()  # rounding must not decide a draw
     earlier = random_tokens(3, seed=5)
     ages = torch.tensor([60.0, 70.0, 80.0], dtype=torch.float64), torch.tensor([62.0, 75.0, 81.0], dtype=torch.float64)
@@ -218,10 +225,11 @@ def test_kv_cache_sampling_gives_exactly_the_tokens_of_full_recomputation(sampli
     assert all(torch.equal(a, b) for a, b in zip(cached, again))
 
 
-def test_sampling_uses_teacher_forcing_inputs_of_its_own_tokens():
+@LOCAL
+def test_sampling_uses_teacher_forcing_inputs_of_its_own_tokens(local):
     """Greedy sampling must equal the argmax of the teacher-forced logits computed on the sampled tokens:
-    training and sampling build the inputs with the same quantizer step."""
-    model, quantizer = build()
+    training and sampling build the inputs with the same quantizer step (and the local head the same context)."""
+    model, quantizer = build(local_scales=local)
     earlier = random_tokens(2, seed=3)
     a1, a2 = torch.tensor([70.0, 71.0]), torch.tensor([73.0, 79.0])
     tokens = model.sample(quantizer, earlier, a1, a2, SamplingConfig(top_k=1), torch.Generator().manual_seed(0))

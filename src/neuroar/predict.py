@@ -3,9 +3,10 @@
 The same interface for NeuroAR (a run folder or an ablation's model folder) and the baselines (RUN/ldm,
 RUN/stargan). The input is preprocessed exactly like the training data, encoded by the model's own
 tokenizer or autoencoder, and for each target age the model draws several follow-ups; their mean is the
-prediction and their per-voxel standard deviation its uncertainty. A third output keeps what the encoder
-cannot represent: the earlier scan plus the predicted change (decoded prediction minus the decoded earlier
-scan). All three are returned in the input's own grid, affine and intensity range.
+prediction and their per-voxel standard deviation its uncertainty. (A NeuroAR model of a change-coding
+tokenizer draws the tokens of the change and decodes them on top of the earlier scan's latent.) A third output
+keeps what the encoder cannot represent: the earlier scan plus the predicted change (decoded prediction minus
+the decoded earlier scan). All three are returned in the input's own grid, affine and intensity range.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.baselines import build_baseline, predict_latent
 from neuroar.models.tokenizer import MSVQVAE
-from neuroar.models.transformer import NeuroAR, build_transformer
+from neuroar.models.transformer import NeuroAR, build_transformer, earlier_latent_features
 from neuroar.runs import MODEL_NAME, load_autoencoder, load_tokenizer, resolve_model, tokenizer_checkpoint
 
 # Settings a prediction may change: how to sample, and how the input is prepared (not what the model learnt).
@@ -148,18 +149,22 @@ class NeuroARPredictor(Predictor):
 
     def decoded_samples(self, x, age, target_ages, samples, generator, diagnosis=None):
         diagnosis_S = self.model.diagnosis_ids([diagnosis]).to(self.device).expand(samples)
-        earlier_tokens = self.tokenizer.encode_scan(x)
-        earlier_decoded = self.tokenizer.decode_scan(earlier_tokens)[0]
-        earlier_tokens = [t.expand(samples, -1, -1, -1) for t in earlier_tokens]
+        f_earlier = self.tokenizer.latent_scan(x)
+        unchanged = self.tokenizer.unchanged_tokens(f_earlier)
+        earlier_decoded = self.tokenizer.decode_followup(f_earlier, unchanged)[0]
+        f_earlier_S = f_earlier.expand(samples, -1, -1, -1, -1)
+        unchanged = [t.expand(samples, -1, -1, -1) for t in unchanged]
+        earlier_maps = (earlier_latent_features(self.tokenizer.quantizer.scales, f_earlier_S)
+                        if self.config.tokenizer.code == "change" else None)
         per_age = []
         for target_age in target_ages:
-            tokens = self.model.sample(self.tokenizer.quantizer, earlier_tokens, self._ages(age, samples),
+            tokens = self.model.sample(self.tokenizer.quantizer, unchanged, self._ages(age, samples),
                                        self._ages(target_age, samples), self.config.sampling, generator(),
-                                       diagnosis_B=diagnosis_S)
-            f_hat_S = self.tokenizer.quantizer.tokens_to_fhat(tokens)
-            decoded = self.tokenizer.decode(f_hat_S)[:, 0].clamp(0, 1).cpu().numpy()
+                                       diagnosis_B=diagnosis_S, earlier_maps=earlier_maps)
+            f_S = self.tokenizer.followup_latent(f_earlier_S, tokens)
+            decoded = self.tokenizer.decode_latent(f_S)
             if self.config.sampling.average == "fhat":  # decode the samples' mean latent
-                mean = self.tokenizer.decode(f_hat_S.mean(0, keepdim=True))[0, 0].clamp(0, 1).cpu().numpy()
+                mean = self.tokenizer.decode_latent(f_S.mean(0, keepdim=True))[0]
             else:
                 mean = decoded.mean(0)
             per_age.append((mean, decoded))

@@ -51,6 +51,9 @@ class DataConfig:
                                            f"got {self.split_fractions}.")
 
 
+CODES = ("scan", "change")  # what a tokenizer's tokens code: see TokenizerConfig.code
+
+
 @dataclass
 class TokenizerConfig:
     downsample: int = 8  # voxels per latent cell along each axis: 8 at 2 mm, 16 at 1 mm
@@ -67,6 +70,10 @@ class TokenizerConfig:
     # Self-attention at the bottleneck (MONAI's non-local block): over a 20x24x22 grid (10,560 positions) it is
     # most of a CPU step (1.15 s against 0.13 s at the demo's size, measured), so finer grids may turn it off.
     attention: bool = True
+    # What the tokens code: "scan" = each scan on its own (the paper's MS-VQVAE); "change" = a follow-up as the
+    # change of the continuous latent from its earlier scan's, decoded on top of that latent (trained on the
+    # training pairs; train_tokenizer.batch_size then counts pairs). See models/tokenizer.py.
+    code: str = "scan"
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -87,6 +94,8 @@ class TokenizerConfig:
             fail(f"{key}.codebook_size", f"must be at least 2, got {self.codebook_size}.")
         if not self.scales:
             fail(f"{key}.scales", "needs at least one scale.")
+        if self.code not in CODES:
+            fail(f"{key}.code", f"must be one of {', '.join(CODES)}, got {self.code!r}.")
 
 
 @dataclass
@@ -134,8 +143,15 @@ class TransformerConfig:
     # The earlier scan at scale k: "tokens" = its scale-k code vectors and its own scale-k input concatenated
     # with the target's input, an embedding of its token ids and a copy logit (the paper's token input; keeping
     # a token is one linear map away), "fhat" = its whole f_hat area-downsampled to scale k (the first design
-    # here), "none" = no earlier scan (an ablation).
-    earlier: Literal["tokens", "fhat", "none"] = "tokens"
+    # here), "none" = no earlier scan (an ablation); with tokenizer.code=change (the earlier scan has no tokens
+    # there) "latent" = its continuous latent area-downsampled to scale k, with a copy logit on the token of no
+    # change.
+    earlier: Literal["tokens", "fhat", "latent", "none"] = "tokens"
+    # The last `local_scales` scales are predicted by a small convolutional head (models/transformer.py,
+    # LocalHead, `local_width` channels) instead of attention: full attention over a 20x24x22 scale (10,560
+    # tokens) is beyond a CPU's budget.
+    local_scales: int = 0
+    local_width: int = 32
     # Ablation switches: age tokens reached by cross-attention, the age embedding modulating every block
     # through AdaLN.
     cross_attention: bool = True
@@ -160,6 +176,9 @@ class TransformerConfig:
                 fail(f"{key}.{name}", f"must be in [0, 1), got {getattr(self, name)}.")
         if len(set(self.diagnoses)) != len(self.diagnoses) or not all(d.strip() for d in self.diagnoses):
             fail(f"{key}.diagnoses", f"must be distinct, non-empty labels, got {list(self.diagnoses)}.")
+        if self.local_scales < 0 or self.local_width < 1:
+            fail(f"{key}.local_scales", f"local_scales must be >= 0 and local_width >= 1, got {self.local_scales} "
+                                        f"and {self.local_width}.")
 
 
 @dataclass
@@ -360,6 +379,13 @@ class Config:
         if tuple(tok.scales[-1]) != latent:
             fail("tokenizer.scales", f"the last scale {tok.scales[-1]} must equal the latent grid {latent} "
                                      f"(data.shape {shape} / tokenizer.downsample {tok.downsample}).")
+        if self.transformer.local_scales >= len(tok.scales):
+            fail("transformer.local_scales", f"{self.transformer.local_scales} leaves no scale to attention; at most "
+                                             f"{len(tok.scales) - 1} of the {len(tok.scales)} scales can be local.")
+        readable = ("latent", "none") if tok.code == "change" else ("tokens", "fhat", "none")
+        if self.transformer.earlier not in readable:
+            fail("transformer.earlier", f"{self.transformer.earlier!r} does not go with tokenizer.code={tok.code}; "
+                                        f"choose one of {', '.join(readable)}.")
         if any(s % ae.downsample for s in shape):
             fail("autoencoder.channels", f"patch {ae.patch} and {len(ae.channels)} levels downsample by "
                                          f"{ae.downsample}, which does not divide data.shape {shape}.")

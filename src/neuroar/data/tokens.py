@@ -3,7 +3,10 @@ training scan once more mirrored left-right (the transformer's augmentation: a m
 way, and doubles the anatomies it learns from).
 
 One safetensors file per dataset (RUN/tokens/KEY.safetensors: "scale0".."scaleK-1", each (N, d, h, w)
-int16, and "mirrored_scale0".. for the M training scans) beside a JSON file listing the scans in order. KEY
+int16, and "mirrored_scale0".. for the M training scans) beside a JSON file listing the scans in order. With
+`tokenizer.code: change` a scan has no tokens of its own (a follow-up's tokens code its change from an earlier
+scan), so the file holds each scan's continuous latent instead ("latent", (N, C, d, h, w) float32, and
+"mirrored_latent"), from which the tokens of any pair follow by quantizing alone (`pair_tokens`). KEY
 hashes the tokenizer's weights and the run's scans and split, so re-running after any of them changed writes a
 new file and re-running unchanged does nothing. A tokenizer trained on other scans or another split (whose
 training subjects may now be test subjects) is refused.
@@ -27,6 +30,7 @@ from neuroar.data.nifti import write_volume
 from neuroar.data.preprocess import load_preprocessed, to_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_file, sha256_json, write_json
+from neuroar.models.tokenizer import MSVQVAE
 from neuroar.progress import Progress
 from neuroar.runs import load_tokenizer, tokenizer_checkpoint
 
@@ -45,26 +49,32 @@ def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> 
     model = load_tokenizer(run_dir, config).to(distributed.default_device())
     train = scans[scans["split"] == "train"]
     jobs = [(p, False) for p in scans["preprocessed"]] + [(p, True) for p in train["preprocessed"]]
-    per_scale: dict[bool, list[list[torch.Tensor]]] = {m: [[] for _ in config.tokenizer.scales] for m in (False, True)}
+    encoded: dict[str, list[torch.Tensor]] = {}
     for preprocessed, mirrored in Progress(jobs, desc="tokenize", unit="scan", enabled=progress):
         volume_DHW = load_preprocessed(preprocessed)[0]
         if mirrored:
             volume_DHW = volume_DHW[::-1]  # the preprocessed grid is RAS: its first axis runs left to right
-        for k, idx in enumerate(model.encode_scan(volume_DHW)):
-            per_scale[mirrored][k].append(idx[0].to(torch.int16).cpu())
-    tensors = {f"{'mirrored_' if mirrored else ''}scale{k}": torch.stack(maps)
-               for mirrored, scales in per_scale.items() for k, maps in enumerate(scales) if maps}
+        prefix = "mirrored_" if mirrored else ""
+        f_1Cdhw = model.latent_scan(volume_DHW)
+        if config.tokenizer.code == "change":
+            encoded.setdefault(f"{prefix}latent", []).append(f_1Cdhw[0].cpu())
+            continue
+        for k, idx in enumerate(model.followup_tokens(None, f_1Cdhw)):
+            encoded.setdefault(f"{prefix}scale{k}", []).append(idx[0].to(torch.int16).cpu())
+    tensors = {name: torch.stack(parts) for name, parts in encoded.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
     write_json(path.with_suffix(".json"), {"scans": scans[SCAN_COLUMNS].to_dict("records"),
                                            "mirrored": train[SCAN_COLUMNS].to_dict("records"),
-                                           "scales": [list(s) for s in config.tokenizer.scales]})
+                                           "scales": [list(s) for s in config.tokenizer.scales],
+                                           "code": config.tokenizer.code})
     return path
 
 
 def load_tokens(run_dir: str | Path, mirrored: bool = False) -> tuple[list[torch.Tensor], pd.DataFrame]:
     """Token maps per scale, (N, d, h, w) int64, and the table of the N scans they belong to: the run's scans,
-    or with `mirrored` its training scans mirrored left-right."""
+    or with `mirrored` its training scans mirrored left-right. With code "change": [the latents (N, C, d, h, w)]
+    instead (see the module's text)."""
     run_dir = Path(run_dir)
     path = token_path(run_dir)
     if not path.with_suffix(".json").is_file():
@@ -77,7 +87,19 @@ def load_tokens(run_dir: str | Path, mirrored: bool = False) -> tuple[list[torch
     prefix, table = ("mirrored_", meta["mirrored"]) if mirrored else ("", meta["scans"])
     if not table:
         return [], pd.DataFrame(table, columns=SCAN_COLUMNS)
+    if meta.get("code", "scan") == "change":
+        return [tensors[f"{prefix}latent"]], pd.DataFrame(table)
     return [tensors[f"{prefix}scale{k}"].long() for k in range(len(meta["scales"]))], pd.DataFrame(table)
+
+
+@torch.no_grad()
+def pair_tokens(tokenizer: MSVQVAE, latents_NCdhw: torch.Tensor, earlier_N: torch.Tensor, later_N: torch.Tensor,
+                chunk: int = 32) -> list[torch.Tensor]:
+    """Code "change": the token maps (P, d, h, w) per scale of P follow-ups against their earlier scans, from
+    the cached latents (rows `later_N` against rows `earlier_N`), by `followup_tokens` as every other path."""
+    parts = [tokenizer.followup_tokens(latents_NCdhw[earlier_N[i:i + chunk]], latents_NCdhw[later_N[i:i + chunk]])
+             for i in range(0, len(earlier_N), chunk)]
+    return [torch.cat(maps) for maps in zip(*parts)]
 
 
 def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id: str) -> nib.Nifti1Image:
@@ -87,7 +109,12 @@ def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id
     if not match.any():
         raise NeuroARError(f"no scan of subject {subject_id!r}, session {session_id!r} in {run_dir}/scans.csv.")
     index = int(match.to_numpy().nonzero()[0][0])
-    volume = load_tokenizer(run_dir, config).decode_scan([t[index:index + 1] for t in tokens])[0]
+    tokenizer = load_tokenizer(run_dir, config)
+    if config.tokenizer.code == "change":  # the scan's latent with no change on top (as tokenizer-copy decodes it)
+        f_1Cdhw = tokens[0][index:index + 1]
+        volume = tokenizer.decode_followup(f_1Cdhw, tokenizer.unchanged_tokens(f_1Cdhw))[0]
+    else:
+        volume = tokenizer.decode_scan([t[index:index + 1] for t in tokens])[0]
     _, record = load_preprocessed(scans["preprocessed"].iloc[index])
     return to_input_space(volume, record)
 

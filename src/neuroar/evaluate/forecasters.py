@@ -2,10 +2,12 @@
 predicted preprocessed scan per target age out, each under an `Output` (a model and which of its outputs).
 
 - `copy`: the follow-up is the earlier scan. What any model must beat on the change it predicts.
-- `tokenizer-copy`: the earlier scan through the run's tokenizer: what tokenization alone costs, and what a
-  model that only reproduces its input's tokens would score.
+- `tokenizer-copy`: the earlier scan through the run's tokenizer (decoded from the tokens of "nothing changed"):
+  what tokenization alone costs, and what a model that only predicts no change would score.
 - `tokenizer-oracle` (pairs only: it reads the true follow-up): the earlier scan + decode(tokens of the true
-  later scan) - decode(tokens of the earlier scan): how much of the true change the token space carries. It is
+  later scan) - decode(tokens of no change), tokens and decoding against the earlier scan (see
+  models/tokenizer.py): how much of the true change the token space carries. A pair with no change gets the
+  earlier scan back (to float rounding), so no decoder bias counts as change. It is
   no bound on what a token model delivers: its change carries the tokenizer's decoding noise as well, and where
   the truth barely changes (the adolescents' ventricles) copy beats it.
 - a trained model: a run folder (its NeuroAR model), an ablation's folder, RUN/ldm or RUN/stargan: the
@@ -72,8 +74,12 @@ class TokenizerCopy:
         decoded = self.reconstruct(earlier_DHW)
         return {Output("tokenizer-copy"): [decoded for _ in target_ages]}
 
-    def reconstruct(self, volume_DHW: np.ndarray) -> np.ndarray:
-        return self.tokenizer.decode_scan(self.tokenizer.encode_scan(volume_DHW))[0]
+    def reconstruct(self, earlier_DHW: np.ndarray, later_DHW: np.ndarray | None = None) -> np.ndarray:
+        """The follow-up `later` (None: the earlier scan itself) through the tokenizer's tokens, coded against
+        the earlier scan."""
+        f_earlier = self.tokenizer.latent_scan(earlier_DHW)
+        f_later = f_earlier if later_DHW is None else self.tokenizer.latent_scan(later_DHW)
+        return self.tokenizer.decode_followup(f_earlier, self.tokenizer.followup_tokens(f_earlier, f_later))[0]
 
 
 class TokenizerOracle:
@@ -86,9 +92,9 @@ class TokenizerOracle:
         if later_DHWs is None or len(later_DHWs) != len(target_ages):
             raise NeuroARError("the tokenizer-oracle needs the true follow-up at every target age; it evaluates "
                                "pairs, not an age sweep.")
-        earlier_decoded_DHW = self.tokenizer_copy.reconstruct(earlier_DHW)
-        return {Output("tokenizer-oracle"): [with_change(earlier_DHW, self.tokenizer_copy.reconstruct(later_DHW),
-                                                         earlier_decoded_DHW) for later_DHW in later_DHWs]}
+        unchanged_DHW = self.tokenizer_copy.reconstruct(earlier_DHW)
+        return {Output("tokenizer-oracle"): [with_change(earlier_DHW, self.tokenizer_copy.reconstruct(
+            earlier_DHW, later_DHW), unchanged_DHW) for later_DHW in later_DHWs]}
 
 
 class ModelForecaster:

@@ -5,6 +5,17 @@ bottleneck computed with `scaled_dot_product_attention`); a 1x1x1 convolution on
 quantizer separates the encoder's output space from the codebook's. The volume enters as non-overlapping
 `patch`^3 patches folded into channels and leaves the decoder the same way (as video and 3D tokenizers do):
 the convolutions never run at full resolution, where they cost most of a step on a CPU.
+
+What the tokens code (`config.code`):
+- "scan": each scan on its own, x ~ dec(f_hat(tokens(f(x)))) (the paper's MS-VQVAE).
+- "change": a follow-up against its earlier scan, later ~ dec(f_e + f_hat(tokens(f_l - f_e))), where f_e and f_l
+  are the two scans' continuous latents; the earlier scan itself is dec(f_e). The earlier scan's anatomy stays
+  continuous and only the change is quantized, so the decoded change keeps what a volume measure counts (on the
+  demo's 42 test pairs its oracle carried 2-3x the ventricles' and grey matter's change of scan coding:
+  benchmarks/TOKEN_SPACE.md). A pair with no change has the tokens of a zero change (`unchanged_tokens`).
+Both are served by one interface, so that tokenizer-copy, the oracle and a model's prediction are computed alike:
+`latent_scan` (a scan's continuous latent), `followup_tokens` (a follow-up's tokens against an earlier latent),
+`unchanged_tokens` (the tokens of "nothing changed") and `decode_followup`.
 """
 
 from __future__ import annotations
@@ -42,27 +53,71 @@ class MSVQVAE(nn.Module):
         return self.quant_conv(self.encoder(space_to_channels(x_B1DHW, self.patch)))
 
     def forward(self, x_B1DHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Reconstruction, vq loss and codebook statistics."""
-        f_hat, _, vq_loss, stats = self.quantizer(self.features(x_B1DHW))
-        return self.decode(f_hat), vq_loss, stats
+        """Reconstruction, vq loss and codebook statistics. With code "change", `x` is a batch of pairs, the
+        earlier scans first and their follow-ups second (B = 2P); the earlier half is reconstructed from its
+        continuous latent, the later half from the quantized change on top of it."""
+        f_BCdhw = self.features(x_B1DHW)
+        if self.config.code == "scan":
+            f_hat, _, vq_loss, stats = self.quantizer(f_BCdhw)
+            return self.decode(f_hat), vq_loss, stats
+        f_earlier, f_later = f_BCdhw.chunk(2)
+        change_hat, _, vq_loss, stats = self.quantizer(f_later - f_earlier)
+        return self.decode(torch.cat([f_earlier, f_earlier + change_hat])), vq_loss, stats
 
     @torch.no_grad()
-    def encode_scan(self, volume: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
-        """A scan's token maps, each (B, d, h, w) on this model's device: the one way the token cache,
-        prediction, tokenizer-copy, the oracle and "+detail" encode. `volume` is (D, H, W) or (B, 1, D, H, W).
-        Always in float32 without TF32, whatever autocast the caller is under, so that the same scan gives the
-        same tokens on every path and as nearly as kernels allow on every device (scripts/gpu-check measures it)."""
+    def latent_scan(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A scan's continuous latent f (B, C, d, h, w) on this model's device. `volume` is (D, H, W) or
+        (B, 1, D, H, W). Always in float32 without TF32, whatever autocast the caller is under, so that the same
+        scan gives the same tokens on every path and as nearly as kernels allow on every device
+        (benchmarks/gpu_check.py measures it)."""
         x = torch.as_tensor(np.ascontiguousarray(volume) if isinstance(volume, np.ndarray) else volume)
         x_B1DHW = (x[None, None] if x.dim() == 3 else x).to(self._device, torch.float32)
         with full_precision(x_B1DHW.device):
-            return self.quantizer.encode(self.features(x_B1DHW))
+            return self.features(x_B1DHW).float()
 
     @torch.no_grad()
-    def decode_scan(self, tokens: list[torch.Tensor]) -> np.ndarray:
-        """Token maps decoded to volumes (B, D, H, W) in [0, 1], float32, on the CPU (the counterpart of
-        `encode_scan`)."""
+    def followup_tokens(self, f_earlier: torch.Tensor | None, f_later: torch.Tensor) -> list[torch.Tensor]:
+        """The token maps (B, d, h, w per scale) of a follow-up with latent `f_later` against its earlier scan's
+        latent `f_earlier` (read by code "change" only; None is fine for code "scan")."""
+        with full_precision(f_later.device):
+            if self.config.code == "scan":
+                return self.quantizer.encode(f_later)
+            return self.quantizer.encode(f_later - f_earlier)
+
+    def unchanged_tokens(self, f_earlier: torch.Tensor) -> list[torch.Tensor]:
+        """The tokens of a follow-up identical to the earlier scan: the earlier scan's own (code "scan"), or
+        those of a zero change, the same for every scan (code "change")."""
+        return self.followup_tokens(f_earlier, f_earlier)
+
+    @torch.no_grad()
+    def followup_latent(self, f_earlier: torch.Tensor | None, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """The latent (B, C, d, h, w) the decoder reads for a follow-up's tokens: their f_hat, on top of the
+        earlier scan's latent for code "change"."""
         with full_precision(tokens[0].device):
-            return self.decode_tokens(tokens)[:, 0].float().clamp(0, 1).cpu().numpy()
+            f_hat = self.quantizer.tokens_to_fhat(tokens)
+            return f_hat if self.config.code == "scan" else f_earlier + f_hat
+
+    @torch.no_grad()
+    def decode_latent(self, f_BCdhw: torch.Tensor) -> np.ndarray:
+        """Latents decoded to volumes (B, D, H, W) in [0, 1], float32, on the CPU."""
+        with full_precision(f_BCdhw.device):
+            return self.decode(f_BCdhw)[:, 0].float().clamp(0, 1).cpu().numpy()
+
+    def decode_followup(self, f_earlier: torch.Tensor | None, tokens: list[torch.Tensor]) -> np.ndarray:
+        """A follow-up's tokens decoded (against the earlier scan's latent for code "change") to volumes
+        (B, D, H, W) in [0, 1], float32, on the CPU."""
+        return self.decode_latent(self.followup_latent(f_earlier, tokens))
+
+    @torch.no_grad()
+    def encode_scan(self, volume: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+        """A scan's token maps with code "scan", each (B, d, h, w) on this model's device: the one way the token
+        cache and prediction encode a scan (`volume` as in `latent_scan`)."""
+        return self.followup_tokens(None, self.latent_scan(volume))
+
+    def decode_scan(self, tokens: list[torch.Tensor]) -> np.ndarray:
+        """Token maps of code "scan" decoded to volumes (B, D, H, W) in [0, 1], float32, on the CPU (the
+        counterpart of `encode_scan`)."""
+        return self.decode_followup(None, tokens)
 
     @property
     def _device(self) -> torch.device:

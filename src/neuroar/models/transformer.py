@@ -50,12 +50,18 @@ class NeuroAR(nn.Module):
         self.starts = [sum(self.lengths[:k]) for k in range(len(self.scales))]
         self.ends = tuple(start + length for start, length in zip(self.starts, self.lengths))
         width = config.width
-        self.input_proj = nn.Linear(latent_dim + earlier_channels(config.earlier, latent_dim), width)
+        # Scales 0..attended-1 go through attention; the last `config.local_scales` through `LocalHead`.
+        self.attended = len(self.scales) - config.local_scales
+        self.attended_length = self.ends[self.attended - 1]
+        channels = latent_dim + earlier_channels(config.earlier, latent_dim)
+        self.input_proj = nn.Linear(channels, width)
         self.earlier_token = nn.Embedding(codebook_size, width) if config.earlier == "tokens" else None
-        # Added to the logit of the earlier scan's token, per scale; see `init_copy_logits`.
-        self.copy_logit = nn.Parameter(torch.zeros(len(self.scales))) if config.earlier == "tokens" else None
-        self.level = nn.Embedding(len(self.scales), width)
-        self.position = nn.Parameter(torch.empty(1, sum(self.lengths), width))
+        # Added to the logit of the unchanged token (the earlier scan's, or that of no change), per scale; see
+        # `init_copy_logits`.
+        self.copy_logit = (nn.Parameter(torch.zeros(len(self.scales))) if config.earlier in ("tokens", "latent")
+                           else None)
+        self.level = nn.Embedding(self.attended, width)
+        self.position = nn.Parameter(torch.empty(1, self.attended_length, width))
         self.ages = AgeEmbedding(width)
         # One row per configured diagnosis and a last one for "no diagnosis" (missing, or dropped with the ages).
         self.diagnosis = nn.Embedding(len(config.diagnoses) + 1, width) if config.diagnoses else None
@@ -63,6 +69,8 @@ class NeuroAR(nn.Module):
         self.head_norm = nn.LayerNorm(width, elementwise_affine=not config.adaln, eps=1e-6)
         self.head_modulation = _modulation(width, 2) if config.adaln else None
         self.head = nn.Linear(width, codebook_size)
+        self.local = (LocalHead(channels, width, config.local_width, codebook_size, config.local_scales)
+                      if config.local_scales else None)
         levels_L = torch.cat([torch.full((n,), k) for k, n in enumerate(self.lengths)])
         self.register_buffer("levels", levels_L, persistent=False)
         self.activation_checkpointing = False  # trade compute for memory when training: blocks recompute
@@ -84,6 +92,8 @@ class NeuroAR(nn.Module):
             block.zero_init()
         if self.head_modulation is not None:
             nn.init.zeros_(self.head_modulation[-1].weight)
+        if self.local is not None:
+            self.local.zero_init()
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups as nanoGPT forms them: weight decay on the weights of linear maps only; none on biases,
@@ -101,13 +111,23 @@ class NeuroAR(nn.Module):
         `config.earlier` asks for (None is fine for the rest). `diagnosis_B`: `diagnosis_ids` of the subjects
         (None: no diagnosis); `drop_ages_B` drops the diagnosis too."""
         age_tokens, condition = self.conditions(earlier_age_B, target_age_B, drop_ages_B, diagnosis_B)
-        x_BLW = self._embed(target_inputs_BLC, earlier_BLC, earlier_tokens_BL, 0, self.levels.numel())
+        n = self.attended_length
+        x_BnW = self._embed(target_inputs_BLC[:, :n], _part(earlier_BLC, 0, n), _part(earlier_tokens_BL, 0, n), 0, n)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x_BLW = checkpoint(block, x_BLW, condition, age_tokens, self.ends, use_reentrant=False)
+                x_BnW = checkpoint(block, x_BnW, condition, age_tokens, self.ends[:self.attended], use_reentrant=False)
             else:
-                x_BLW = block(x_BLW, condition, age_tokens, self.ends)
-        return self._logits(x_BLW, condition, earlier_tokens_BL, 0)
+                x_BnW = block(x_BnW, condition, age_tokens, self.ends[:self.attended])
+        hidden_BnW = self._head_input(x_BnW, condition)
+        logits = [self._with_copy(self.head(hidden_BnW), _part(earlier_tokens_BL, 0, n), self.levels[:n])]
+        if self.local is not None:
+            context = self._local_context(hidden_BnW)
+            for k in range(self.attended, len(self.scales)):
+                start, end = self.starts[k], self.ends[k]
+                logits.append(self._local_logits(k, context, target_inputs_BLC[:, start:end],
+                                                 _part(earlier_BLC, start, end), _part(earlier_tokens_BL, start, end),
+                                                 condition))
+        return torch.cat(logits, 1)
 
     def conditions(self, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor, drop_B: torch.Tensor | None,
                    diagnosis_B: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,17 +170,37 @@ class NeuroAR(nn.Module):
             x_BlW = x_BlW + self.earlier_token(earlier_tokens_Bl)
         return x_BlW
 
-    def _logits(self, x_BlW: torch.Tensor, condition_BW: torch.Tensor, earlier_tokens_Bl: torch.Tensor | None,
-                start: int) -> torch.Tensor:
+    def _head_input(self, x_BlW: torch.Tensor, condition_BW: torch.Tensor) -> torch.Tensor:
+        """The last hidden states, normalised (and modulated by the condition) for the head."""
         x_BlW = self.head_norm(x_BlW)
         if self.head_modulation is not None:
             shift, scale = self.head_modulation(condition_BW)[:, None].chunk(2, -1)
             x_BlW = x_BlW * (1 + scale) + shift
-        logits_BlV = self.head(x_BlW)
+        return x_BlW
+
+    def _with_copy(self, logits_BlV: torch.Tensor, unchanged_Bl: torch.Tensor | None, levels_l: torch.Tensor
+                   ) -> torch.Tensor:
+        """The copy logit of each token's scale added to the logit of its unchanged token."""
         if self.copy_logit is None:
             return logits_BlV
-        copy_Bl = self.copy_logit[self.levels[start:start + x_BlW.shape[1]]].expand(len(x_BlW), -1)
-        return logits_BlV.scatter_add(-1, earlier_tokens_Bl[..., None], copy_Bl[..., None].to(logits_BlV.dtype))
+        copy_Bl = self.copy_logit[levels_l].expand(len(logits_BlV), -1)
+        return logits_BlV.scatter_add(-1, unchanged_Bl[..., None], copy_Bl[..., None].to(logits_BlV.dtype))
+
+    def _local_context(self, hidden_BnW: torch.Tensor) -> torch.Tensor:
+        """The head's input at the last attended scale as a grid (B, W, d, h, w): what `LocalHead` reads of
+        the transformer."""
+        grid = self.scales[self.attended - 1]
+        return hidden_BnW[:, -self.lengths[self.attended - 1]:].transpose(1, 2).reshape(len(hidden_BnW), -1, *grid)
+
+    def _local_logits(self, k: int, context_BWdhw: torch.Tensor, target_BlC: torch.Tensor,
+                      earlier_BlC: torch.Tensor | None, unchanged_Bl: torch.Tensor | None, condition_BW: torch.Tensor
+                      ) -> torch.Tensor:
+        """Logits (B, l, V) of scale k (one of the last `config.local_scales`) from `LocalHead`."""
+        parts = [target_BlC] if self.config.earlier == "none" else [target_BlC, earlier_BlC]
+        inputs_BCdhw = torch.cat(parts, -1).transpose(1, 2).reshape(len(target_BlC), -1, *self.scales[k])
+        logits_BVdhw = self.local(k - self.attended, inputs_BCdhw, context_BWdhw, condition_BW)
+        levels_l = self.levels[self.starts[k]:self.ends[k]]
+        return self._with_copy(flatten(logits_BVdhw), unchanged_Bl, levels_l)
 
     @torch.no_grad()
     def init_copy_logits(self, copy_rates: list[float]) -> None:
@@ -176,13 +216,18 @@ class NeuroAR(nn.Module):
     @torch.no_grad()
     def sample(self, quantizer: MultiScaleQuantizer, earlier_tokens: list[torch.Tensor], earlier_age_B: torch.Tensor,
                target_age_B: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
-               use_cache: bool = True, diagnosis_B: torch.Tensor | None = None) -> list[torch.Tensor]:
+               use_cache: bool = True, diagnosis_B: torch.Tensor | None = None,
+               earlier_maps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Token maps (B, d, h, w) per scale of the predicted follow-ups, one per batch item (`diagnosis_B` as in
-        `forward`).
+        `forward`). `earlier_tokens`: the unchanged tokens (the earlier scan's own with code "scan", those of no
+        change with code "change"); `earlier_maps`: the earlier scan's input per scale, (B, C', d, h, w), which by
+        default `earlier_scale_features` makes from `earlier_tokens` (code "scan"); with code "change" pass
+        `earlier_latent_features`.
 
         Without the cache every scale re-runs the whole prefix, block-causal by scale; both ways give
         the same logits, the cache only saves the work."""
-        earlier_maps = earlier_scale_features(quantizer, earlier_tokens, self.config.earlier)
+        if earlier_maps is None:
+            earlier_maps = earlier_scale_features(quantizer, earlier_tokens, self.config.earlier)
         batch = earlier_age_B.shape[0]
         guided = sampling.guidance != 1.0
         drop = torch.zeros(batch, dtype=torch.bool, device=earlier_age_B.device)
@@ -196,20 +241,27 @@ class NeuroAR(nn.Module):
         caches: list[dict[str, torch.Tensor]] | None = [{} for _ in self.blocks] if use_cache else None
         f_hat = None
         next_input = earlier_maps[0].new_zeros(len(earlier_maps[0]), quantizer.codebook.embedding_dim, *self.scales[0])
-        embedded, tokens = [], []
+        embedded, tokens, context, hidden_BlW = [], [], None, None
         for k, scale in enumerate(self.scales):
             start, end = self.starts[k], self.ends[k]
             if guided and k:
                 next_input = torch.cat([next_input, next_input])
-            embedded.append(self._embed(flatten(next_input), flatten(earlier_maps[k]),
-                                        earlier_tokens[k].flatten(1), start, end))
-            if use_cache:  # this scale's queries see every cached key: no scale boundaries to keep
-                x, ends = embedded[-1], None
+            unchanged_Bl = earlier_tokens[k].flatten(1)
+            if k >= self.attended:
+                if context is None:
+                    context = self._local_context(hidden_BlW)
+                logits_BlV = self._local_logits(k, context, flatten(next_input), flatten(earlier_maps[k]),
+                                                unchanged_Bl, condition)
             else:
-                x, ends = torch.cat(embedded, 1), self.ends[:k + 1]
-            for b, block in enumerate(self.blocks):
-                x = block(x, condition, age_tokens, ends, caches[b] if caches is not None else None)
-            logits_BlV = self._logits(x[:, -self.lengths[k]:], condition, earlier_tokens[k].flatten(1), start)
+                embedded.append(self._embed(flatten(next_input), flatten(earlier_maps[k]), unchanged_Bl, start, end))
+                if use_cache:  # this scale's queries see every cached key: no scale boundaries to keep
+                    x, ends = embedded[-1], None
+                else:
+                    x, ends = torch.cat(embedded, 1), self.ends[:k + 1]
+                for b, block in enumerate(self.blocks):
+                    x = block(x, condition, age_tokens, ends, caches[b] if caches is not None else None)
+                hidden_BlW = self._head_input(x[:, -self.lengths[k]:], condition)
+                logits_BlV = self._with_copy(self.head(hidden_BlW), unchanged_Bl, self.levels[start:end])
             if guided:
                 conditional, unconditional = logits_BlV.chunk(2)
                 logits_BlV = unconditional + sampling.guidance * (conditional - unconditional)
@@ -312,15 +364,57 @@ def flatten(map_BCdhw: torch.Tensor) -> torch.Tensor:
 
 def earlier_channels(kind: str, latent_dim: int) -> int:
     """Channels of the earlier scan's input (`earlier_scale_features`) that the model reads, per token."""
-    return {"none": 0, "fhat": latent_dim, "tokens": 2 * latent_dim}[kind]
+    return {"none": 0, "fhat": latent_dim, "latent": latent_dim, "tokens": 2 * latent_dim}[kind]
+
+
+def _part(x: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    return None if x is None else x[:, start:end]
+
+
+class LocalHead(nn.Module):
+    """The logits of the finest scales (`transformer.local_scales`) from a small 3D convolutional network in
+    place of attention: each token reads its 3x3x3 neighbourhood of the target's input and the earlier scan's,
+    and the transformer's head input at the last attended scale (projected, then upsampled), modulated by the
+    condition (ages, diagnosis) as AdaLN modulates the blocks. A scale's tokens are predicted together from the
+    coarser ones either way (as in VAR); attention's reach over the whole scale is what is given up, and a
+    cost that grows with the tokens, not their square, is what is gained: a 20x24x22 scale has 10,560 of them.
+    Its output starts at zero, so the model starts as the calibrated copy of `init_copy_logits` there too."""
+
+    def __init__(self, in_channels: int, width: int, hidden: int, codebook_size: int, scales: int):
+        super().__init__()
+        self.context = nn.Linear(width, hidden)
+        self.level = nn.Embedding(scales, hidden)
+        self.inputs = nn.Conv3d(in_channels + hidden, hidden, 3, padding=1)
+        self.norm = nn.GroupNorm(1, hidden, affine=False)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * hidden))  # shift and scale
+        self.conv = nn.Conv3d(hidden, hidden, 3, padding=1)
+        self.out = nn.Conv3d(hidden, codebook_size, 1)
+
+    def zero_init(self) -> None:
+        for layer in (self.out, self.modulation[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, j: int, inputs_BCdhw: torch.Tensor, context_BWdhw: torch.Tensor, condition_BW: torch.Tensor
+                ) -> torch.Tensor:
+        """Logits (B, V, d, h, w) of the j-th local scale."""
+        grid = inputs_BCdhw.shape[2:]
+        context = self.context(context_BWdhw.movedim(1, -1)).movedim(-1, 1)
+        context = F.interpolate(context, size=grid, mode="trilinear", align_corners=False)
+        h = self.inputs(torch.cat([inputs_BCdhw, context.to(inputs_BCdhw.dtype)], 1))
+        h = h + self.level.weight[j][None, :, None, None, None]
+        shift, scale = self.modulation(condition_BW)[:, :, None, None, None].chunk(2, 1)
+        h = h + self.conv(F.silu(self.norm(h) * (1 + scale) + shift))
+        return self.out(F.silu(h))
 
 
 @torch.no_grad()
 def earlier_scale_features(quantizer: MultiScaleQuantizer, tokens: list[torch.Tensor], kind: str
                            ) -> list[torch.Tensor]:
-    """The earlier scan's input at every scale, (B, C', d, h, w) each: "tokens" = its scale-k code vectors
-    beside its own teacher-forcing input of scale k (C' = 2C); "fhat" = its f_hat of all scales
-    area-downsampled to scale k (C' = C); "none" = zeros (unused)."""
+    """The earlier scan's input at every scale from its tokens (code "scan"), (B, C', d, h, w) each: "tokens" =
+    its scale-k code vectors beside its own teacher-forcing input of scale k (C' = 2C); "fhat" = its f_hat of all
+    scales area-downsampled to scale k (C' = C); "none" = zeros (unused). With code "change" see
+    `earlier_latent_features`."""
     if kind == "tokens":
         codes = [quantizer.codebook(idx_Bdhw).permute(0, 4, 1, 2, 3) for idx_Bdhw in tokens]
         inputs = [torch.zeros_like(codes[0]), *quantizer.teacher_forcing_inputs(tokens)]
@@ -330,6 +424,13 @@ def earlier_scale_features(quantizer: MultiScaleQuantizer, tokens: list[torch.Te
         return [area_down(f_hat, scale) for scale in quantizer.scales]
     channels = quantizer.codebook.embedding_dim
     return [torch.zeros(len(idx), channels, *idx.shape[1:], device=idx.device) for idx in tokens]
+
+
+@torch.no_grad()
+def earlier_latent_features(scales: Sequence[Shape3], f_BCdhw: torch.Tensor) -> list[torch.Tensor]:
+    """The earlier scan's continuous latent area-downsampled to every scale (`transformer.earlier: latent`, the
+    input of a model of a change-coding tokenizer's tokens)."""
+    return [area_down(f_BCdhw, scale) for scale in scales]
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@ quantizer's vq/commitment loss + an adversarial loss from MONAI's 3D PatchDiscri
 gradient norms at the decoder's last layer).
 The learning rate warms up linearly, then follows a cosine down to a tenth of its peak.
 A perceptual loss needs pretrained weights, which this project never downloads; it is off.
+With `tokenizer.code: change` a batch holds training pairs (batch_size of them): their earlier scans, then their
+follow-ups, so that the losses read the same as for single scans (see models/tokenizer.py); validation measures
+the follow-ups of the validation pairs.
 
 The batch order is a function of (seed, step), and the torch RNG is checkpointed, so a run resumed from its
 last checkpoint continues exactly as if it had not stopped. Checkpoints go to RUN/tokenizer/last.*,
@@ -29,6 +32,7 @@ from neuroar import distributed
 from neuroar.config import Config, save_config
 from neuroar.data.fingerprint import scan_fingerprint
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
+from neuroar.errors import NeuroARError
 from neuroar.metrics import masked_psnr, masked_ssim
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.runs import tokenizer_checkpoint
@@ -41,7 +45,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, 
     Under `torchrun`, each process takes its share of every batch (see neuroar.distributed). A checkpoint
     trained on other scans or another split is refused, or with `retrain` set aside (see `run_steps`)."""
     run_dir = Path(run_dir)
-    train_paths, val_paths = split_scan_paths(run_dir)
+    train_items, val_items = training_items(run_dir, config.tokenizer.code)
     settings = config.train_tokenizer
     ctx = distributed.init()
     device = ctx.device
@@ -59,17 +63,17 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, 
         print("tokenizer: perceptual loss off (it needs pretrained weights, which are never downloaded)")
     brain = template_brain_mask(config.data)
     brain_BDHW = torch.from_numpy(brain).float()[None, None].to(device)
-    held_out = val_paths or train_paths
+    held_out = val_items or train_items
 
     def train_step(step: int) -> dict[str, float]:
-        micro = ctx.shard(batch_indices(len(train_paths), step, settings.batch_size, config.seed),
+        micro = ctx.shard(batch_indices(len(train_items), step, settings.batch_size, config.seed),
                           settings.accumulation)
         use_adversarial = step >= settings.adversarial_start and settings.adversarial_weight > 0
         optimizer.zero_grad(set_to_none=True)
         pairs = []  # (scans, reconstructions) of each micro-batch, for the discriminator
         totals: dict[str, float] = {}  # the step's values: micro-batches averaged here, processes below
         for i, rows in enumerate(micro):
-            x = volume_batch(train_paths, rows).to(device)
+            x = item_batch(train_items, rows).to(device)
             weights = 1.0 + settings.brain_weight * brain_BDHW
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
                 with distributed.autocast(device):
@@ -107,23 +111,46 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, 
                      {"model": model, "discriminator": discriminator},
                      {"model": optimizer, "discriminator": optimizer_d}, train_step,
                      lambda: validate(model, held_out, device, brain), ctx, scan_fingerprint(run_dir),
-                     "val" if val_paths else "train", retrain,
+                     "val" if val_items else "train", retrain,
                      meta={"scales": [list(s) for s in config.tokenizer.scales]}, val_every=settings.val_every,
                      figures=lambda: {"val/reconstruction": _slice_figure(model, held_out, device)},
                      progress=progress)
 
 
+Item = tuple[str, ...]  # what the tokenizer codes: (scan,) or, with code "change", (earlier scan, follow-up)
+
+
+def training_items(run_dir: Path, code: str) -> tuple[list[Item], list[Item]]:
+    """The preprocessed scans (code "scan") or pairs (code "change") of the run's training and validation
+    splits."""
+    train_paths, val_paths = split_scan_paths(run_dir)
+    if code == "scan":
+        return [(p,) for p in train_paths], [(p,) for p in val_paths]
+    pairs = pd.read_csv(run_dir / "pairs.csv", keep_default_na=False)
+    items = {split: list(zip(rows["earlier_path"], rows["later_path"])) for split, rows in pairs.groupby("split")}
+    if not items.get("train"):
+        raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; tokenizer.code=change learns from "
+                           "subjects with two scans at different ages in the training split (or use code=scan).")
+    return items["train"], items.get("val", [])
+
+
+def item_batch(items: list[Item], rows: list[int]) -> torch.Tensor:
+    """The volumes of the given items, (B, 1, D, H, W): the scans, or the pairs' earlier scans then their
+    follow-ups (B = 2P)."""
+    return torch.cat([volume_batch([item[i] for item in items], rows) for i in range(len(items[0]))])
+
+
 @torch.no_grad()
-def validate(model: MSVQVAE, paths: list[str], device: torch.device, brain: np.ndarray) -> dict[str, float]:
+def validate(model: MSVQVAE, items: list[Item], device: torch.device, brain: np.ndarray) -> dict[str, float]:
     """Reconstruction PSNR and SSIM (3D, data range 1) of the whole volume and inside the brain mask, and
-    per-scale code use, averaged over the given scans."""
+    per-scale code use, averaged over the given scans (or the follow-ups of the given pairs)."""
     model.eval()
     # Per-scan values rather than MONAI's aggregate(), which would all-gather across processes while only rank
     # 0 validates.
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0)
     rows = []
-    for path in paths:
-        x, tokens, reconstruction = _reconstruct(model, path, device)
+    for item in items:
+        x, tokens, reconstruction = _reconstruct(model, item, device)
         rebuilt, original = reconstruction[0, 0].cpu().numpy(), x[0, 0].cpu().numpy()
         rows.append({"psnr": float(psnr(reconstruction, x).mean()), "ssim": float(ssim(reconstruction, x).mean()),
                      "psnr_brain": masked_psnr(rebuilt, original, brain),
@@ -131,12 +158,14 @@ def validate(model: MSVQVAE, paths: list[str], device: torch.device, brain: np.n
     return pd.DataFrame(rows).mean().to_dict()
 
 
-def _reconstruct(model: MSVQVAE, path: str, device: torch.device
+def _reconstruct(model: MSVQVAE, item: Item, device: torch.device
                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """A preprocessed scan (1, 1, D, H, W), its tokens, and its reconstruction from them, clamped to [0, 1]."""
-    x = torch.from_numpy(load_preprocessed(path)[0])[None, None].to(device)
-    tokens = model.encode_scan(x)
-    return x, tokens, model.decode_tokens(tokens).float().clamp(0, 1)
+    """An item's scan (its follow-up for a pair) (1, 1, D, H, W), its tokens, and its reconstruction from them
+    (against the earlier scan for a pair), clamped to [0, 1]."""
+    volumes = [torch.from_numpy(load_preprocessed(path)[0])[None, None].to(device) for path in item]
+    f_earlier = model.latent_scan(volumes[0]) if len(item) == 2 else None
+    tokens = model.followup_tokens(f_earlier, model.latent_scan(volumes[-1]))
+    return volumes[-1], tokens, torch.from_numpy(model.decode_followup(f_earlier, tokens))[:, None].to(device)
 
 
 def _adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, last: torch.Tensor,
@@ -150,9 +179,9 @@ def _adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, la
 
 
 @torch.no_grad()
-def _slice_figure(model: MSVQVAE, paths: list[str], device: torch.device):
+def _slice_figure(model: MSVQVAE, items: list[Item], device: torch.device):
     model.eval()
-    x, _, reconstruction = _reconstruct(model, paths[0], device)
+    x, _, reconstruction = _reconstruct(model, items[0], device)
     original, rebuilt = x[0, 0].cpu().numpy(), reconstruction[0, 0].cpu().numpy()
     figure = Figure(figsize=(9, 6), layout="constrained")
     axes = figure.subplots(2, 3)

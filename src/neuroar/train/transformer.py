@@ -2,7 +2,8 @@
 
 Every (earlier, later) pair of scans of a training subject is one example (and, with
 `train_transformer.mirror`, the same pair with both scans mirrored left-right): the later scan's tokens are
-the target, cross-entropy with teacher forcing. The frozen tokenizer's quantizer turns each scan's tokens once
+the target (with `tokenizer.code: change`, the tokens of its change from the earlier scan), cross-entropy with
+teacher forcing. The frozen tokenizer's quantizer turns each scan's tokens once
 into the two sequences the model reads (its teacher-forcing inputs, and its features as an earlier scan);
 batches are then only indexing. Logged losses and accuracies are those of the whole step (every micro-batch
 and process), beside the accuracy of copying the earlier scan's tokens: a model below it has not learned
@@ -27,13 +28,15 @@ from neuroar.checkpoint import weights_path
 from neuroar.config import Config
 from neuroar.data.fingerprint import data_fingerprint
 from neuroar.data.pairs import token_pairs
-from neuroar.data.tokens import load_tokens, token_path
+from neuroar.data.tokens import load_tokens, pair_tokens, token_path
 from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.quantizer import MultiScaleQuantizer
+from neuroar.models.tokenizer import MSVQVAE
 from neuroar.models.transformer import (
     NeuroAR,
     build_transformer,
+    earlier_latent_features,
     earlier_scale_features,
     flatten,
     teacher_forcing_sequence,
@@ -68,9 +71,51 @@ class ScanSequences:
         later = torch.as_tensor(chosen["later_index"].to_numpy(copy=True))
         return {"target_inputs": self.inputs_NLC[later].to(device), "earlier": self.earlier_NLC[earlier].to(device),
                 "earlier_tokens": self.tokens_NL[earlier].to(device), "tokens": self.tokens_NL[later].to(device),
-                "earlier_age": torch.tensor(chosen["earlier_age"].to_numpy(), dtype=torch.float32, device=device),
-                "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device),
-                "diagnosis": torch.as_tensor(chosen["diagnosis_id"].to_numpy(copy=True), device=device)}
+                **_conditions(chosen, device)}
+
+
+@dataclass
+class ChangeSequences:
+    """With `tokenizer.code: change`: per scan its continuous latent (N, C, d, h, w), per pair the tokens of its
+    change (P, L), and the tokens of no change (L,), the "copy" of this token space. A batch's teacher-forcing
+    inputs and earlier-scan inputs are made from them on the fly: stored for every pair and scale they would
+    take ~1.5 MB per pair at a 20x24x22 grid, made per batch they cost a few pooling and 3x3x3 convolutions."""
+
+    quantizer: MultiScaleQuantizer
+    latents_NCdhw: torch.Tensor
+    tokens_PL: torch.Tensor
+    row: dict[tuple[int, int], int]
+    unchanged_L: torch.Tensor
+
+    @classmethod
+    def build(cls, tokenizer: MSVQVAE, latents_NCdhw: torch.Tensor, pairs: list[pd.DataFrame]) -> ChangeSequences:
+        keys = sorted({key for frame in pairs for key in zip(frame["earlier_index"], frame["later_index"])})
+        earlier_P, later_P = (torch.tensor([key[i] for key in keys], dtype=torch.long) for i in (0, 1))
+        tokens = pair_tokens(tokenizer, latents_NCdhw, earlier_P, later_P)
+        unchanged = tokenizer.unchanged_tokens(latents_NCdhw[:1])
+        return cls(tokenizer.quantizer, latents_NCdhw, torch.cat([t.flatten(1) for t in tokens], 1),
+                   {key: i for i, key in enumerate(keys)}, torch.cat([t.flatten(1) for t in unchanged], 1)[0])
+
+    @torch.no_grad()
+    def batch(self, pairs: pd.DataFrame, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        chosen = pairs.iloc[rows]
+        earlier = torch.as_tensor(chosen["earlier_index"].to_numpy(copy=True))
+        tokens_BL = self.tokens_PL[[self.row[key] for key in zip(chosen["earlier_index"], chosen["later_index"])]]
+        maps, start = [], 0
+        for d, h, w in self.quantizer.scales:
+            maps.append(tokens_BL[:, start:start + d * h * w].view(-1, d, h, w))
+            start += d * h * w
+        features = earlier_latent_features(self.quantizer.scales, self.latents_NCdhw[earlier])
+        return {"target_inputs": teacher_forcing_sequence(self.quantizer, maps).to(device),
+                "earlier": torch.cat([flatten(f) for f in features], 1).to(device),
+                "earlier_tokens": self.unchanged_L.expand(len(rows), -1).to(device), "tokens": tokens_BL.to(device),
+                **_conditions(chosen, device)}
+
+
+def _conditions(chosen: pd.DataFrame, device: torch.device) -> dict[str, torch.Tensor]:
+    return {"earlier_age": torch.tensor(chosen["earlier_age"].to_numpy(), dtype=torch.float32, device=device),
+            "target_age": torch.tensor(chosen["later_age"].to_numpy(), dtype=torch.float32, device=device),
+            "diagnosis": torch.as_tensor(chosen["diagnosis_id"].to_numpy(copy=True), device=device)}
 
 
 def train_transformer(run_dir: str | Path, config: Config, progress: bool = True, name: str = MODEL_NAME,
@@ -93,7 +138,11 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
         mirrored[["earlier_index", "later_index"]] += len(scans)
         tokens = [torch.cat([a, b]) for a, b in zip(tokens, mirrored_tokens)]
         train_pairs = pd.concat([train_pairs, mirrored], ignore_index=True)
-    sequences = ScanSequences.build(load_tokenizer(run_dir, config).quantizer, tokens, config.transformer.earlier)
+    tokenizer = load_tokenizer(run_dir, config)
+    if config.tokenizer.code == "change":  # `tokens` holds the scans' latents: see data/tokens.py
+        sequences = ChangeSequences.build(tokenizer, tokens[0], [train_pairs, val_pairs])
+    else:
+        sequences = ScanSequences.build(tokenizer.quantizer, tokens, config.transformer.earlier)
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
     for pairs in (train_pairs, val_pairs):
@@ -142,11 +191,15 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                      val_every=settings.val_every, config_path=run_dir / name / "config.yaml", progress=progress)
 
 
-def copy_rates(model: NeuroAR, sequences: ScanSequences, pairs: pd.DataFrame) -> list[float]:
-    """Per scale, the share of the later scans' tokens equal to the earlier scans' over the given pairs."""
-    earlier = sequences.tokens_NL[torch.as_tensor(pairs["earlier_index"].to_numpy(copy=True))]
-    later = sequences.tokens_NL[torch.as_tensor(pairs["later_index"].to_numpy(copy=True))]
-    equal_NL = (earlier == later).float()
+def copy_rates(model: NeuroAR, sequences: ScanSequences | ChangeSequences, pairs: pd.DataFrame, chunk: int = 64
+               ) -> list[float]:
+    """Per scale, the share of the targets' tokens equal to the unchanged ones (the earlier scan's, or those of
+    no change) over the given pairs."""
+    equal = []
+    for start in range(0, len(pairs), chunk):
+        batch = sequences.batch(pairs, list(range(start, min(start + chunk, len(pairs)))), torch.device("cpu"))
+        equal.append((batch["earlier_tokens"] == batch["tokens"]).float())
+    equal_NL = torch.cat(equal)
     return [equal_NL[:, start:start + length].mean().item() for start, length in zip(model.starts, model.lengths)]
 
 
@@ -174,8 +227,8 @@ def gains_over_copy(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.T
 
 
 @torch.no_grad()
-def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences, pairs: pd.DataFrame, device: torch.device,
-                            chunk: int = 8) -> dict[str, float]:
+def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences | ChangeSequences, pairs: pd.DataFrame,
+                            device: torch.device, chunk: int = 8) -> dict[str, float]:
     """Teacher-forced loss and accuracies over the given pairs (ages always given), and per scale the standard
     error of the gain over copy (`scaleK_gain_se`, over pairs: the tokens of one pair are not independent), so
     that "above copy" can be told from noise: a gain within two standard errors of 0 is not a gain."""

@@ -1,0 +1,137 @@
+"""`tokenizer.code: change`: a follow-up's tokens code its change from the earlier scan's continuous latent. The
+same scan pair gives the same tokens on every path (training, cache, evaluation, prediction), a pair with no
+change gives the tokens of no change and the earlier scan back, and NeuroAR trains and predicts on these tokens
+with its finest scale through the convolutional head."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ball, make_tiny_run
+from neuroar.config import load_config
+from neuroar.data.pairs import token_pairs
+from neuroar.data.preprocess import load_preprocessed
+from neuroar.data.tokens import load_tokens, pair_tokens, tokenize_run
+from neuroar.errors import NeuroARError
+from neuroar.evaluate.forecasters import TokenizerCopy, TokenizerOracle
+from neuroar.models.tokenizer import MSVQVAE
+from neuroar.predict import Predictor
+from neuroar.runs import load_tokenizer
+from neuroar.train.tokenizer import item_batch, train_tokenizer, training_items
+from neuroar.train.transformer import train_transformer
+
+CHANGE = ["tokenizer.code=change", "transformer.earlier=latent", "transformer.local_scales=1"]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    """A tiny run with a briefly trained change-coding tokenizer and its cached latents (shared; tests copy)."""
+    run = make_tiny_run(tmp_path_factory.mktemp("change"))
+    config = load_config(run / "config.yaml", [*CHANGE, "train_tokenizer.steps=12", "train_tokenizer.val_every=100",
+                                               "train_tokenizer.adversarial_weight=0"])
+    train_tokenizer(run, config, progress=False)
+    tokenize_run(run, config, progress=False)
+    return run
+
+
+@pytest.fixture
+def run_dir(tokenized, tmp_path):
+    return shutil.copytree(tokenized, tmp_path / "run")
+
+
+def test_the_tokenizer_trains_on_the_training_pairs_earlier_scans_first(tokenized):
+    train, val = training_items(tokenized, "change")
+    pairs = pd.read_csv(tokenized / "pairs.csv", keep_default_na=False)
+    assert train == list(pairs.loc[pairs["split"] == "train", ["earlier_path", "later_path"]].itertuples(False, None))
+    assert len(val) == (pairs["split"] == "val").sum() and all(len(item) == 2 for item in train + val)
+    x = item_batch(train, [0, 1])
+    assert x.shape[0] == 4
+    assert torch.equal(x[1, 0], torch.from_numpy(load_preprocessed(train[1][0])[0]))  # earlier scans first
+    assert torch.equal(x[2, 0], torch.from_numpy(load_preprocessed(train[0][1])[0]))  # then their follow-ups
+    log = pd.read_csv(tokenized / "tokenizer_train.csv")
+    assert log["l1"].iloc[-3:].mean() < log["l1"].iloc[:3].mean()
+
+
+def test_the_earlier_half_is_decoded_from_its_continuous_latent_the_later_from_the_change():
+    config = load_config("demo", ["data.shape=[32,32,32]", "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]",
+                                  *CHANGE[:2]])
+    torch.manual_seed(0)
+    model = MSVQVAE(config.tokenizer).eval()
+    earlier, later, other = (torch.rand(1, 1, 32, 32, 32) for _ in range(3))
+    with torch.no_grad():
+        one, _, _ = model(torch.cat([earlier, later]))
+        two, _, _ = model(torch.cat([earlier, other]))
+        assert torch.equal(one[0], two[0]) and torch.allclose(one[0], model.decode(model.features(earlier))[0], atol=1e-5)
+        assert not torch.allclose(one[1], two[1])
+    # What a follow-up decodes to depends on its earlier scan, and no change has the same tokens for any scan.
+    f_earlier, f_later, f_other = (model.latent_scan(v) for v in (earlier, later, other))
+    tokens = model.followup_tokens(f_earlier, f_later)
+    assert not np.array_equal(model.decode_followup(f_earlier, tokens), model.decode_followup(f_other, tokens))
+    assert all(torch.equal(a, b) for a, b in zip(model.unchanged_tokens(f_earlier), model.unchanged_tokens(f_other)))
+    assert all(torch.equal(a, b) for a, b in zip(model.followup_tokens(f_later, f_later),
+                                                 model.unchanged_tokens(f_earlier)))
+
+
+def test_the_cache_and_every_path_give_a_pair_the_same_tokens_and_no_change_the_earlier_scan(tokenized):
+    config = load_config(tokenized / "config.yaml")
+    tokenizer = load_tokenizer(tokenized, config)
+    latents, scans = load_tokens(tokenized)
+    pairs = token_pairs(tokenized, scans, "train")
+    volumes = [load_preprocessed(path)[0] for path in scans["preprocessed"]]
+    assert torch.equal(latents[0][3], tokenizer.latent_scan(volumes[3])[0])
+    earlier, later = (torch.as_tensor(pairs[c].to_numpy(copy=True)) for c in ("earlier_index", "later_index"))
+    cached = pair_tokens(tokenizer, latents[0], earlier, later)
+    direct = tokenizer.followup_tokens(tokenizer.latent_scan(volumes[int(earlier[0])]),
+                                       tokenizer.latent_scan(volumes[int(later[0])]))
+    assert all(torch.equal(c[:1], d) for c, d in zip(cached, direct))
+    # The oracle of a scan paired with itself adds nothing; of a true pair it adds the decoded change.
+    oracle = TokenizerOracle(TokenizerCopy(tokenized, config))
+    e, l = volumes[int(earlier[0])], volumes[int(later[0])]
+    (same,) = next(iter(oracle.predict(e, 70.0, [71.0], 0, later_DHWs=[e]).values()))
+    assert np.allclose(same, e, atol=1e-6)
+    (changed,) = next(iter(oracle.predict(e, 70.0, [71.0], 0, later_DHWs=[l]).values()))
+    assert not np.allclose(changed, e, atol=1e-3)
+
+
+def test_neuroar_trains_on_change_tokens_and_predicts_the_earlier_scan_when_it_predicts_no_change(run_dir):
+    config = load_config(run_dir / "config.yaml", ["train_transformer.steps=20", "train_transformer.lr=0.003"])
+    metrics = train_transformer(run_dir, config, progress=False)
+    log = pd.read_csv(run_dir / "neuroar_train.csv")
+    assert log["loss"].iloc[-4:].mean() < log["loss"].iloc[:4].mean()
+    # Copy here is "no change": the share of each validation pair's tokens equal to the tokens of no change.
+    tokenizer = load_tokenizer(run_dir, config)
+    latents, scans = load_tokens(run_dir)
+    pairs = token_pairs(run_dir, scans, "val")
+    tokens = pair_tokens(tokenizer, latents[0], torch.as_tensor(pairs["earlier_index"].to_numpy(copy=True)),
+                         torch.as_tensor(pairs["later_index"].to_numpy(copy=True)))
+    unchanged = tokenizer.unchanged_tokens(latents[0][:1])
+    for k, (maps, none) in enumerate(zip(tokens, unchanged)):
+        assert metrics[f"scale{k}_copy_accuracy"] == pytest.approx((maps == none).float().mean().item(), abs=1e-6)
+
+    predictor = Predictor.from_checkpoint(run_dir)
+    image = nib.Nifti1Image(ball((0, 0, 0), 3), np.diag([4.0, 4.0, 4.0, 1.0]))
+    volume_DHW = load_preprocessed(scans["preprocessed"].iloc[0])[0]
+    with torch.no_grad():
+        predictor.model.copy_logit.fill_(50.0)  # every token "unchanged"
+    ((mean, std, detail),) = predictor.predict_preprocessed(volume_DHW, 70.0, [73.0], samples=2)
+    # (a batch of two samples rounds its convolutions differently from one scan: 1e-7 here)
+    assert np.allclose(mean, TokenizerCopy(run_dir, config).reconstruct(volume_DHW), atol=1e-5) and not std.any()
+    assert np.allclose(detail, volume_DHW, atol=1e-5)
+    with torch.no_grad():
+        predictor.model.copy_logit.fill_(0.0)
+    assert predictor.predict(image, 70.0, [74.0], samples=2)[0].mean.shape == image.shape
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tokenizer.code=change"], "transformer.earlier"),
+    (["transformer.earlier=latent"], "transformer.earlier"),
+    (["transformer.local_scales=5"], "transformer.local_scales"),
+    (["tokenizer.code=delta"], "tokenizer.code"),
+])
+def test_settings_that_do_not_go_together_are_refused(overrides, message):
+    with pytest.raises(NeuroARError, match=message):
+        load_config("demo", overrides)
