@@ -54,10 +54,11 @@ DESIGNS = {
     # Code the change from the earlier scan's continuous latent (tokenizer.code=change; batch_size counts pairs).
     "change": ("grid20 coding the change from the earlier scan's latent",
                ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}",
-                "tokenizer.code=change"]),
+                "tokenizer.code=change", "transformer.earlier=latent"]),
     "change-twice": ("change with a second residual stage at 20x24x22",
                      ["tokenizer.downsample=2", "tokenizer.attention=false",
-                      f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change"]),
+                      f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change",
+                      "transformer.earlier=latent"]),
 }
 REGIONS = ("ventricles", "grey_matter")
 PROBE_STEPS = 4
@@ -137,8 +138,9 @@ def _write(results: dict, args: argparse.Namespace) -> None:
     budget = f"--steps {args.steps}" if args.steps else f"--seconds {args.seconds:g}"
     lines = ["# The token space's yardstick", "",
              "What the tokenizer-oracle carries of the true change on the test pairs, per tokenizer design trained "
-             "from scratch for the same budget; no transformer. Written by "
-             f"`python benchmarks/token_space.py RUN {budget} --designs ...` (see its docstring); "
+             "from scratch for the steps in its row (a step is 2 scans, or 2 pairs for the change designs); no "
+             f"transformer. Written by `python benchmarks/token_space.py RUN {budget} --designs ...` (see its "
+             "docstring; the last invocation's budget shown); "
              "numbers in results/token_space.json. carried = oracle mean change / true mean change; r: Pearson with "
              "the true change; PSNR: tokenizer-copy in the brain; train s: the wall seconds of its training where it "
              "ran (compare them within one table only).", "",

@@ -54,6 +54,11 @@ def parameter_counts(config: Config) -> dict[str, int]:
     return {name: _count(model) for name, model in models.items()}
 
 
+def scans_per_item(config: Config) -> int:
+    """Scans per item of a tokenizer batch: one, or a pair's two with `tokenizer.code: change`."""
+    return 2 if config.tokenizer.code == "change" else 1
+
+
 def step_costs(config: Config, batch: int | None = None) -> list[StepCost]:
     """FLOPs and saved activations of one training step of the tokenizer and of NeuroAR, at `batch` or at each
     trainer's configured batch size."""
@@ -66,7 +71,8 @@ def step_costs(config: Config, batch: int | None = None) -> list[StepCost]:
     ages = torch.full((transformer_batch,), 70.0, device="meta")
 
     def tokenizer_step():
-        reconstruction, vq_loss, _ = tokenizer(torch.rand(tokenizer_batch, 1, *config.data.shape, device="meta"))
+        volumes = tokenizer_batch * scans_per_item(config)
+        reconstruction, vq_loss, _ = tokenizer(torch.rand(volumes, 1, *config.data.shape, device="meta"))
         ((reconstruction - 0.5).abs().mean() + vq_loss).backward()
 
     def transformer_step():
@@ -162,7 +168,7 @@ def _steps(config: Config, batch: int, device: torch.device):
 
     def tokenizer():
         model = MSVQVAE(config.tokenizer).to(device).train()
-        x = torch.rand(batch, 1, *config.data.shape, device=device)
+        x = torch.rand(batch * scans_per_item(config), 1, *config.data.shape, device=device)
 
         def step():
             reconstruction, vq_loss, _ = model(x)
