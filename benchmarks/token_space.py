@@ -59,6 +59,10 @@ DESIGNS = {
                      ["tokenizer.downsample=2", "tokenizer.attention=false",
                       f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change",
                       "transformer.earlier=latent"]),
+    "change-twice-dz1": ("change-twice, a change vector below the mean change energy coded as no change",
+                         ["tokenizer.downsample=2", "tokenizer.attention=false",
+                          f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change",
+                          "transformer.earlier=latent", "tokenizer.dead_zone=1.0"]),
 }
 REGIONS = ("ventricles", "grey_matter")
 PROBE_STEPS = 4

@@ -74,6 +74,10 @@ class TokenizerConfig:
     # change of the continuous latent from its earlier scan's, decoded on top of that latent (trained on the
     # training pairs; train_tokenizer.batch_size then counts pairs). See models/tokenizer.py.
     code: str = "scan"
+    # Code "change" only: a change vector takes the zero code ("nothing changed") unless another code brings it
+    # closer by more than dead_zone x the mean energy of change vectors, so that the tokens leave out the small,
+    # unpredictable part of a change (the two scans' noise). 0: plain nearest code.
+    dead_zone: float = 0.0
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -96,6 +100,8 @@ class TokenizerConfig:
             fail(f"{key}.scales", "needs at least one scale.")
         if self.code not in CODES:
             fail(f"{key}.code", f"must be one of {', '.join(CODES)}, got {self.code!r}.")
+        if self.dead_zone < 0 or (self.dead_zone and self.code != "change"):
+            fail(f"{key}.dead_zone", f"must be >= 0, and 0 unless code is change; got {self.dead_zone}.")
 
 
 @dataclass

@@ -21,6 +21,12 @@ Precision: the quantizer always runs in float32 with autocast off (as VAR's does
 code of a feature can differ from the one float32 finds, and the decoder would train on other tokens than
 the ones cached for the transformer.
 
+Coding a change (`zero_code`, the tokenizer's code "change"): code 0 is pinned to the zero vector and the
+refinements have no bias, so "nothing changed here" is token 0 at every scale and decodes to exactly nothing.
+With `dead_zone` > 0 a vector takes token 0 unless another code brings it closer by more than dead_zone times
+the mean energy of the change vectors (an EMA over training): the small, unpredictable part of a change (the
+two scans' noise) is left out of the tokens, which then say where something changed, the part a model can learn.
+
 Several processes: the trainer hands the quantizer two functions (`connect`): one that gathers the global
 batch, so that initialisation and restarts see what one process would see, and one that broadcasts rank 0's
 codebook and code-use buffers after each update, so that every rank keeps the same codebook even where their
@@ -52,7 +58,8 @@ def _float32(x: torch.Tensor):
 
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, scales: tuple[Shape3, ...], beta: float = 0.25,
-                 phi_mix: float = 0.5, usage_decay: float = 0.95, dead_usage: float = 0.03):
+                 phi_mix: float = 0.5, usage_decay: float = 0.95, dead_usage: float = 0.03, zero_code: bool = False,
+                 dead_zone: float = 0.0):
         super().__init__()
         self.scales = tuple(tuple(s) for s in scales)
         self.latent = self.scales[-1]
@@ -60,7 +67,14 @@ class MultiScaleQuantizer(nn.Module):
         self.phi_mix = phi_mix  # h = (1 - mix) h + mix conv(h): the refinement starts near the identity
         self.codebook = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
-        self.phis = nn.ModuleList(nn.Conv3d(dim, dim, 3, padding=1) for _ in self.scales)
+        self.phis = nn.ModuleList(nn.Conv3d(dim, dim, 3, padding=1, bias=not zero_code) for _ in self.scales)
+        self.zero_code, self.dead_zone = zero_code, dead_zone
+        keep = torch.ones(codebook_size)
+        if zero_code:
+            keep[0] = 0.0
+        self.register_buffer("keep", keep, persistent=False)  # 0 for the pinned zero code
+        # EMA of a change vector's squared norm (dead_zone's unit); kept in checkpoints of change coders only.
+        self.register_buffer("energy", torch.ones(()), persistent=zero_code)
         self.usage_decay, self.dead_usage = usage_decay, dead_usage
         # EMA of each code's share of use, relative to uniform use (1.0 = used as often as 1/V of tokens).
         self.register_buffer("usage", torch.ones(codebook_size))
@@ -73,6 +87,11 @@ class MultiScaleQuantizer(nn.Module):
         """Train under several processes: `gather_batch` returns the global batch from this rank's share,
         `broadcast` overwrites a tensor in place with rank 0's."""
         self.gather_batch, self.broadcast = gather_batch, broadcast
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The code vectors (V, C), the zero code pinned (no gradient reaches it)."""
+        return self.codebook.weight * self.keep[:, None] if self.zero_code else self.codebook.weight
 
     @property
     def tokens_per_scale(self) -> list[int]:
@@ -92,6 +111,9 @@ class MultiScaleQuantizer(nn.Module):
         updates = self.training and not f_BCdhw.is_meta
         if updates and not bool(self.initialized):
             self._initialize(f_global)
+        if updates and self.dead_zone > 0:
+            with torch.no_grad():
+                self.energy.mul_(self.usage_decay).add_((1 - self.usage_decay) * f_global.square().sum(1).mean())
         f_hats, tokens, residuals_NC = self._quantize(f_detached)
         # Codebook and refinements move toward the features; the encoder commits to the quantization.
         loss = sum(F.mse_loss(f_hat, f_detached) + self.beta * F.mse_loss(f_hat.detach(), f_BCdhw)
@@ -152,7 +174,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def _add_scale(self, k: int, f_hat: torch.Tensor | None, idx_Bdhw: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h_BCdhw = self.codebook(idx_Bdhw).permute(0, 4, 1, 2, 3)
+        h_BCdhw = F.embedding(idx_Bdhw, self.codes).permute(0, 4, 1, 2, 3)
         if tuple(h_BCdhw.shape[2:]) != self.latent:
             h_BCdhw = F.interpolate(h_BCdhw, size=self.latent, mode="trilinear", align_corners=False)
         h_BCdhw = (1 - self.phi_mix) * h_BCdhw + self.phi_mix * self.phis[k](h_BCdhw)
@@ -175,8 +197,10 @@ class MultiScaleQuantizer(nn.Module):
     def _nearest(self, z_BCdhw: torch.Tensor) -> torch.Tensor:
         B, C, d, h, w = z_BCdhw.shape
         z_NC = z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, C)
-        codes_VC = self.codebook.weight
+        codes_VC = self.codes
         distance_NV = (z_NC.square().sum(1, keepdim=True) - 2 * z_NC @ codes_VC.T + codes_VC.square().sum(1))
+        if self.zero_code and self.dead_zone > 0:  # any code but zero must be worth its cost
+            distance_NV[:, 1:] += self.dead_zone * self.energy
         return distance_NV.argmin(dim=1).view(B, d, h, w)
 
     @torch.no_grad()
@@ -188,6 +212,7 @@ class MultiScaleQuantizer(nn.Module):
         noise = 0.01 * vectors_NC.std() * torch.randn(size, C, device=vectors_NC.device)
         self.codebook.weight.data.copy_(vectors_NC[pick] + noise)
         self.broadcast(self.codebook.weight.data)
+        self.energy.fill_(float(f_BCdhw.square().sum(1).mean()))
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -195,7 +220,7 @@ class MultiScaleQuantizer(nn.Module):
         size = self.codebook.num_embeddings
         counts = sum(torch.bincount(idx.flatten(), minlength=size).float() for idx in tokens)
         self.usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * counts * size / counts.sum())
-        dead = (self.usage < self.dead_usage).nonzero().flatten()
+        dead = ((self.usage < self.dead_usage) & (self.keep > 0)).nonzero().flatten()
         if len(dead):
             # Restart dead codes on features the encoder produces now, so they can be picked again.
             pick = torch.randint(len(residuals_NC), (len(dead),), device=residuals_NC.device)

@@ -46,7 +46,9 @@ class MSVQVAE(nn.Module):
         self.decoder = Decoder(in_channels=config.latent_dim, out_channels=folded, **common)
         self.quant_conv = nn.Conv3d(config.latent_dim, config.latent_dim, 1)
         self.post_quant_conv = nn.Conv3d(config.latent_dim, config.latent_dim, 1)
-        self.quantizer = MultiScaleQuantizer(config.codebook_size, config.latent_dim, config.scales, beta=config.beta)
+        # A change coder pins a zero code ("nothing changed here"), see models/quantizer.py.
+        self.quantizer = MultiScaleQuantizer(config.codebook_size, config.latent_dim, config.scales, beta=config.beta,
+                                             zero_code=config.code == "change", dead_zone=config.dead_zone)
 
     def features(self, x_B1DHW: torch.Tensor) -> torch.Tensor:
         """The continuous latent grid f (B, C, d, h, w) that the quantizer tokenizes."""
