@@ -67,7 +67,7 @@ def test_the_earlier_half_is_decoded_from_its_continuous_latent_the_later_from_t
         one, _, _ = model(torch.cat([earlier, later]))
         two, _, _ = model(torch.cat([earlier, other]))
         assert torch.equal(one[0], two[0])
-        assert torch.allclose(one[0], model.decode(model.features(earlier))[0], atol=1e-5)
+        assert torch.allclose(one[0], model.decode(model.features(earlier))[0], atol=1e-4)  # batch of 2 vs 1
         assert not torch.allclose(one[1], two[1])
     # What a follow-up decodes to depends on its earlier scan, and no change has the same tokens for any scan.
     f_earlier, f_later, f_other = (model.latent_scan(v) for v in (earlier, later, other))

@@ -325,10 +325,10 @@ def test_no_change_is_judged_against_the_spread_of_the_true_change():
 
 
 class HalfTokenizer:
-    """Stands in for TokenizerCopy: a scan's reconstruction is half of it."""
+    """Stands in for TokenizerCopy: a follow-up's reconstruction (the earlier scan's without one) is half of it."""
 
-    def reconstruct(self, volume_DHW):
-        return volume_DHW / 2
+    def reconstruct(self, earlier_DHW, later_DHW=None):
+        return (earlier_DHW if later_DHW is None else later_DHW) / 2
 
 
 def test_the_oracle_adds_the_later_scans_token_change_and_needs_the_later_scans():

@@ -21,6 +21,11 @@ condition): with ages alone a model can only predict the average rate of subject
 conditions for a share of training pairs (learned "no age" tokens and "no diagnosis" embedding, which a scan
 without a diagnosis also gets) allows classifier-free guidance at sampling time.
 
+With a change-coding tokenizer (`transformer.earlier: latent`) the target is the follow-up's change tokens, the
+earlier scan enters as its continuous latent pooled to each scale, and the copy logit sits on token 0 (no
+change). With `config.local_scales`, the finest scales' logits come from `LocalHead`, a small convolutional
+network that reads the transformer's last attended scale, instead of attention over 10,560 tokens each.
+
 Sampling runs scale by scale with a KV cache; each scale's tokens go through the quantizer's `add_scale`,
 the same step that built the teacher-forcing inputs during training.
 """

@@ -1,0 +1,104 @@
+"""NeuroAR on a change-coding token space: does the model learn the change its tokens carry?
+
+    python benchmarks/change_neuroar.py runs/token_space/change-twice-dz1 --name dz1 [KEY=VALUE ...]
+    -> benchmarks/CHANGE_NEUROAR.md (one row per model measured, kept across invocations) and
+       benchmarks/results/change_neuroar.json
+
+DESIGN is a run folder whose change-coding tokenizer `benchmarks/token_space.py` trained (its design's
+overrides in its config.yaml). It is copied to OUT/NAME without evaluations, tokens or models; there the scans'
+latents are cached, NeuroAR trains with the demo's transformer settings (`transformer.earlier=latent`, the two
+20x24x22 scales through the convolutional head: `transformer.local_scales=2`, then the overrides given), and
+`neuroar evaluate` scores it beside copy and the tokenizer-oracle on the test pairs. The question is the
+verdict of DESIGN.md section 5: against copy, on the change of the ventricles and grey matter (r, error,
+carried = mean predicted / mean true change), for "+detail" (earlier scan + decoded prediction - decoded "no
+change") and the oracle (what the tokens carry at most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from neuroar.config import load_config, save_config
+from neuroar.data.tokens import tokenize_run
+from neuroar.evaluate.compare import evaluate_models
+from neuroar.tables import markdown_table
+from neuroar.train.transformer import train_transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["transformer.earlier=latent", "transformer.local_scales=2"]
+REGIONS = ("ventricles", "grey_matter")
+OUTPUTS = ("copy", "tokenizer-oracle", "{name}+detail")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("design", type=Path, help="a run folder trained by benchmarks/token_space.py")
+    parser.add_argument("--name", required=True, help="the model's name (its folder under --out)")
+    parser.add_argument("overrides", nargs="*", help="NeuroAR's settings, e.g. train_transformer.steps=500")
+    parser.add_argument("--out", type=Path, default=Path("runs/change_neuroar"))
+    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "CHANGE_NEUROAR.md")
+    args = parser.parse_intermixed_args(argv)
+    json_path = args.table.with_name("results") / "change_neuroar.json"
+    results = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    results[args.name] = measure(args.design, args.out / args.name, args.overrides)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    _write(results, args.table)
+    print(json.dumps(results[args.name]), flush=True)
+    return 0
+
+
+def measure(design: Path, run: Path, overrides: list[str]) -> dict:
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(design, run, ignore=shutil.ignore_patterns("evaluation", "tokens", "neuroar*", "tensorboard"))
+    config = load_config(run / "config.yaml", [*MODEL, *overrides])
+    save_config(config, run / "config.yaml")
+    tokenize_run(run, config, progress=False)
+    start = time.perf_counter()
+    train_transformer(run, config, progress=False)
+    trained = time.perf_counter() - start
+    summary = evaluate_models([str(run)], run / "evaluation", sweep_subjects=0, progress=False).set_index("label")
+    row = {"design": str(design), "overrides": overrides, "steps": config.train_transformer.steps,
+           "train_seconds": round(trained, 1), "pairs": int(summary.loc["copy", "pairs"])}
+    for output in OUTPUTS:
+        label = output.format(name=run.name)
+        key = output.format(name="neuroar")
+        row[f"{key}_psnr"] = round(float(summary.loc[label, "psnr_mean"]), 2)
+        for region in REGIONS:
+            for column in ("change_r", "change_mae", "carried"):
+                value = float(summary.loc[label, f"{region}_{column}"])
+                row[f"{key}_{region}_{column}"] = None if math.isnan(value) else round(value, 3)  # copy's r
+    return row
+
+
+def _write(results: dict, table: Path) -> None:
+    lines = ["# NeuroAR on change-coding token spaces", "",
+             "Written by `python benchmarks/change_neuroar.py DESIGN --name NAME [KEY=VALUE ...]` (see its docstring); "
+             "numbers in results/change_neuroar.json. Test pairs of the demo's run; per region r with the true change, "
+             "error (mL, mean absolute) and carried (mean predicted / mean true change). Copy has r undefined and "
+             "carries 0 %: a model must beat its error.", ""]
+    rows = []
+    for name, row in results.items():
+        for output in OUTPUTS:
+            key = output.format(name="neuroar")
+            label = output.format(name=name)
+            cells = [f"{_number(row[f'{key}_{r}_change_r'])} / {row[f'{key}_{r}_change_mae']:.2f} / "
+                     f"{row[f'{key}_{r}_carried']:.0%}" for r in REGIONS]
+            rows.append([label, Path(row["design"]).name, row["steps"], f"{row['train_seconds']:.0f}",
+                         f"{row[f'{key}_psnr']:.2f}", *cells])
+    lines.append(markdown_table(["output", "token space", "NeuroAR steps", "train s", "PSNR",
+                                 "ventricles r / error / carried", "grey matter r / error / carried"], rows))
+    table.write_text("\n".join(lines) + "\n")
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
