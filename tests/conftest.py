@@ -85,6 +85,21 @@ def make_tiny_run(root: Path) -> Path:
     return root / "run"
 
 
+def make_tokenized_run(root: Path, overrides: tuple[str, ...] = ()) -> Path:
+    """`make_tiny_run` with its tokenizer trained 15 steps (no adversarial term; `overrides` on top, kept in the
+    run's config) and its tokens (or, for a change coder, latents) cached."""
+    from neuroar.config import load_config
+    from neuroar.data.tokens import tokenize_run
+    from neuroar.train.tokenizer import train_tokenizer
+
+    run = make_tiny_run(root)
+    config = load_config(run / "config.yaml", ["train_tokenizer.steps=15", "train_tokenizer.val_every=100",
+                                               "train_tokenizer.adversarial_weight=0", *overrides])
+    train_tokenizer(run, config, progress=False)
+    tokenize_run(run, config, progress=False)
+    return run
+
+
 COHORT_OPTIONS = SynthOptions(subjects=15, visits=4, seed=3, workers=2)
 
 

@@ -11,18 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ball, make_tiny_run
+from conftest import ball, make_tokenized_run
 from neuroar.config import load_config
 from neuroar.data.pairs import token_pairs
 from neuroar.data.preprocess import load_preprocessed
-from neuroar.data.tokens import load_tokens, pair_tokens, tokenize_run
+from neuroar.data.tokens import load_tokens, pair_tokens
 from neuroar.errors import NeuroARError
 from neuroar.evaluate.forecasters import TokenizerCopy, TokenizerOracle
 from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.predict import Predictor
 from neuroar.runs import load_tokenizer
-from neuroar.train.tokenizer import item_batch, train_tokenizer, training_items
+from neuroar.train.tokenizer import item_batch, training_items
 from neuroar.train.transformer import train_transformer
 
 CHANGE = ["tokenizer.code=change", "transformer.earlier=latent", "transformer.local_scales=1"]
@@ -31,12 +31,7 @@ CHANGE = ["tokenizer.code=change", "transformer.earlier=latent", "transformer.lo
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory):
     """A tiny run with a briefly trained change-coding tokenizer and its cached latents (shared; tests copy)."""
-    run = make_tiny_run(tmp_path_factory.mktemp("change"))
-    config = load_config(run / "config.yaml", [*CHANGE, "train_tokenizer.steps=12", "train_tokenizer.val_every=100",
-                                               "train_tokenizer.adversarial_weight=0"])
-    train_tokenizer(run, config, progress=False)
-    tokenize_run(run, config, progress=False)
-    return run
+    return make_tokenized_run(tmp_path_factory.mktemp("change"), tuple(CHANGE))
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 from scipy import ndimage
 
-from conftest import ball, make_tiny_run, write_nifti
+from conftest import ball, make_tokenized_run, write_nifti
 from neuroar.checkpoint import weights_path
 from neuroar.cli import main
 from neuroar.config import load_config
 from neuroar.data.pairs import token_pairs
-from neuroar.data.tokens import load_tokens, tokenize_run
+from neuroar.data.tokens import load_tokens
 from neuroar.errors import NeuroARError
 from neuroar.models.transformer import NeuroAR
 from neuroar.predict import Predictor
@@ -30,12 +30,7 @@ from neuroar.train.transformer import train_transformer
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory):
     """A tiny run with a briefly trained tokenizer and its cached tokens (shared; tests copy it)."""
-    run = make_tiny_run(tmp_path_factory.mktemp("tokenized"))
-    config = load_config(run / "config.yaml", ["train_tokenizer.steps=15", "train_tokenizer.val_every=100",
-                                               "train_tokenizer.adversarial_weight=0"])
-    train_tokenizer(run, config, progress=False)
-    tokenize_run(run, config, progress=False)
-    return run
+    return make_tokenized_run(tmp_path_factory.mktemp("tokenized"))
 
 
 @pytest.fixture
