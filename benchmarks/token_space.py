@@ -6,9 +6,9 @@ per tokenizer design, per minute of its training. No transformer is trained.
        machine, CPU-minutes) and benchmarks/results/token_space.json
 
 Each design is a set of tokenizer overrides on RUN's config, trained from scratch on RUN's training scans for
-`--seconds` of wall time (the step count from two timed probes of a few steps) into OUT/DESIGN, a run folder of
-its own that shares RUN's preprocessed scans; then `neuroar evaluate` with no model scores the trivial
-outputs on RUN's test pairs. The yardstick is the tokenizer-oracle's row (the earlier scan + dec(tokens(later))
+`--seconds` of wall time (the step count from two timed probes of a few steps) into OUT/ROW (the design's name
+unless --row names it), a run folder of its own that shares RUN's preprocessed scans; then `neuroar evaluate`
+with no model scores the trivial outputs on RUN's test pairs. The yardstick is the tokenizer-oracle's row (the earlier scan + dec(tokens(later))
 - dec(tokens(earlier))): per region, r with the true change and "carried" = its mean change / the true mean
 change. For these designs the oracle of a pair with no change is the earlier scan itself (the same
 reconstruction is added and subtracted), so no bias is counted as change; a design whose decoder reads the
@@ -59,6 +59,10 @@ DESIGNS = {
                      ["tokenizer.downsample=2", "tokenizer.attention=false",
                       f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change",
                       "transformer.earlier=latent"]),
+    "change-thrice": ("change with two more residual stages at 20x24x22",
+                      ["tokenizer.downsample=2", "tokenizer.attention=false",
+                       f"tokenizer.scales={FINE[:-1]},[20,24,22],[20,24,22]]", "tokenizer.code=change",
+                       "transformer.earlier=latent"]),
     "change-twice-dz1": ("change-twice, a change vector below the mean change energy coded as no change",
                          ["tokenizer.downsample=2", "tokenizer.attention=false",
                           f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change",
@@ -76,21 +80,26 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--seconds", type=float, default=240, help="wall time of each tokenizer's training")
     budget.add_argument("--steps", type=int, help="steps of each tokenizer's training instead (on a busy machine, "
                                                    "where wall time is not comparable between designs)")
+    parser.add_argument("--row", help="the table row's name, for a design measured again with another budget "
+                                      "(default: the design's name; one design at a time)")
     parser.add_argument("--out", type=Path, default=Path("runs/token_space"))
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "TOKEN_SPACE.md")
     args = parser.parse_args(argv)
-    results = _load(args.table.with_name("results") / "token_space.json")
+    if args.row and len(args.designs) != 1:
+        parser.error("--row names the row of one design: give --designs one name")
     for name in args.designs:
-        results[name] = measure(args.run, name, args.seconds, args.out, args.steps)
+        row = args.row or name
+        measured = measure(args.run, name, args.seconds, args.out / row, args.steps)
+        # Read the table again just before writing: another invocation may have added rows meanwhile.
+        results = _load(args.table.with_name("results") / "token_space.json") | {row: measured}
         _write(results, args)
-        print(json.dumps(results[name]), flush=True)
+        print(json.dumps(measured), flush=True)
     return 0
 
 
-def measure(run: Path, name: str, seconds: float, out: Path, steps: int | None = None) -> dict:
-    """Train design `name` for `seconds` (or `steps`) into OUT/NAME and measure what its tokenizer-oracle
+def measure(run: Path, name: str, seconds: float, folder: Path, steps: int | None = None) -> dict:
+    """Train design `name` for `seconds` (or `steps`) into `folder` and measure what its tokenizer-oracle
     carries."""
-    folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for table in ("config.yaml", "scans.csv", "pairs.csv"):
@@ -98,7 +107,8 @@ def measure(run: Path, name: str, seconds: float, out: Path, steps: int | None =
     overrides = DESIGNS[name][1]
     quiet = ["train_tokenizer.val_every=1000000", "train_tokenizer.checkpoint_every=1000000"]
     if steps is None:
-        steps = max(PROBE_STEPS, int(seconds / _seconds_per_step(folder, overrides + quiet, out / f"{name}.probe")))
+        per_step = _seconds_per_step(folder, overrides + quiet, folder.with_suffix(".probe"))
+        steps = max(PROBE_STEPS, int(seconds / per_step))
     config = load_config(folder / "config.yaml", [*overrides, *quiet, f"train_tokenizer.steps={steps}",
                                                   f"train_tokenizer.warmup_steps={min(50, steps // 10)}"])
     start = time.perf_counter()
