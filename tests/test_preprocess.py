@@ -8,7 +8,13 @@ from conftest import blob_volume, write_nifti
 from neuroar.config import DataConfig
 from neuroar.data import preprocess
 from neuroar.data.nifti import read_volume
-from neuroar.data.preprocess import load_preprocessed, preprocess_image, preprocess_scans, to_input_space
+from neuroar.data.preprocess import (
+    load_preprocessed,
+    preprocess_image,
+    preprocess_scans,
+    to_input_space,
+    with_change_in_input_space,
+)
 from neuroar.errors import ConfigError, ImageError
 
 SMALL = DataConfig(spacing=4.0, shape=(40, 48, 40))
@@ -69,6 +75,30 @@ def test_back_to_input_space_restores_grid_and_intensities(nibabel_data):
     volume, record = preprocess_image(img, DataConfig(spacing=1.0, shape=(96, 96, 96), intensity_percentiles=(0, 100)))
     head = original > np.percentile(original, 50)
     assert np.corrcoef(to_input_space(volume, record).get_fdata()[head], original[head])[0, 1] > 0.95
+
+
+def test_a_change_goes_back_onto_the_input_at_the_inputs_own_resolution(nibabel_data):
+    """The "+detail" output in the input's space: the input itself plus the change resampled onto it, not the
+    model's coarser grid resampled back (which would blur the input's anatomy)."""
+    img = read_volume(nibabel_data / "anatomical.nii")
+    original = img.get_fdata(dtype=np.float32)
+    volume, record = preprocess_image(img, DataConfig(spacing=4.0, shape=(24, 24, 24)))
+    low, high = record.intensity_range
+    unchanged = with_change_in_input_space(np.zeros_like(volume), record, original)
+    assert unchanged.shape == img.shape and np.allclose(unchanged.affine, img.affine)
+    assert np.array_equal(unchanged.get_fdata(dtype=np.float32), original)  # no change: the input, voxel for voxel
+    assert not np.allclose(to_input_space(volume, record).get_fdata(), original, atol=0.05 * high)  # the 4 mm way
+    # A change of +0.1 (of the preprocessed range) in a block of the grid: the input plus 0.1 x its range there,
+    # within the input's own intensity range; nothing moves far from the block.
+    change = np.zeros_like(volume)
+    change[8:16, 8:16, 8:16] = 0.1
+    changed = with_change_in_input_space(change, record, original).get_fdata(dtype=np.float32)
+    centre = tuple(np.round(np.linalg.solve(img.affine, record.affine @ [12, 12, 12, 1])[:3]).astype(int))
+    expected = min(original[centre] + 0.1 * (high - low), original.max())
+    assert changed[centre] == pytest.approx(expected, rel=1e-4)
+    assert changed.min() >= original.min() and changed.max() <= original.max()
+    outside = tuple(np.round(np.linalg.solve(img.affine, record.affine @ [4, 4, 4, 1])[:3]).astype(int))
+    assert changed[outside] == original[outside]
 
 
 def test_robust_range_ignores_a_few_bright_voxels(tmp_path):

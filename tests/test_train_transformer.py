@@ -179,6 +179,14 @@ def test_predict_on_a_raw_scan_writes_its_grid_with_the_head_unchanged(run_dir, 
     assert np.array_equal(mean.get_fdata()[head], raw.get_fdata()[head])
     # Inside the brain, as far as the tiny model's 128 mm grid reaches, the prediction replaced the scan.
     assert (ndimage.binary_erosion(brain, iterations=3) & (mean.get_fdata() != raw.get_fdata())).sum() > 50_000
+    # "detail" is the raw scan plus the predicted change: the head untouched, the brain at the scan's own
+    # resolution (its voxel-to-voxel texture kept, where "mean" has the model's 4 mm grid).
+    detail = nib.load(out / "sub-001_ses-01_T1w_age-73_detail.nii.gz").get_fdata()
+    assert np.array_equal(detail[head], raw.get_fdata()[head])
+    inside = ndimage.binary_erosion(brain, iterations=3)
+    texture = {name: np.corrcoef(ndimage.laplace(image)[inside], ndimage.laplace(raw.get_fdata())[inside])[0, 1]
+               for name, image in (("detail", detail), ("mean", mean.get_fdata()))}
+    assert texture["detail"] > 0.9 > texture["mean"] + 0.3, texture
 
 
 def test_python_api_gives_one_prediction_per_target_age_and_a_spread(run_dir):

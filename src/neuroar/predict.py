@@ -6,7 +6,8 @@ tokenizer or autoencoder, and for each target age the model draws several follow
 prediction and their per-voxel standard deviation its uncertainty. (A NeuroAR model of a change-coding
 tokenizer draws the tokens of the change and decodes them on top of the earlier scan's latent.) A third output
 keeps what the encoder cannot represent: the earlier scan plus the predicted change (decoded prediction minus
-the decoded earlier scan). All three are returned in the input's own grid, affine and intensity range.
+the decoded earlier scan). All three are returned in the input's own grid, affine and intensity range; the third
+is the input itself plus the predicted change resampled onto it, so it keeps the input's own resolution.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from neuroar.checkpoint import load_checkpoint, read_meta, weights_path
 from neuroar.config import Config, config_from_dict
 from neuroar.data.latents import autoencoder_sha256
 from neuroar.data.nifti import read_volume, write_volume
-from neuroar.data.preprocess import preprocess_image, to_input_space
+from neuroar.data.preprocess import preprocess_image, to_input_space, with_change_in_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import sha256_file
 from neuroar.models.baselines import build_baseline, predict_latent
@@ -45,7 +46,7 @@ class Prediction:
     target_age: float
     mean: nib.Nifti1Image
     std: nib.Nifti1Image
-    detail: nib.Nifti1Image  # earlier scan + (decoded prediction - decoded earlier scan)
+    detail: nib.Nifti1Image  # the input + (decoded prediction - decoded earlier scan), at the input's resolution
     mean_DHW: np.ndarray
     std_DHW: np.ndarray
     detail_DHW: np.ndarray
@@ -95,8 +96,10 @@ class Predictor:
         results = []
         for target_age, (mean, std, detail) in zip(target_ages, self.predict_preprocessed(
                 volume_DHW, age, target_ages, samples, seed, diagnosis)):
-            results.append(Prediction(float(target_age), to_input_space(mean, record), to_input_space(std, record,
-                                      restore_intensity=False), to_input_space(detail, record), mean, std, detail))
+            results.append(Prediction(
+                float(target_age), to_input_space(mean, record), to_input_space(std, record, restore_intensity=False),
+                with_change_in_input_space(detail - volume_DHW, record, img.get_fdata(dtype=np.float32)),
+                mean, std, detail))
         return results
 
     @torch.no_grad()

@@ -132,6 +132,21 @@ def to_input_space(volume_DHW: np.ndarray, record: PreprocessRecord, order: int 
     return nib.Nifti1Image(moved_XYZ, record.source_affine)
 
 
+def with_change_in_input_space(change_DHW: np.ndarray, record: PreprocessRecord, input_XYZ: np.ndarray
+                               ) -> nib.Nifti1Image:
+    """The input scan plus a change predicted on the preprocessed grid: only the change is resampled onto the
+    input's grid and scaled to its intensities (times a raw input's bias field), so the input keeps its own
+    resolution and sharpness. Outside the preprocessed grid's reach, and outside a raw input's brain, the input
+    is unchanged; the result stays within the input's intensity range."""
+    low, high = record.intensity_range
+    change_XYZ = np.asarray(to_input_space(change_DHW * (high - low), record, restore_intensity=False).dataobj,
+                            dtype=np.float32)
+    if record.head is not None:
+        change_XYZ = change_XYZ * record.head.bias_field
+    input_XYZ = np.asarray(input_XYZ, dtype=np.float32)
+    return nib.Nifti1Image(np.clip(input_XYZ + change_XYZ, input_XYZ.min(), input_XYZ.max()), record.source_affine)
+
+
 def _robust_range(volume: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
     """The background level (low percentile of all voxels) and the bright end of the head (high
     percentile of the voxels above an Otsu threshold, which separates air from head or brain).
