@@ -7,12 +7,15 @@ per tokenizer design, per minute of its training. No transformer is trained.
 
 Each design is a set of tokenizer overrides on RUN's config, trained from scratch on RUN's training scans for
 `--seconds` of wall time (the step count from two timed probes of a few steps) into OUT/ROW (the design's name
-unless --row names it), a run folder of its own that shares RUN's preprocessed scans; then `neuroar evaluate`
-with no model scores the trivial outputs on RUN's test pairs. The yardstick is the tokenizer-oracle's row (the earlier scan + dec(tokens(later))
-- dec(tokens(earlier))): per region, r with the true change and "carried" = its mean change / the true mean
-change. For these designs the oracle of a pair with no change is the earlier scan itself (the same
-reconstruction is added and subtracted), so no bias is counted as change; a design whose decoder reads the
-earlier scan must subtract its output for a scan paired with itself. PSNR: the tokenizer-copy's, in the brain.
+unless --row names it), a run folder of its own that shares RUN's preprocessed scans; then `neuroar evaluate` with
+no model scores the trivial outputs on RUN's test pairs. The yardstick is the tokenizer-oracle's row (the earlier
+scan + dec(tokens(later)) - dec(tokens(earlier))): per region, r with the true change and "carried" = its mean
+change / the true mean change. For these designs the oracle of a pair with no change is the earlier scan itself
+(the same reconstruction is added and subtracted), so no bias is counted as change; a design whose decoder reads
+the earlier scan must subtract its output for a scan paired with itself. PSNR: the tokenizer-copy's, in the brain.
+Beside it the same oracle without the quantizer (the earlier scan + dec(f_later) - dec(f_earlier), continuous
+latents): what the design's encoder and decoder carry, so that a row tells whether its quantizer or its autoencoder
+loses the change.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from pathlib import Path
 import pandas as pd
 
 from neuroar.config import load_config
-from neuroar.evaluate.compare import evaluate_models
+from neuroar.data.preprocess import template_brain_mask
+from neuroar.evaluate.compare import carried, evaluate_models, load_pairs, pearson, predict_pairs, score_pairs
+from neuroar.evaluate.forecasters import Output
+from neuroar.evaluate.volumes import template_regions
+from neuroar.predict import with_change
+from neuroar.runs import load_tokenizer
 from neuroar.tables import markdown_table
 from neuroar.train.tokenizer import train_tokenizer
 
@@ -63,6 +71,14 @@ DESIGNS = {
                       ["tokenizer.downsample=2", "tokenizer.attention=false",
                        f"tokenizer.scales={FINE[:-1]},[20,24,22],[20,24,22]]", "tokenizer.code=change",
                        "transformer.earlier=latent"]),
+    "change-twice-latent4": ("change-twice with 4 latent channels instead of 16",
+                             ["tokenizer.downsample=2", "tokenizer.attention=false",
+                              f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change",
+                              "transformer.earlier=latent", "tokenizer.latent_dim=4", "tokenizer.norm_groups=4"]),
+    "change-twice-latent8": ("change-twice with 8 latent channels instead of 16",
+                             ["tokenizer.downsample=2", "tokenizer.attention=false",
+                              f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change",
+                              "transformer.earlier=latent", "tokenizer.latent_dim=8", "tokenizer.norm_groups=4"]),
     "change-twice-dz1": ("change-twice, a change vector below the mean change energy coded as no change",
                          ["tokenizer.downsample=2", "tokenizer.attention=false",
                           f"tokenizer.scales={FINE[:-1]},[20,24,22]]", "tokenizer.code=change",
@@ -80,16 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--seconds", type=float, default=240, help="wall time of each tokenizer's training")
     budget.add_argument("--steps", type=int, help="steps of each tokenizer's training instead (on a busy machine, "
                                                    "where wall time is not comparable between designs)")
-    parser.add_argument("--row", help="the table row's name, for a design measured again with another budget "
-                                      "(default: the design's name; one design at a time)")
+    parser.add_argument("--row", help="the table row's name, for a design measured again with another budget or "
+                                      "--set (default: the design's name; one design at a time)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides on top of the design's (a lever; needs --row)")
     parser.add_argument("--out", type=Path, default=Path("runs/token_space"))
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "TOKEN_SPACE.md")
     args = parser.parse_args(argv)
     if args.row and len(args.designs) != 1:
         parser.error("--row names the row of one design: give --designs one name")
+    if args.set and not args.row:
+        parser.error("--set changes a design: name its row with --row")
     for name in args.designs:
         row = args.row or name
-        measured = measure(args.run, name, args.seconds, args.out / row, args.steps)
+        measured = measure(args.run, name, args.seconds, args.out / row, args.steps, args.set)
         # Read the table again just before writing: another invocation may have added rows meanwhile.
         results = _load(args.table.with_name("results") / "token_space.json") | {row: measured}
         _write(results, args)
@@ -97,14 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(run: Path, name: str, seconds: float, folder: Path, steps: int | None = None) -> dict:
-    """Train design `name` for `seconds` (or `steps`) into `folder` and measure what its tokenizer-oracle
-    carries."""
+def measure(run: Path, name: str, seconds: float, folder: Path, steps: int | None = None,
+            extra: list[str] = ()) -> dict:
+    """Train design `name` (with `extra` overrides) for `seconds` (or `steps`) into `folder` and measure what its
+    tokenizer-oracle carries."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for table in ("config.yaml", "scans.csv", "pairs.csv"):
         shutil.copy(run / table, folder / table)
-    overrides = DESIGNS[name][1]
+    overrides = [*DESIGNS[name][1], *extra]
     quiet = ["train_tokenizer.val_every=1000000", "train_tokenizer.checkpoint_every=1000000"]
     if steps is None:
         per_step = _seconds_per_step(folder, overrides + quiet, folder.with_suffix(".probe"))
@@ -117,12 +138,39 @@ def measure(run: Path, name: str, seconds: float, folder: Path, steps: int | Non
     summary = evaluate_models([], folder / "evaluation", run_dir=folder, sweep_subjects=0, progress=False)
     rows = summary.set_index("label")
     oracle, copy = rows.loc["tokenizer-oracle"], rows.loc["tokenizer-copy"]
-    return {"design": DESIGNS[name][0], "overrides": overrides, "steps": steps, "train_seconds": round(trained, 1),
+    latent = latent_oracle(folder, config)
+    what = DESIGNS[name][0] + "".join(f"; {o}" for o in extra)
+    return {"design": what, "overrides": overrides, "steps": steps, "train_seconds": round(trained, 1),
             "latent": list(config.tokenizer.scales[-1]),
             "tokens": sum(d * h * w for d, h, w in config.tokenizer.scales),
             "pairs": int(oracle["pairs"]), "psnr_brain": round(float(copy["psnr_mean"]), 2),
             **{f"{r}_r": round(float(oracle[f"{r}_change_r"]), 3) for r in REGIONS},
-            **{f"{r}_carried": round(float(oracle[f"{r}_carried"]), 3) for r in REGIONS}}
+            **{f"{r}_carried": round(float(oracle[f"{r}_carried"]), 3) for r in REGIONS},
+            **{f"{r}_latent_{k}": round(v, 3) for r in REGIONS for k, v in latent[r].items()}}
+
+
+class LatentOracle:
+    """The tokenizer-oracle without quantization: the earlier scan + dec(f_later) - dec(f_earlier)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None, later_DHWs=None):
+        decode, latent = self.tokenizer.decode_latent, self.tokenizer.latent_scan
+        unchanged_DHW = decode(latent(earlier_DHW))[0]
+        return {Output("latent-oracle"): [with_change(earlier_DHW, decode(latent(later_DHW))[0], unchanged_DHW)
+                                          for later_DHW in later_DHWs]}
+
+
+def latent_oracle(folder: Path, config) -> dict[str, dict[str, float]]:
+    """Per region, r and carried of `LatentOracle` on the test pairs of the run in `folder`."""
+    pairs, _ = load_pairs(folder)
+    oracle = LatentOracle(load_tokenizer(folder, config).eval())
+    per_pair = score_pairs(predict_pairs([oracle], pairs, progress=False), template_brain_mask(config.data),
+                           template_regions(config.data))
+    return {r: {"r": pearson(per_pair[f"predicted_change_{r}"], per_pair[f"true_change_{r}"]),
+                "carried": carried(per_pair[f"predicted_change_{r}"], per_pair[f"true_change_{r}"])}
+            for r in REGIONS}
 
 
 def _seconds_per_step(folder: Path, overrides: list[str], probe: Path) -> float:
@@ -138,6 +186,13 @@ def _seconds_per_step(folder: Path, overrides: list[str], probe: Path) -> float:
         seconds.append(time.perf_counter() - start)
     shutil.rmtree(probe)
     return max(1e-3, (seconds[1] - seconds[0]) / (2 * PROBE_STEPS))
+
+
+def _unquantized(row: dict, region: str) -> str:
+    """The latent oracle's carried (r), or a dash for rows measured before it was."""
+    if pd.isna(row.get(f"{region}_latent_carried", float("nan"))):
+        return "–"
+    return f"{row[f'{region}_latent_carried']:.0%} ({row[f'{region}_latent_r']:.2f})"
 
 
 def _load(path: Path) -> dict:
@@ -156,15 +211,19 @@ def _write(results: dict, args: argparse.Namespace) -> None:
              f"transformer. Written by `python benchmarks/token_space.py RUN {budget} --designs ...` (see its "
              "docstring; the last invocation's budget shown); "
              "numbers in results/token_space.json. carried = oracle mean change / true mean change; r: Pearson with "
-             "the true change; PSNR: tokenizer-copy in the brain; train s: the wall seconds of its training where it "
+             "the true change; PSNR: tokenizer-copy in the brain; unquantized: the same oracle from the continuous "
+             "latents, what the design's encoder and decoder carry (carried, r); train s: the wall seconds of its "
+             "training where it "
              "ran (compare them within one table only).", "",
              ""]
     rows = [[row["name"], row["design"], "x".join(map(str, row["latent"])), f"{row['tokens']:,}", row["steps"],
              f"{row['train_seconds']:.0f}", f"{row['psnr_brain']:.2f}", f"{row['ventricles_r']:.2f}",
-             f"{row['ventricles_carried']:.0%}", f"{row['grey_matter_r']:.2f}", f"{row['grey_matter_carried']:.0%}"]
+             f"{row['ventricles_carried']:.0%}", f"{row['grey_matter_r']:.2f}", f"{row['grey_matter_carried']:.0%}",
+             *(_unquantized(row, r) for r in REGIONS)]
             for row in frame.to_dict("records")]
     lines.append(markdown_table(["design", "what", "latent", "tokens", "steps", "train s", "PSNR", "ventricles r",
-                                 "carried", "grey matter r", "carried"], rows))
+                                 "carried", "grey matter r", "carried", "unquantized: ventricles",
+                                 "grey matter"], rows))
     args.table.write_text("\n".join(lines) + "\n")
 
 

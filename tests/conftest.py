@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +22,19 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
+
+def run_neuroar(*args, cwd=None) -> subprocess.CompletedProcess:
+    """The `neuroar` command in a process of its own, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "neuroar", *args], capture_output=True, text=True, cwd=cwd)
+
+
+# The quick demo shrunk further (4 mm, a few training steps) so that the test checks every stage in a minute.
+SMALL_DEMO = ["data.spacing=4", "data.shape=[40,48,40]", "tokenizer.downsample=8",
+              "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]",
+              "train_tokenizer.steps=4", "train_transformer.steps=4", "train_transformer.batch_size=2",
+              "train_autoencoder.steps=3", "train_ldm.steps=4", "train_stargan.steps=4", "ldm.ddim_steps=3",
+              "brain_age.steps=4"]
+
 
 NIBABEL_DATA = Path(os.path.dirname(nibabel.tests.__file__)) / "data"
 
