@@ -162,6 +162,7 @@ def test_neuroar_trains_on_change_tokens_and_predicts_the_earlier_scan_when_it_p
     (["transformer.earlier=latent"], "transformer.earlier"),
     (["transformer.local_scales=5"], "transformer.local_scales"),
     (["tokenizer.code=delta"], "tokenizer.code"),
+    (["train_tokenizer.change_weight=1"], "train_tokenizer.change_weight"),
 ])
 def test_settings_that_do_not_go_together_are_refused(overrides, message):
     with pytest.raises(NeuroARError, match=message):

@@ -78,6 +78,10 @@ class TokenizerConfig:
     # closer by more than dead_zone x the mean energy of change vectors, so that the tokens leave out the small,
     # unpredictable part of a change (the two scans' noise). 0: plain nearest code.
     dead_zone: float = 0.0
+    # A linear path around encoder and decoder (1x1x1 convolutions from the folded patches to the latent and from
+    # the latent back), so that each patch's voxels can pass through linearly and a decoded change keeps its
+    # edges. Needs the latent on the patch grid (downsample == patch).
+    shortcut: bool = False
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -94,6 +98,9 @@ class TokenizerConfig:
             fail(f"{key}.channels", "channels, latent_dim and res_blocks must be positive.")
         if self.norm_groups < 1 or any(c % self.norm_groups for c in self.level_channels):
             fail(f"{key}.norm_groups", f"{self.norm_groups} must divide every level's width {self.level_channels}.")
+        if self.shortcut and self.downsample != self.patch:
+            fail(f"{key}.shortcut", f"needs the latent on the patch grid: downsample ({self.downsample}) == patch "
+                                    f"({self.patch}).")
         if self.codebook_size < 2:
             fail(f"{key}.codebook_size", f"must be at least 2, got {self.codebook_size}.")
         if not self.scales:
@@ -132,12 +139,15 @@ class TokenizerTrainingConfig(TrainingConfig):
     discriminator_channels: int = 16
     # Extra L1 weight inside the template brain mask (where the evaluation measures); 0 = uniform.
     brain_weight: float = 0.0
+    # tokenizer.code "change" only: weight of an L1 loss between the decoded change (follow-up's reconstruction
+    # minus the earlier scan's) and the true change, weighted like the reconstruction's; 0 = off.
+    change_weight: float = 0.0
 
     def check(self, key: str, fail: Fail) -> None:
         super().check(key, fail)
         _at_least_one(self, key, ("val_every", "discriminator_channels"), fail)
-        if min(self.adversarial_weight, self.brain_weight, self.adversarial_start) < 0:
-            fail(key, "adversarial_weight, brain_weight and adversarial_start must be >= 0.")
+        if min(self.adversarial_weight, self.brain_weight, self.adversarial_start, self.change_weight) < 0:
+            fail(key, "adversarial_weight, brain_weight, adversarial_start and change_weight must be >= 0.")
 
 
 @dataclass
@@ -388,6 +398,9 @@ class Config:
         if self.transformer.local_scales >= len(tok.scales):
             fail("transformer.local_scales", f"{self.transformer.local_scales} leaves no scale to attention; at most "
                                              f"{len(tok.scales) - 1} of the {len(tok.scales)} scales can be local.")
+        if self.train_tokenizer.change_weight > 0 and tok.code != "change":
+            fail("train_tokenizer.change_weight", "needs tokenizer.code=change (the loss reads a pair's decoded "
+                                                  "change); set it to 0 or code the change.")
         readable = ("latent", "none") if tok.code == "change" else ("tokens", "fhat", "none")
         if self.transformer.earlier not in readable:
             fail("transformer.earlier", f"{self.transformer.earlier!r} does not go with tokenizer.code={tok.code}; "

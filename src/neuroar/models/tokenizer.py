@@ -49,13 +49,20 @@ class MSVQVAE(nn.Module):
         self.decoder = Decoder(in_channels=config.latent_dim, out_channels=folded, **common)
         self.quant_conv = nn.Conv3d(config.latent_dim, config.latent_dim, 1)
         self.post_quant_conv = nn.Conv3d(config.latent_dim, config.latent_dim, 1)
+        # `config.shortcut`: the linear path around encoder and decoder (patches -> latent -> patches).
+        self.shortcuts = None
+        if config.shortcut:
+            self.shortcuts = nn.ModuleList([nn.Conv3d(folded, config.latent_dim, 1),
+                                            nn.Conv3d(config.latent_dim, folded, 1)])
         # A change coder pins a zero code ("nothing changed here"), see models/quantizer.py.
         self.quantizer = MultiScaleQuantizer(config.codebook_size, config.latent_dim, config.scales, beta=config.beta,
                                              zero_code=config.code == "change", dead_zone=config.dead_zone)
 
     def features(self, x_B1DHW: torch.Tensor) -> torch.Tensor:
         """The continuous latent grid f (B, C, d, h, w) that the quantizer tokenizes."""
-        return self.quant_conv(self.encoder(space_to_channels(x_B1DHW, self.patch)))
+        patches = space_to_channels(x_B1DHW, self.patch)
+        f_BCdhw = self.quant_conv(self.encoder(patches))
+        return f_BCdhw if self.shortcuts is None else f_BCdhw + self.shortcuts[0](patches)
 
     def forward(self, x_B1DHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Reconstruction, vq loss and codebook statistics. With code "change", `x` is a batch of pairs, the
@@ -129,7 +136,10 @@ class MSVQVAE(nn.Module):
         return next(self.parameters()).device
 
     def decode(self, f_hat_BCdhw: torch.Tensor) -> torch.Tensor:
-        return channels_to_space(self.decoder(self.post_quant_conv(f_hat_BCdhw)), self.patch)
+        patches = self.decoder(self.post_quant_conv(f_hat_BCdhw))
+        if self.shortcuts is not None:
+            patches = patches + self.shortcuts[1](f_hat_BCdhw)
+        return channels_to_space(patches, self.patch)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: list[torch.Tensor]) -> torch.Tensor:

@@ -8,7 +8,9 @@ The learning rate warms up linearly, then follows a cosine down to a tenth of it
 A perceptual loss needs pretrained weights, which this project never downloads; it is off.
 With `tokenizer.code: change` a batch holds training pairs (batch_size of them): their earlier scans, then their
 follow-ups, so that the losses read the same as for single scans (see models/tokenizer.py); validation measures
-the follow-ups of the validation pairs.
+the follow-ups of the validation pairs. `train_tokenizer.change_weight` adds an L1 loss between the decoded change
+(a follow-up's reconstruction minus its earlier scan's) and the true change: the evaluation measures the change,
+and the reconstruction losses of two smooth reconstructions leave a smooth change.
 
 The batch order is a function of (seed, step), and the torch RNG is checkpointed, so a run resumed from its
 last checkpoint continues exactly as if it had not stopped. Checkpoints go to RUN/tokenizer/last.*,
@@ -80,6 +82,13 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, 
                     reconstruction, vq_loss, stats = model_ddp(x)
                     l1 = (weights * (reconstruction.float() - x).abs()).mean()
                     loss = l1 + vq_loss
+                    logged = {}
+                    if settings.change_weight > 0:  # a batch of pairs: earlier scans, then their follow-ups
+                        rec_e, rec_l = reconstruction.float().chunk(2)
+                        x_e, x_l = x.chunk(2)
+                        change_l1 = (weights * ((rec_l - rec_e) - (x_l - x_e)).abs()).mean()
+                        loss = loss + settings.change_weight * change_l1
+                        logged["change_l1"] = change_l1.item()
                     adversarial_g = torch.zeros((), device=device)
                     if use_adversarial:
                         adversarial_g = adversarial(discriminator(reconstruction)[-1], target_is_real=True,
@@ -89,7 +98,7 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, 
                         loss = loss + settings.adversarial_weight * weight * adversarial_g
                 (loss / len(micro)).backward()
             pairs.append((x, reconstruction.detach()))
-            for key, value in {"l1": l1.item(), "vq": vq_loss.item(), "adversarial_g": adversarial_g.item(),
+            for key, value in {"l1": l1.item(), **logged, "vq": vq_loss.item(), "adversarial_g": adversarial_g.item(),
                                **stats}.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro)
         optimizer.step()
