@@ -22,7 +22,7 @@ from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.predict import Predictor
 from neuroar.runs import load_tokenizer
-from neuroar.train.tokenizer import item_batch, training_items
+from neuroar.train.tokenizer import change_l1, item_batch, train_tokenizer, training_items
 from neuroar.train.transformer import train_transformer
 
 CHANGE = ["tokenizer.code=change", "transformer.earlier=latent", "transformer.local_scales=1"]
@@ -50,6 +50,24 @@ def test_the_tokenizer_trains_on_the_training_pairs_earlier_scans_first(tokenize
     assert torch.equal(x[2, 0], torch.from_numpy(load_preprocessed(train[0][1])[0]))  # then their follow-ups
     log = pd.read_csv(tokenized / "tokenizer_train.csv")
     assert log["l1"].iloc[-3:].mean() < log["l1"].iloc[:3].mean()
+
+
+def test_the_change_loss_counts_only_what_the_decoded_change_gets_wrong(tokenized, tmp_path):
+    x = torch.rand(4, 1, 8, 8, 8)  # two pairs: earlier scans, then their follow-ups
+    weights = torch.ones(1, 1, 8, 8, 8)
+    assert change_l1(x + 0.3, x, weights) == pytest.approx(0, abs=1e-6)  # both off alike: the change is right
+    flipped = torch.cat([x[2:], x[:2]])  # each pair's change reversed
+    assert change_l1(flipped, x, weights) == pytest.approx(2 * (x[2:] - x[:2]).abs().mean().item(), rel=1e-6)
+    # Training logs it beside the reconstruction's L1; weighted, it falls faster than the reconstruction alone
+    # brings it down (the same start, batches and steps).
+    final = {}
+    for weight in (0, 20):
+        run = shutil.copytree(tokenized, tmp_path / f"weight{weight}")
+        shutil.rmtree(run / "tokenizer")
+        train_tokenizer(run, load_config(run / "config.yaml", [f"train_tokenizer.change_weight={weight}"]),
+                        progress=False)
+        final[weight] = pd.read_csv(run / "tokenizer_train.csv")["change_l1"].iloc[-3:].mean()
+    assert final[20] < 0.95 * final[0], final  # (without the loss the two runs are the same run)
 
 
 def test_the_earlier_half_is_decoded_from_its_continuous_latent_the_later_from_the_change():

@@ -22,6 +22,7 @@ from neuroar.checkpoint import load_checkpoint, read_meta, save_checkpoint, weig
 from neuroar.config import load_config
 from neuroar.errors import NeuroARError
 from neuroar.runs import tokenizer_checkpoint
+from neuroar.train.log import RunLog
 from neuroar.train.tokenizer import train_tokenizer
 
 # Adversarial from step 3, so a resume must also restore the discriminator and its optimizer exactly.
@@ -139,3 +140,19 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     assert read_meta(tokenizer_checkpoint(run))["step"] == 4
     kept = load_file(weights_path(tokenizer_checkpoint(run)))
     assert all(np.array_equal(kept[k].numpy(), good[k].numpy()) for k in good)
+
+
+def test_a_resumed_log_drops_the_redone_rows_and_a_fresh_one_starts_with_its_own_columns(tmp_path):
+    first = RunLog(tmp_path, "model")
+    for step in (10, 20, 30):
+        first.log(step, {"l1": step / 100})
+    first.close()
+    resumed = RunLog(tmp_path, "model", resume_step=20)  # the checkpoint of step 20: step 30 is redone
+    resumed.log(30, {"l1": 0.5})
+    resumed.close()
+    assert list(pd.read_csv(tmp_path / "model_train.csv")["l1"]) == [0.1, 0.2, 0.5]
+    fresh = RunLog(tmp_path, "model")  # trained from scratch with another loss: its column is kept
+    fresh.log(10, {"l1": 0.7, "change_l1": 0.3})
+    fresh.close()
+    log = pd.read_csv(tmp_path / "model_train.csv")
+    assert list(log.columns) == ["step", "l1", "change_l1"] and list(log["change_l1"]) == [0.3]

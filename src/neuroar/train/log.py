@@ -1,7 +1,8 @@
 """Training logs: TensorBoard, and plain CSV files in the run folder (NAME_train.csv, NAME_val.csv).
 
 A run resumed from its checkpoint at step S first drops the CSV rows after S (the steps it will redo) and
-any row a killed process left half-written, so the logs read as one uninterrupted run.
+any row a killed process left half-written, so the logs read as one uninterrupted run; a training from scratch
+starts its logs anew (with its own columns).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ class RunLog:
         self.run_dir, self.name = Path(run_dir), name
         for kind in LOG_KINDS:  # by name: an ablation "neuroar_x" logs to neuroar_x_train.csv, not neuroar's
             if (path := self.run_dir / f"{name}_{kind}.csv").is_file():
-                _keep_rows_up_to(path, resume_step)
+                if resume_step == 0:  # a training from scratch: its columns may differ from the old log's
+                    path.unlink()
+                else:
+                    _keep_rows_up_to(path, resume_step)
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / name))
 
     def log(self, step: int, values: dict[str, float], kind: str = "train", text: dict[str, str] | None = None

@@ -83,12 +83,10 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, 
                     l1 = (weights * (reconstruction.float() - x).abs()).mean()
                     loss = l1 + vq_loss
                     logged = {}
-                    if settings.change_weight > 0:  # a batch of pairs: earlier scans, then their follow-ups
-                        rec_e, rec_l = reconstruction.float().chunk(2)
-                        x_e, x_l = x.chunk(2)
-                        change_l1 = (weights * ((rec_l - rec_e) - (x_l - x_e)).abs()).mean()
-                        loss = loss + settings.change_weight * change_l1
-                        logged["change_l1"] = change_l1.item()
+                    if model.config.code == "change":  # logged for every change coder, a loss where weighted
+                        change = change_l1(reconstruction, x, weights)
+                        loss = loss + settings.change_weight * change
+                        logged["change_l1"] = change.item()
                     adversarial_g = torch.zeros((), device=device)
                     if use_adversarial:
                         adversarial_g = adversarial(discriminator(reconstruction)[-1], target_is_real=True,
@@ -124,6 +122,14 @@ def train_tokenizer(run_dir: str | Path, config: Config, progress: bool = True, 
                      meta={"scales": [list(s) for s in config.tokenizer.scales]}, val_every=settings.val_every,
                      figures=lambda: {"val/reconstruction": _slice_figure(model, held_out, device)},
                      progress=progress)
+
+
+def change_l1(reconstruction: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L1 between the decoded and the true change of a batch of pairs (earlier scans, then their follow-ups),
+    weighted like the reconstruction's: what stays wrong in both reconstructions alike costs nothing here."""
+    rec_earlier, rec_later = reconstruction.float().chunk(2)
+    earlier, later = x.chunk(2)
+    return (weights * ((rec_later - rec_earlier) - (later - earlier)).abs()).mean()
 
 
 Item = tuple[str, ...]  # what the tokenizer codes: (scan,) or, with code "change", (earlier scan, follow-up)
