@@ -13,8 +13,11 @@ What the tokens code (`config.code`):
   are the two scans' continuous latents; the earlier scan itself is dec(f_e). The earlier scan's anatomy stays
   continuous and only the change is quantized, so the decoded change keeps more of what a volume measure counts
   (on the demo's 42 test pairs its oracle carried 70 % / 47 % of the ventricles' / grey matter's change against
-  56 % / 21 % for scan coding with the same scales: benchmarks/TOKEN_SPACE.md). A pair with no change has the
-  tokens of a zero change, token 0 at every scale (`unchanged_tokens`).
+  56 % / 21 % for scan coding with the same scales, and 90 % / 77 % with `shortcut`: benchmarks/TOKEN_SPACE.md).
+  A pair with no change has the tokens of a zero change, token 0 at every scale (`unchanged_tokens`).
+
+`config.shortcut` adds a linear path around encoder and decoder (patches -> latent -> patches, 1x1x1
+convolutions), so that each patch's voxels can pass through linearly and a decoded change keeps its edges.
 
 Both are served by one interface, so that tokenizer-copy, the oracle and a model's prediction are computed alike:
 `latent_scan` (a scan's continuous latent), `followup_tokens` (a follow-up's tokens against an earlier latent),
