@@ -82,7 +82,7 @@ def _write(results: dict, table: Path) -> None:
              "numbers in results/change_neuroar.json. Test pairs of the demo's run; per region r with the true change, "
              "error (mL, mean absolute) and carried (mean predicted / mean true change). Copy has r undefined and "
              "carries 0 %: a model must beat its error. train s: NeuroAR's training, wall seconds where it ran (the "
-             "rows of 250 steps ran on one thread each, two at once; the 750-step row on two threads alone).", ""]
+             "rows of 250 steps ran on one thread each, two at once; the 750-step rows on two threads alone).", ""]
     rows = []
     for name, row in results.items():
         for output in OUTPUTS:
