@@ -25,9 +25,8 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check src tests benchmarks
-	# One test process per core, one test file each (its module fixtures train once), the longest files first
-	# (tests/conftest.py orders them; xdist's own reordering by test count is off); `pytest` alone runs serially.
-	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
+	# One test process per core, one test file each (its module fixtures train once); `pytest` alone runs serially.
+	$(PY) -m pytest -n auto --dist loadfile
 
 # Speed and memory, side by side; writes benchmarks/RESULTS.md and benchmarks/results/bench.json.
 bench: $(STAMP)

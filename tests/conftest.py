@@ -23,6 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
 
+
 def run_neuroar(*args, cwd=None) -> subprocess.CompletedProcess:
     """The `neuroar` command in a process of its own, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "neuroar", *args], capture_output=True, text=True, cwd=cwd)
@@ -169,22 +170,8 @@ def seed_results(names: tuple[str, str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# The files that take longest, longest first (their seconds on one core, with the fixtures they start, are in
-# benchmarks/SUITE.md); then the other files with slow tests, then the rest.
-LONGEST_FIRST = ("test_study.py", "test_raw.py", "test_synth.py", "test_demo.py", "test_demo_interrupted.py",
-                 "test_train_transformer.py", "test_distributed.py")
-
-
 def pytest_collection_modifyitems(items):
-    """Order the files by how long they take (a stable sort). Under pytest-xdist (`make test`: --dist loadfile
-    --no-loadscope-reorder, which keeps this order) each process takes whole files, the next one when it is
-    free, so a long file taken last would leave the other process idle at the end."""
+    """Files with slow tests first (a stable sort): under pytest-xdist each process takes whole files, the next
+    one when it is free, and a long file taken last would leave the other process idle at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-
-    def rank(item) -> int:
-        name = item.path.name
-        if name in LONGEST_FIRST:
-            return LONGEST_FIRST.index(name)
-        return len(LONGEST_FIRST) + (item.path not in slow_files)
-
-    items.sort(key=rank)
+    items.sort(key=lambda item: item.path not in slow_files)
