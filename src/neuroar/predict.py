@@ -93,12 +93,13 @@ class Predictor:
         if not np.isfinite(img.get_fdata(dtype=np.float32)).all():
             raise NeuroARError("the input has NaN or infinite voxels; replace them (e.g. with 0) first.")
         volume_DHW, record = preprocess_image(img, self.config.data)
+        input_XYZ = img.get_fdata(dtype=np.float32)  # "detail" is this plus the predicted change
         results = []
         for target_age, (mean, std, detail) in zip(target_ages, self.predict_preprocessed(
                 volume_DHW, age, target_ages, samples, seed, diagnosis)):
             results.append(Prediction(
                 float(target_age), to_input_space(mean, record), to_input_space(std, record, restore_intensity=False),
-                with_change_in_input_space(detail - volume_DHW, record, img.get_fdata(dtype=np.float32)),
+                with_change_in_input_space(detail - volume_DHW, record, input_XYZ),
                 mean, std, detail))
         return results
 
