@@ -1,6 +1,7 @@
 """NeuroAR on a change-coding token space: does the model learn the change its tokens carry?
 
     python benchmarks/change_neuroar.py runs/token_space/change-twice-dz1 --name dz1 [KEY=VALUE ...]
+    python benchmarks/change_neuroar.py --name dz1-t1 --resample dz1 sampling.temperature=1.0
     -> benchmarks/CHANGE_NEUROAR.md (one row per model measured, kept across invocations) and
        benchmarks/results/change_neuroar.json
 
@@ -11,7 +12,8 @@ latents are cached, NeuroAR trains with the demo's transformer settings (`transf
 `neuroar evaluate` scores it beside copy and the tokenizer-oracle on the test pairs. The question is the
 verdict of DESIGN.md section 5: against copy, on the change of the ventricles and grey matter (r, error,
 carried = mean predicted / mean true change), for "+detail" (earlier scan + decoded prediction - decoded "no
-change") and the oracle (what the tokens carry at most).
+change") and the oracle (what the tokens carry at most). `--resample OLD` scores model OLD again, untrained,
+with other sampling settings (`sampling.*`; `--split val` to choose them on the validation pairs).
 """
 
 from __future__ import annotations
@@ -37,15 +39,28 @@ OUTPUTS = ("copy", "tokenizer-oracle", "{name}+detail")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("design", type=Path, help="a run folder trained by benchmarks/token_space.py")
+    parser.add_argument("design", type=Path, nargs="?", help="a run folder trained by benchmarks/token_space.py")
     parser.add_argument("--name", required=True, help="the model's name (its folder under --out)")
     parser.add_argument("overrides", nargs="*", help="NeuroAR's settings, e.g. train_transformer.steps=500")
+    parser.add_argument("--resample", metavar="OLD", help="score model OLD (a row measured before) again with the "
+                                                          "sampling.* overrides, without training")
+    parser.add_argument("--split", default=None, help="the pairs scored (default: test)")
     parser.add_argument("--out", type=Path, default=Path("runs/change_neuroar"))
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "CHANGE_NEUROAR.md")
     args = parser.parse_intermixed_args(argv)
     json_path = args.table.with_name("results") / "change_neuroar.json"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    results[args.name] = measure(args.design, args.out / args.name, args.overrides)
+    if args.design is not None and "=" in str(args.design):  # no DESIGN: the first override took its place
+        args.overrides, args.design = [str(args.design), *args.overrides], None
+    if args.resample:
+        if args.design or any(not o.startswith("sampling.") for o in args.overrides):
+            parser.error("--resample takes sampling.* overrides only, and no DESIGN")
+        results[args.name] = {**results[args.resample], "resampled_from": args.resample,
+                              **score(args.out / args.resample, f"evaluation-{args.name}", args.split, args.overrides)}
+    elif args.design is None:
+        parser.error("give DESIGN, or --resample OLD")
+    else:
+        results[args.name] = measure(args.design, args.out / args.name, args.overrides, args.split)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     _write(results, args.table)
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(design: Path, run: Path, overrides: list[str]) -> dict:
+def measure(design: Path, run: Path, overrides: list[str], split: str | None = None) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(design, run, ignore=shutil.ignore_patterns("evaluation", "tokens", "neuroar*", "tensorboard"))
     config = load_config(run / "config.yaml", [*MODEL, *overrides])
@@ -62,9 +77,18 @@ def measure(design: Path, run: Path, overrides: list[str]) -> dict:
     start = time.perf_counter()
     train_transformer(run, config, progress=False)
     trained = time.perf_counter() - start
-    summary = evaluate_models([str(run)], run / "evaluation", sweep_subjects=0, progress=False).set_index("label")
     row = {"design": str(design), "overrides": overrides, "steps": config.train_transformer.steps,
-           "train_seconds": round(trained, 1), "pairs": int(summary.loc["copy", "pairs"])}
+           "train_seconds": round(trained, 1)}
+    return {**row, **score(run, "evaluation", split)}
+
+
+def score(run: Path, folder: str, split: str | None, sampling: list[str] = ()) -> dict:
+    """The outputs' PSNR and per-region change scores for model RUN, into RUN/FOLDER."""
+    summary = evaluate_models([str(run)], run / folder, split=split, sweep_subjects=0, progress=False,
+                              sampling=sampling).set_index("label")
+    config = load_config(run / "config.yaml", list(sampling))
+    row = {"pairs": int(summary.loc["copy", "pairs"]), "split": split or "test",
+           "temperature": config.sampling.temperature}
     for output in OUTPUTS:
         label = output.format(name=run.name)
         key = output.format(name="neuroar")
@@ -82,7 +106,10 @@ def _write(results: dict, table: Path) -> None:
              "numbers in results/change_neuroar.json. Test pairs of the demo's run; per region r with the true change, "
              "error (mL, mean absolute) and carried (mean predicted / mean true change). Copy has r undefined and "
              "carries 0 %: a model must beat its error. train s: NeuroAR's training, wall seconds where it ran (the "
-             "rows of 250 steps ran on one thread each, two at once; the 750-step rows on two threads alone).", ""]
+             "first rows of 250 steps ran on one thread each, two at once; the others on two threads alone). T: the "
+             "sampling temperature (rows before it was a column: 0.5, then the default); a row \"(model of OLD)\" "
+             "scores the model of row OLD again with other sampling settings. split: the pairs scored "
+             "(val: 42 pairs of other subjects, for choosing settings without looking at the test pairs).", ""]
     rows = []
     for name, row in results.items():
         for output in OUTPUTS:
@@ -90,9 +117,11 @@ def _write(results: dict, table: Path) -> None:
             label = output.format(name=name)
             cells = [f"{_number(row[f'{key}_{r}_change_r'])} / {row[f'{key}_{r}_change_mae']:.2f} / "
                      f"{row[f'{key}_{r}_carried']:.0%}" for r in REGIONS]
-            rows.append([label, Path(row["design"]).name, row["steps"], f"{row['train_seconds']:.0f}",
-                         f"{row[f'{key}_psnr']:.2f}", *cells])
-    lines.append(markdown_table(["output", "token space", "NeuroAR steps", "train s", "PSNR",
+            model = Path(row["design"]).name + (f" (model of {row['resampled_from']})" if "resampled_from" in row
+                                                 else "")
+            rows.append([label, model, row["steps"], f"{row['train_seconds']:.0f}", row.get("temperature", 0.5),
+                         row.get("split", "test"), f"{row[f'{key}_psnr']:.2f}", *cells])
+    lines.append(markdown_table(["output", "token space", "NeuroAR steps", "train s", "T", "split", "PSNR",
                                  "ventricles r / error / carried", "grey matter r / error / carried"], rows))
     table.write_text("\n".join(lines) + "\n")
 

@@ -40,11 +40,15 @@ from neuroar.train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FINE = "[[1,1,1],[3,4,3],[5,6,6],[10,12,11],[20,24,22]]"
-# name -> (what it is, tokenizer overrides on the run's config). The demo's latent grid is 10x12x11 at 4 mm;
-# "grid20" halves the downsampling to 20x24x22 (bottleneck attention off: at 10,560 positions it is most of a
-# CPU step).
+# Every design starts from the paper's scan coding at 10x12x11 (the demo's tokenizer until it coded the change), so
+# that a row does not depend on which demo config prepared RUN.
+SCAN_BASE = ["tokenizer.code=scan", "tokenizer.shortcut=false", "tokenizer.dead_zone=0", "tokenizer.downsample=4",
+             "tokenizer.attention=true", "tokenizer.scales=[[1,1,1],[3,4,3],[5,6,6],[8,9,8],[10,12,11]]",
+             "train_tokenizer.change_weight=0", "transformer.earlier=tokens", "transformer.local_scales=0"]
+# name -> (what it is, tokenizer overrides on SCAN_BASE). "demo" is SCAN_BASE itself; "grid20" halves the
+# downsampling to 20x24x22 (bottleneck attention off: at 10,560 positions it is most of a CPU step).
 DESIGNS = {
-    "demo": ("the demo's tokenizer: 10x12x11, 512 codes, 5 scales", []),
+    "demo": ("the demo's tokenizer: 10x12x11, 512 codes, 5 scales", []),  # until it coded the change
     "grid20": ("20x24x22 grid, 512 codes, 5 scales, no attention",
                ["tokenizer.downsample=2", "tokenizer.attention=false", f"tokenizer.scales={FINE}"]),
     "grid20-thrice": ("grid20 with two more residual stages at 20x24x22",
@@ -121,7 +125,7 @@ def measure(run: Path, name: str, seconds: float, folder: Path, steps: int | Non
     folder.mkdir(parents=True)
     for table in ("config.yaml", "scans.csv", "pairs.csv"):
         shutil.copy(run / table, folder / table)
-    overrides = [*DESIGNS[name][1], *extra]
+    overrides = [*SCAN_BASE, *DESIGNS[name][1], *extra]
     quiet = ["train_tokenizer.val_every=1000000", "train_tokenizer.checkpoint_every=1000000"]
     if steps is None:
         per_step = _seconds_per_step(folder, overrides + quiet, folder.with_suffix(".probe"))
@@ -136,7 +140,7 @@ def measure(run: Path, name: str, seconds: float, folder: Path, steps: int | Non
     oracle, copy = rows.loc["tokenizer-oracle"], rows.loc["tokenizer-copy"]
     latent = latent_oracle(folder, config)
     what = DESIGNS[name][0] + "".join(f"; {o}" for o in extra)
-    return {"design": what, "overrides": overrides, "steps": steps, "train_seconds": round(trained, 1),
+    return {"design": what, "overrides": overrides[len(SCAN_BASE):], "steps": steps, "train_seconds": round(trained, 1),
             "latent": list(config.tokenizer.scales[-1]),
             "tokens": sum(d * h * w for d, h, w in config.tokenizer.scales),
             "pairs": int(oracle["pairs"]), "psnr_brain": round(float(copy["psnr_mean"]), 2),
