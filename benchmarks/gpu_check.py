@@ -49,7 +49,10 @@ from neuroar.train.transformer import train_transformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Reduced: 32^3 volumes at 4 mm, a tokenizer of 8 channels and 3 scales, a one-block transformer.
-REDUCED = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
+# The demo config shrunk, with the paper's scan coding (as the paper config the device runs) in place of its change.
+REDUCED = ["tokenizer.code=scan", "tokenizer.shortcut=false", "tokenizer.dead_zone=0", "transformer.earlier=tokens",
+           "transformer.local_scales=0", "data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4",
+           "tokenizer.channels=8",
            "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
            "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]", "transformer.depth=1"]
 COMMON = ["data.split_fractions=[0.75,0.25,0]", "train_tokenizer.batch_size=2", "train_tokenizer.val_every=1000",

@@ -29,8 +29,9 @@ def run_neuroar(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "neuroar", *args], capture_output=True, text=True, cwd=cwd)
 
 
-# The quick demo shrunk further (4 mm, a few training steps) so that the test checks every stage in a minute.
-SMALL_DEMO = ["data.spacing=4", "data.shape=[40,48,40]", "tokenizer.downsample=8",
+# The quick demo shrunk further (4 mm, a few training steps) so that the test checks every stage in a minute; its
+# tokenizer codes the change with the shortcut, as the demo's, on 8x8x8 patches.
+SMALL_DEMO = ["data.spacing=4", "data.shape=[40,48,40]", "tokenizer.downsample=8", "tokenizer.patch=8",
               "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]",
               "train_tokenizer.steps=4", "train_transformer.steps=4", "train_transformer.batch_size=2",
               "train_autoencoder.steps=3", "train_ldm.steps=4", "train_stargan.steps=4", "ldm.ddim_steps=3",
@@ -62,10 +63,14 @@ def blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
     return (inside * (100 + 20 * rng.random(shape))).astype(np.float32)
 
 
-# A tiny run: 4 mm, 32^3, a 4x-downsampling tokenizer with scales 1^3, 4^3, 8^3, an 8^3 autoencoder latent
-# (both fold 2x2x2 patches into channels first, as the demo config does);
-# seconds per training step.
-TINY = ["data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
+# The paper's scan coding on top of the demo config (which codes the change): what TINY runs and tests of the
+# scan-coding tokenizer and its transformer start from.
+SCAN_CODING = ["tokenizer.code=scan", "tokenizer.shortcut=false", "tokenizer.dead_zone=0", "tokenizer.attention=true",
+               "train_tokenizer.change_weight=0", "transformer.earlier=tokens", "transformer.local_scales=0",
+               "train_transformer.lr=0.001", "sampling.temperature=0.5"]
+# A tiny run: 4 mm, 32^3, a 4x-downsampling scan-coding tokenizer with scales 1^3, 4^3, 8^3, an 8^3 autoencoder
+# latent (both fold 2x2x2 patches into channels first, as the demo config does); seconds per training step.
+TINY = [*SCAN_CODING, "data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
         "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
         "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]", "train_tokenizer.batch_size=2", "train_tokenizer.lr=0.002",
         "train_tokenizer.log_every=1", "train_tokenizer.adversarial_start=3", "train_tokenizer.adversarial_weight=0.1",

@@ -71,8 +71,8 @@ def test_the_change_loss_counts_only_what_the_decoded_change_gets_wrong(tokenize
 
 
 def test_the_earlier_half_is_decoded_from_its_continuous_latent_the_later_from_the_change():
-    config = load_config("demo", ["data.shape=[32,32,32]", "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]",
-                                  *CHANGE[:2]])
+    config = load_config("demo", ["data.shape=[32,32,32]", "tokenizer.scales=[[1,1,1],[4,4,4],[16,16,16]]",
+                                  "tokenizer.dead_zone=0", *CHANGE[:2]])  # untrained, a dead zone codes no change
     torch.manual_seed(0)
     model = MSVQVAE(config.tokenizer).eval()
     earlier, later, other = (torch.rand(1, 1, 32, 32, 32) for _ in range(3))
@@ -176,11 +176,13 @@ def test_neuroar_trains_on_change_tokens_and_predicts_the_earlier_scan_when_it_p
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["tokenizer.code=change"], "transformer.earlier"),
-    (["transformer.earlier=latent"], "transformer.earlier"),
-    (["transformer.local_scales=5"], "transformer.local_scales"),
+    (["tokenizer.code=scan", "tokenizer.dead_zone=0", "train_tokenizer.change_weight=0"], "transformer.earlier"),
+    (["transformer.earlier=tokens"], "transformer.earlier"),
+    (["transformer.local_scales=6"], "transformer.local_scales"),
     (["tokenizer.code=delta"], "tokenizer.code"),
-    (["train_tokenizer.change_weight=1"], "train_tokenizer.change_weight"),
+    (["tokenizer.code=scan", "tokenizer.dead_zone=0", "transformer.earlier=tokens", "train_tokenizer.change_weight=1"],
+     "train_tokenizer.change_weight"),
+    (["tokenizer.code=scan", "train_tokenizer.change_weight=0", "transformer.earlier=tokens"], "tokenizer.dead_zone"),
 ])
 def test_settings_that_do_not_go_together_are_refused(overrides, message):
     with pytest.raises(NeuroARError, match=message):

@@ -35,7 +35,8 @@ def test_preprocess_writes_only_into_its_run_and_cache(tmp_path):
     before = sorted((p, p.stat().st_mtime_ns) for p in inputs.rglob("*"))
     out = tmp_path / "run"
     code = main(["preprocess", str(inputs / "manifest.csv"), "--out", str(out), "data.spacing=4",
-                 "data.shape=[40,48,40]", "tokenizer.scales=[[1,1,1],[10,12,10]]", f"data.cache_dir={tmp_path / 'c'}"])
+                 "data.shape=[40,48,40]", "tokenizer.scales=[[1,1,1],[10,12,10],[20,24,20]]",
+                 f"data.cache_dir={tmp_path / 'c'}"])
     assert code == 0
     assert sorted((p, p.stat().st_mtime_ns) for p in inputs.rglob("*")) == before
     config = yaml.safe_load((out / "config.yaml").read_text())

@@ -6,21 +6,22 @@ from neuroar.errors import ConfigError
 
 def test_shipped_configs_have_the_documented_shapes():
     demo, reference, paper = load_config("configs/demo.yaml"), load_config("reference"), load_config("paper")
-    assert (demo.data.spacing, demo.data.shape, demo.tokenizer.downsample) == (4.0, (40, 48, 44), 4)
+    assert (demo.data.spacing, demo.data.shape, demo.tokenizer.downsample) == (4.0, (40, 48, 44), 2)
     assert (reference.data.spacing, reference.data.shape, reference.tokenizer.downsample) == (2.0, (80, 96, 88), 8)
     assert (paper.data.spacing, paper.data.shape, paper.tokenizer.downsample) == (1.0, (160, 192, 176), 16)
-    assert demo.latent_shape == reference.latent_shape == paper.latent_shape == (10, 12, 11)
+    assert reference.latent_shape == paper.latent_shape == (10, 12, 11) and demo.latent_shape == (20, 24, 22)
+    assert demo.tokenizer.code == "change" and reference.tokenizer.code == paper.tokenizer.code == "scan"
     assert demo.autoencoder_latent_shape == (10, 12, 11) and reference.autoencoder_latent_shape == (20, 24, 22)
     assert len(paper.tokenizer.scales) == 5 and paper.tokenizer.scales[-1] == (10, 12, 11)
     assert paper.tokenizer.codebook_size == 2048 and paper.transformer.depth == 32
 
 
 def test_overrides_are_parsed_and_typed():
-    config = load_config("demo", ["data.spacing=1", "seed=7", "tokenizer.scales=[[1,1,1],[10,12,11]]",
+    config = load_config("demo", ["data.spacing=1", "seed=7", "tokenizer.scales=[[1,1,1],[5,6,6],[20,24,22]]",
                                   "data.cache_dir=/tmp/x"])
     assert config.data.spacing == 1.0 and isinstance(config.data.spacing, float)
     assert config.seed == 7
-    assert config.tokenizer.scales == ((1, 1, 1), (10, 12, 11))
+    assert config.tokenizer.scales == ((1, 1, 1), (5, 6, 6), (20, 24, 22))
     assert config.data.cache_dir == "/tmp/x"
 
 
@@ -36,8 +37,8 @@ def test_overrides_are_parsed_and_typed():
     ("data.split_fractions=[0.5,0.2,0.2]", "data.split_fractions"),
     ("tokenizer.downsample=6", "tokenizer.downsample"),
     ("tokenizer.scales=[[1,1,1],[5,5,5]]", "tokenizer.scales"),
-    ("tokenizer.scales=[[3,4,3],[1,1,1],[10,12,11]]", "tokenizer.scales[1]"),
-    ("tokenizer.scales=[[1,1,1],[11,12,11],[10,12,11]]", "tokenizer.scales[1]"),
+    ("tokenizer.scales=[[3,4,3],[1,1,1],[20,24,22]]", "tokenizer.scales[1]"),
+    ("tokenizer.scales=[[1,1,1],[21,24,22],[20,24,22]]", "tokenizer.scales[1]"),
     ("tokenizer=3", "tokenizer"),
     ("nokey", "key.sub=value"),
 ])

@@ -278,10 +278,11 @@ def test_it_learns_to_keep_the_earlier_scans_tokens_and_does_so_on_unseen_scans(
     assert torch.equal(model.copy_logit, torch.zeros(len(SCALES)))
 
 
-@pytest.mark.parametrize("name", ["demo", "paper"])
-def test_shipped_configs_build_with_their_sequence_length(name):
+@pytest.mark.parametrize("name, tokens, attended", [("reference", 2113, 2113), ("paper", 2113, 2113),
+                                                     ("demo", 22657, 1537)])  # the demo's 20x24x22 scales are local
+def test_shipped_configs_build_with_their_sequence_length(name, tokens, attended):
     config = load_config(name)
     tok = config.tokenizer
     model = NeuroAR(dataclasses.replace(config.transformer, depth=1), tok.latent_dim, tok.codebook_size, tok.scales)
-    assert model.position.shape[1] == sum(d * h * w for d, h, w in tok.scales) == 2113
+    assert sum(d * h * w for d, h, w in tok.scales) == tokens and model.position.shape[1] == attended
     assert model.head.out_features == tok.codebook_size
