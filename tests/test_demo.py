@@ -56,6 +56,7 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, quick_demo_cohort):
     assert "| copy |" in summary and "| tokenizer-copy |" in summary and "| demo |" in summary
     assert "| demo/ldm |" in summary and "| demo/stargan |" in summary and "| real + synthetic (neuroar) |" in summary
     assert "## NeuroAR against copying the earlier scan's tokens" in summary and "| 1 | " in summary
+    assert "The evaluation's change columns below say what the model learned." in summary  # the demo codes the change
     report = (out / "report.html").read_text()
     assert "<td>demo/ldm</td>" in report and "<td>real + synthetic (neuroar)</td>" in report
     assert "<td>copy</td>" in report and report.count("data:image/png;base64,") >= 7 and "<iframe srcdoc=" in report

@@ -270,6 +270,11 @@ def versus_copy(run_dir: Path) -> str:
     last = pd.read_csv(run_dir / "neuroar_val.csv").iloc[-1]
     lines = [f"Validation pairs at step {int(last['step'])}, teacher-forced; gain = model - copy, +- 2 standard "
              "errors over pairs.", ""]
+    config = run_dir / "config.yaml"
+    if config.is_file() and load_config(config).tokenizer.code == "change":
+        lines[0] += (" The tokens code the change, and where a change is uncertain its most likely token stays "
+                     "\"no change\": accuracy barely moves even when the sampled change is right. The evaluation's "
+                     "change columns below say what the model learned.")
     rows = []
     k = 0
     while f"scale{k}_accuracy" in last:
