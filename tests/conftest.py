@@ -63,8 +63,8 @@ def blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
     return (inside * (100 + 20 * rng.random(shape))).astype(np.float32)
 
 
-# The paper's scan coding on top of the demo config (which codes the change): what TINY runs and tests of the
-# scan-coding tokenizer and its transformer start from.
+# The paper's scan coding, with the demo's NeuroAR lr and sampling temperature from before it coded the change, on
+# top of the demo config: what TINY runs and tests of the scan-coding tokenizer and its transformer start from.
 SCAN_CODING = ["tokenizer.code=scan", "tokenizer.shortcut=false", "tokenizer.dead_zone=0", "tokenizer.attention=true",
                "train_tokenizer.change_weight=0", "transformer.earlier=tokens", "transformer.local_scales=0",
                "train_transformer.lr=0.001", "sampling.temperature=0.5"]
