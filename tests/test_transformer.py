@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from neuroar.config import SamplingConfig, TransformerConfig, load_config
 from neuroar.errors import NeuroARError
 from neuroar.models.quantizer import MultiScaleQuantizer
-from neuroar.models.transformer import NeuroAR, earlier_scale_features, flatten, sample_logits, teacher_forcing_sequence
+from neuroar.models.transformer import (
+    NeuroAR,
+    draw,
+    earlier_scale_features,
+    flatten,
+    sample_logits,
+    teacher_forcing_sequence,
+)
 
 SCALES = ((1, 1, 1), (2, 2, 2), (3, 4, 3))
 DIM, CODES = 8, 32
@@ -248,6 +255,14 @@ def test_top_k_and_top_p_draw_only_from_the_kept_tokens():
     assert set(everything.unique().tolist()) == {0, 1, 2, 3}
     share = (everything == 0).float().mean().item()
     assert abs(share - 0.5) < 0.05
+
+
+def test_draws_follow_the_probabilities_and_never_pick_an_impossible_token():
+    probabilities = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    drawn = draw(probabilities.expand(40_000, -1), torch.Generator().manual_seed(0))
+    shares = torch.bincount(drawn, minlength=6) / len(drawn)
+    assert torch.allclose(shares, probabilities, atol=0.01)  # 3.5 standard errors at most
+    assert shares[[0, 2, 5]].sum() == 0
 
 
 def test_it_learns_to_keep_the_earlier_scans_tokens_and_does_so_on_unseen_scans():

@@ -460,5 +460,18 @@ def sample_logits(logits_BlV: torch.Tensor, sampling: SamplingConfig, generator:
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
-    probabilities = logits.softmax(-1).flatten(0, 1)
-    return torch.multinomial(probabilities, 1, generator=generator).view(logits.shape[:2])
+    probabilities_NV = logits.softmax(-1).flatten(0, 1)
+    return draw(probabilities_NV, generator).view(logits.shape[:2])
+
+
+def draw(probabilities_NV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row, drawn with the row's probabilities (N,): the first whose cumulative probability
+    exceeds a uniform draw. torch.multinomial does the same but on CPU took 0.23 s for the 21,120 x 512 of a
+    20x24x22 scale's two samples against 0.02 s (a third of the demo's evaluation went into it)."""
+    cumulative_NV = probabilities_NV.cumsum(-1)
+    uniform_N1 = torch.rand(len(probabilities_NV), 1, generator=generator, device=probabilities_NV.device)
+    index_N = torch.searchsorted(cumulative_NV, uniform_N1 * cumulative_NV[:, -1:], right=True).clamp_max(
+        probabilities_NV.shape[1] - 1).squeeze(1)
+    # Rounding can push the draw past the last cumulative sum: there the index must still be a possible token.
+    possible_N = probabilities_NV.gather(1, index_N[:, None]).squeeze(1) > 0
+    return torch.where(possible_N, index_N, probabilities_NV.argmax(-1))
