@@ -43,6 +43,8 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
     for cohort in COHORTS:
         expected = expected_p_values(pd.read_csv(out / cohort / "brain_age" / "results.csv"))
         assert_p_values(brain_age[brain_age["cohort"] == cohort], expected)
+        assert_recomputable(models[models["cohort"] == cohort], pd.read_csv(out / "results" / f"{cohort}_pairs.csv"),
+                            "ventricles" if cohort == "elderly" else "grey_matter")
 
     produced = [out / c / "evaluation" / name for c in COHORTS for name in ("pairs.csv", "summary.csv", "sweep.csv")]
     produced += [out / c / "brain_age" / "results.csv" for c in COHORTS]
@@ -72,6 +74,18 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
     assert runs["adolescent"]["command"].endswith("--cohorts adolescent --subjects 6 --visits 3 --seed 0 "
                                                   + " ".join(TINY_STUDY))
     assert "## elderly" in (out / "results" / "results.md").read_text()
+
+
+def assert_recomputable(models: pd.DataFrame, pairs: pd.DataFrame, region: str) -> None:
+    """models.csv's change numbers come back from the committed per-pair table."""
+    assert set(pairs["model"]) == set(models["model"])
+    for row in models.itertuples():
+        mine = pairs[pairs["model"] == row.model]
+        assert len(mine) == row.pairs
+        predicted, true = mine[f"predicted_change_{region}"], mine[f"true_change_{region}"]
+        assert np.isclose((predicted - true).abs().mean(), row.change_mae)
+        assert np.isclose(predicted.mean(), row.change_mean) and np.isclose(true.mean(), row.true_change_mean)
+        assert np.isnan(row.carried) or np.isclose(row.carried, predicted.mean() / true.mean())  # NaN: no mean change
 
 
 def paired_p(a: np.ndarray, b: np.ndarray) -> float:

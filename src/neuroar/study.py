@@ -3,7 +3,9 @@ adolescent (9-16 years), each run end to end by `pipeline.run_cohort` into OUT/C
 then both cohorts' results side by side in OUT/results:
 
     models.csv     per cohort and model: PSNR, SSIM (mean, std), and the change r / MAE / mean of the cohort's
-                   aging region (ventricles in the elderly, grey matter in adolescents) beside the truth's
+                   aging region (ventricles in the elderly, grey matter in adolescents) beside the truth's, and
+                   the share of the true mean change carried
+    COHORT_pairs.csv  per test pair and model: what models.csv is computed from
     brain_age.csv  per cohort and training set (real; real + each model's synthetic scans: NeuroAR, LDM,
                    StarGAN): MAE and R2 over seeds (mean, std) and a paired t-test against real alone, seed
                    with seed: raw p, and (columns METRIC_p_vs_real_holm) Holm-Bonferroni-adjusted over every
@@ -52,11 +54,13 @@ from neuroar.tables import markdown_table
 # as the tokenizer (after the demo's 300 steps it decoded at 15.8 dB in the brain against the tokenizer's 21.7,
 # which bounded the baselines' plain outputs); longer baselines (the StarGAN's generator, zero-initialised to the
 # identity, had barely moved after 300 steps: validation latent error 0.97x copy's on the elderly cohort's 180
-# pairs, 0.76x after 1000, 0.59x after 2000, while its loss weights changed that by under 0.03x); brain age over
+# pairs, 0.76x after 1000, 0.59x after 2000, while its loss weights changed that by under 0.03x); the LDM diffusing
+# the change from the earlier latent (`ldm.target=change`: one that has learnt little stays near the earlier scan,
+# where the paper's kind, diffusing the follow-up from noise, scattered far from it: docs/study.md); brain age over
 # 5 seeds with a regressor trained longer; and a fifth of the subjects held out for testing (30 of 150).
-STUDY = ["data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=750", "train_transformer.val_every=150",
+STUDY = ["data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=750", "train_transformer.val_every=375",
          "train_transformer.checkpoint_every=150", "train_autoencoder.steps=2400", "train_ldm.steps=600",
-         "train_stargan.steps=2000", "brain_age.seeds=5", "brain_age.steps=300"]
+         "ldm.target=change", "train_stargan.steps=2000", "brain_age.seeds=5", "brain_age.steps=300"]
 CHANGE_REGION = {"elderly": "ventricles", "adolescent": "grey_matter"}  # where each cohort's aging shows most
 
 
@@ -106,6 +110,7 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
     write_text(results / "brain_age.csv", brain_age.to_csv(index=False))
     for cohort in cohorts:
         change_figure(out_dir / cohort, cohort).savefig(results / f"{cohort}_change.png", dpi=compare.FIGURE_DPI)
+        write_text(results / f"{cohort}_pairs.csv", pair_table(out_dir / cohort).to_csv(index=False))
     write_json(results / "machine.json", {"cohorts": {cohort: runs[cohort] for cohort in order}})
     lines = ["# neuroar study", ""]
     for cohort in order:
@@ -146,10 +151,21 @@ def model_table(run_dir: Path, cohort: str) -> pd.DataFrame:
     region = CHANGE_REGION[cohort]
     columns = {"label": "model", "pairs": "pairs", "psnr_mean": "psnr", "psnr_std": "psnr_std", "ssim_mean": "ssim",
                "ssim_std": "ssim_std", f"{region}_change_r": "change_r", f"{region}_change_mae": "change_mae",
-               f"{region}_change_mean": "change_mean", f"{region}_true_change_mean": "true_change_mean"}
+               f"{region}_change_mean": "change_mean", f"{region}_true_change_mean": "true_change_mean",
+               f"{region}_carried": "carried"}
     table = summary[list(columns)].rename(columns=columns)
     table["model"] = [_model_name(name, run_dir.name) for name in table["model"]]
     return table.assign(cohort=cohort)[["cohort", *table.columns]]
+
+
+def pair_table(run_dir: Path) -> pd.DataFrame:
+    """Per test pair and model (named as in models.csv): the pair, its image metrics, and per region the earlier
+    volume and the true and predicted change (mL), from which every number of models.csv can be recomputed."""
+    per_pair = compare.with_diagnosis(pd.read_csv(run_dir / "evaluation" / "pairs.csv", dtype={"subject_id": str}),
+                                      run_dir)
+    names = [_model_name(name, run_dir.name) for name in per_pair["label"]]
+    return per_pair.drop(columns=["label", "model", "variant"]).assign(model=names).pipe(
+        lambda table: table[["model", *table.columns[:-1]]])
 
 
 def change_figure(run_dir: Path, cohort: str) -> Figure:

@@ -98,6 +98,7 @@ def make_cohort(out_dir: str | Path, options: SynthOptions = SynthOptions(), pro
                 rows += make_subject(plan, options, out_dir)
                 bar.update()
         else:
+            _flow(options.spacing)  # built once here, inherited by the forked workers (3 s each otherwise)
             # fork (Linux) starts workers at once and needs no `if __name__ == "__main__"` guard in user
             # scripts. One torch thread per worker: the workers already fill the cores, and a forked child
             # must not enter an OpenMP pool its parent may have started.
