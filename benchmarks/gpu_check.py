@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from neuroar.checkpoint import weights_path  # noqa: E402
-from neuroar.config import load_config  # noqa: E402
+from neuroar.config import DEMO_SCAN_CODING, load_config  # noqa: E402
 from neuroar.data.nifti import read_volume  # noqa: E402
 from neuroar.data.preprocess import preprocess_image  # noqa: E402
 from neuroar.data.tokens import load_tokens, tokenize_run  # noqa: E402
@@ -50,9 +50,7 @@ from neuroar.train.transformer import train_transformer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 # Reduced: 32^3 volumes at 4 mm, a tokenizer of 8 channels and 3 scales, a one-block transformer.
 # The demo config shrunk, with the paper's scan coding (as the paper config the device runs) in place of its change.
-REDUCED = ["tokenizer.code=scan", "tokenizer.shortcut=false", "tokenizer.dead_zone=0", "transformer.earlier=tokens",
-           "transformer.local_scales=0", "data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4",
-           "tokenizer.channels=8",
+REDUCED = [*DEMO_SCAN_CODING, "data.spacing=4", "data.shape=[32,32,32]", "tokenizer.channels=8",
            "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
            "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]", "transformer.depth=1"]
 COMMON = ["data.split_fractions=[0.75,0.25,0]", "train_tokenizer.batch_size=2", "train_tokenizer.val_every=1000",

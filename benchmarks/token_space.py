@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from neuroar.config import load_config
+from neuroar.config import DEMO_SCAN_CODING, load_config
 from neuroar.data.preprocess import template_brain_mask
 from neuroar.evaluate.compare import carried, evaluate_models, load_pairs, pearson, predict_pairs, score_pairs
 from neuroar.evaluate.forecasters import Output
@@ -42,9 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FINE = "[[1,1,1],[3,4,3],[5,6,6],[10,12,11],[20,24,22]]"
 # Every design starts from the paper's scan coding at 10x12x11 (the demo's tokenizer until it coded the change), so
 # that a row does not depend on which demo config prepared RUN.
-SCAN_BASE = ["tokenizer.code=scan", "tokenizer.shortcut=false", "tokenizer.dead_zone=0", "tokenizer.downsample=4",
-             "tokenizer.attention=true", "tokenizer.scales=[[1,1,1],[3,4,3],[5,6,6],[8,9,8],[10,12,11]]",
-             "train_tokenizer.change_weight=0", "transformer.earlier=tokens", "transformer.local_scales=0"]
+SCAN_BASE = list(DEMO_SCAN_CODING)
 # name -> (what it is, tokenizer overrides on SCAN_BASE). "demo" is SCAN_BASE itself; "grid20" halves the
 # downsampling to 20x24x22 (bottleneck attention off: at 10,560 positions it is most of a CPU step).
 DESIGNS = {

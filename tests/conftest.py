@@ -14,6 +14,7 @@ import pytest
 import torch
 from filelock import FileLock
 
+from neuroar.config import DEMO_SCAN_CODING
 from neuroar.data.synth.cohort import SynthOptions, make_cohort
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
@@ -63,14 +64,9 @@ def blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
     return (inside * (100 + 20 * rng.random(shape))).astype(np.float32)
 
 
-# The paper's scan coding, with the demo's NeuroAR lr and sampling temperature from before it coded the change, on
-# top of the demo config: what TINY runs and tests of the scan-coding tokenizer and its transformer start from.
-SCAN_CODING = ["tokenizer.code=scan", "tokenizer.shortcut=false", "tokenizer.dead_zone=0", "tokenizer.attention=true",
-               "train_tokenizer.change_weight=0", "transformer.earlier=tokens", "transformer.local_scales=0",
-               "train_transformer.lr=0.001", "sampling.temperature=0.5"]
 # A tiny run: 4 mm, 32^3, a 4x-downsampling scan-coding tokenizer with scales 1^3, 4^3, 8^3, an 8^3 autoencoder
 # latent (both fold 2x2x2 patches into channels first, as the demo config does); seconds per training step.
-TINY = [*SCAN_CODING, "data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
+TINY = [*DEMO_SCAN_CODING, "data.spacing=4", "data.shape=[32,32,32]", "tokenizer.downsample=4", "tokenizer.channels=8",
         "tokenizer.norm_groups=4", "tokenizer.latent_dim=8", "tokenizer.codebook_size=64",
         "tokenizer.scales=[[1,1,1],[4,4,4],[8,8,8]]", "train_tokenizer.batch_size=2", "train_tokenizer.lr=0.002",
         "train_tokenizer.log_every=1", "train_tokenizer.adversarial_start=3", "train_tokenizer.adversarial_weight=0.1",

@@ -1,7 +1,7 @@
 """Configs: the schema (`schema.py`: one dataclass per section, with its checks) and loading (`loading.py`:
 YAML, overrides, type checks). Import from here."""
 
-from neuroar.config.loading import CONFIG_DIR, config_from_dict, load_config, save_config
+from neuroar.config.loading import CONFIG_DIR, DEMO_SCAN_CODING, config_from_dict, load_config, save_config
 from neuroar.config.schema import (
                                    AutoencoderConfig,
                                    BaselineTrainingConfig,
@@ -19,7 +19,7 @@ from neuroar.config.schema import (
                                    TransformerTrainingConfig,
 )
 
-__all__ = ["CONFIG_DIR", "AutoencoderConfig", "BaselineTrainingConfig", "BrainAgeConfig", "Config", "DataConfig",
-           "LDMConfig", "SamplingConfig", "Shape3", "StarGANConfig", "TokenizerConfig", "TokenizerTrainingConfig",
-           "TrainingConfig", "TransformerConfig", "TransformerTrainingConfig", "config_from_dict", "load_config",
-           "save_config"]
+__all__ = ["CONFIG_DIR", "DEMO_SCAN_CODING", "AutoencoderConfig", "BaselineTrainingConfig", "BrainAgeConfig", "Config",
+           "DataConfig", "LDMConfig", "SamplingConfig", "Shape3", "StarGANConfig", "TokenizerConfig",
+           "TokenizerTrainingConfig", "TrainingConfig", "TransformerConfig", "TransformerTrainingConfig",
+           "config_from_dict", "load_config", "save_config"]
