@@ -110,7 +110,8 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
     write_text(results / "brain_age.csv", brain_age.to_csv(index=False))
     for cohort in cohorts:
         change_figure(out_dir / cohort, cohort).savefig(results / f"{cohort}_change.png", dpi=compare.FIGURE_DPI)
-        write_text(results / f"{cohort}_pairs.csv", pair_table(out_dir / cohort).to_csv(index=False))
+        pairs = pair_table(out_dir / cohort).to_csv(index=False, float_format="%.6g")  # 6 digits: half the size
+        write_text(results / f"{cohort}_pairs.csv", pairs)
     write_json(results / "machine.json", {"cohorts": {cohort: runs[cohort] for cohort in order}})
     lines = ["# neuroar study", ""]
     for cohort in order:
