@@ -164,9 +164,9 @@ def pair_table(run_dir: Path) -> pd.DataFrame:
     volume and the true and predicted change (mL), from which every number of models.csv can be recomputed."""
     per_pair = compare.with_diagnosis(pd.read_csv(run_dir / "evaluation" / "pairs.csv", dtype={"subject_id": str}),
                                       run_dir)
-    names = [_model_name(name, run_dir.name) for name in per_pair["label"]]
-    return per_pair.drop(columns=["label", "model", "variant"]).assign(model=names).pipe(
-        lambda table: table[["model", *table.columns[:-1]]])
+    table = per_pair.drop(columns=["label", "model", "variant"])
+    table.insert(0, "model", [_model_name(name, run_dir.name) for name in per_pair["label"]])
+    return table
 
 
 def change_figure(run_dir: Path, cohort: str) -> Figure:
