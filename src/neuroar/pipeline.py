@@ -284,5 +284,5 @@ def versus_copy(run_dir: Path) -> str:
         rows.append([k, f"{last[f'scale{k}_accuracy']:.3f}", f"{last[f'scale{k}_copy_accuracy']:.3f}",
                      f"{gain:+.3f} +- {margin:.3f}", verdict])
         k += 1
-    return "\n".join(lines) + markdown_table(["scale", "NeuroAR", "copy", "gain", "verdict"], rows)
+    return "\n".join([*lines, markdown_table(["scale", "NeuroAR", "copy", "gain", "verdict"], rows)])
 
