@@ -155,7 +155,7 @@ class NeuroARPredictor(Predictor):
         diagnosis_S = self.model.diagnosis_ids([diagnosis]).to(self.device).expand(samples)
         f_earlier = self.tokenizer.latent_scan(x)
         unchanged = self.tokenizer.unchanged_tokens(f_earlier)
-        earlier_decoded = self.tokenizer.decode_followup(f_earlier, unchanged)[0]
+        earlier_decoded = self.tokenizer.decode_unchanged(f_earlier)[0]
         f_earlier_S = f_earlier.expand(samples, -1, -1, -1, -1)
         unchanged = [t.expand(samples, -1, -1, -1) for t in unchanged]
         earlier_maps = (earlier_latent_features(self.tokenizer.quantizer.scales, f_earlier_S)

@@ -111,8 +111,7 @@ def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id
     index = int(match.to_numpy().nonzero()[0][0])
     tokenizer = load_tokenizer(run_dir, config)
     if config.tokenizer.code == "change":  # the scan's latent with no change on top (as tokenizer-copy decodes it)
-        f_1Cdhw = tokens[0][index:index + 1]
-        volume = tokenizer.decode_followup(f_1Cdhw, tokenizer.unchanged_tokens(f_1Cdhw))[0]
+        volume = tokenizer.decode_unchanged(tokens[0][index:index + 1])[0]
     else:
         volume = tokenizer.decode_scan([t[index:index + 1] for t in tokens])[0]
     _, record = load_preprocessed(scans["preprocessed"].iloc[index])

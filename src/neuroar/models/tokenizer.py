@@ -21,7 +21,7 @@ convolutions), so that each patch's voxels can pass through linearly and a decod
 
 Both are served by one interface, so that tokenizer-copy, the oracle and a model's prediction are computed alike:
 `latent_scan` (a scan's continuous latent), `followup_tokens` (a follow-up's tokens against an earlier latent),
-`unchanged_tokens` (the tokens of "nothing changed") and `decode_followup`.
+`unchanged_tokens` (the tokens of "nothing changed"), `decode_followup` and `decode_unchanged`.
 """
 
 from __future__ import annotations
@@ -101,7 +101,11 @@ class MSVQVAE(nn.Module):
 
     def unchanged_tokens(self, f_earlier: torch.Tensor) -> list[torch.Tensor]:
         """The tokens of a follow-up identical to the earlier scan: the earlier scan's own (code "scan"), or
-        those of a zero change, the same for every scan (code "change")."""
+        those of a zero change, token 0 at every scale for every scan (code "change": the quantizer's zero code
+        and bias-free refinements make it so, without running the quantizer)."""
+        if self.config.code == "change":
+            return [torch.zeros(len(f_earlier), *scale, dtype=torch.long, device=f_earlier.device)
+                    for scale in self.quantizer.scales]
         return self.followup_tokens(f_earlier, f_earlier)
 
     @torch.no_grad()
@@ -117,6 +121,14 @@ class MSVQVAE(nn.Module):
         """Latents decoded to volumes (B, D, H, W) in [0, 1], float32, on the CPU."""
         with full_precision(f_BCdhw.device):
             return self.decode(f_BCdhw)[:, 0].float().clamp(0, 1).cpu().numpy()
+
+    def decode_unchanged(self, f_earlier: torch.Tensor) -> np.ndarray:
+        """What a follow-up with no change decodes to, (B, D, H, W) as `decode_followup`: the earlier scan through
+        the model's own encoder and decoder. With code "change" the zero change's f_hat is exactly zero, so it is
+        the earlier latent decoded."""
+        if self.config.code == "change":
+            return self.decode_latent(f_earlier)
+        return self.decode_followup(f_earlier, self.unchanged_tokens(f_earlier))
 
     def decode_followup(self, f_earlier: torch.Tensor | None, tokens: list[torch.Tensor]) -> np.ndarray:
         """A follow-up's tokens decoded (against the earlier scan's latent for code "change") to volumes
