@@ -118,6 +118,36 @@ def test_training_scans_are_cached_mirrored_left_right_and_join_training(run_dir
     assert trained_on["pairs"]["earlier_index"].max() < len(scans)  # without mirror: the run's own scans only
 
 
+def test_zero_gap_pairs_add_each_training_scan_paired_with_itself(run_dir, monkeypatch):
+    import neuroar.train.transformer as trainer
+
+    trained_on = {}
+    real_copy_rates = trainer.copy_rates
+
+    def spy(model, sequences, pairs):
+        trained_on["pairs"], trained_on["sequences"] = pairs.copy(), sequences
+        return real_copy_rates(model, sequences, pairs)
+
+    monkeypatch.setattr(trainer, "copy_rates", spy)
+    overrides = ["train_transformer.steps=1", "train_transformer.mirror=false", "train_transformer.zero_gap_pairs=true"]
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", overrides), progress=False)
+    pairs = trained_on["pairs"]
+    _, scans = load_tokens(run_dir)
+    real = token_pairs(run_dir, scans, "train")
+    zero = pairs.iloc[len(real):]
+    training_scans = set(real["earlier_index"]) | set(real["later_index"])
+    assert pairs.iloc[:len(real)]["later_index"].tolist() == real["later_index"].tolist()
+    assert sorted(zero["earlier_index"]) == sorted(training_scans)
+    assert (zero["earlier_index"] == zero["later_index"]).all()
+    ages = dict(zip(real["earlier_index"], real["earlier_age"])) | dict(zip(real["later_index"], real["later_age"]))
+    assert (zero["years"] == 0).all() and (zero["earlier_age"] == zero["later_age"]).all()
+    assert [ages[i] for i in zero["earlier_index"]] == zero["later_age"].tolist()
+    assert set(zero["subject_id"]) == set(real["subject_id"])
+    # Their targets are the tokens of no change.
+    batch = trained_on["sequences"].batch(pairs, list(range(len(real), len(pairs))), torch.device("cpu"))
+    assert torch.equal(batch["tokens"], batch["earlier_tokens"])
+
+
 def test_the_logged_loss_is_the_whole_steps_not_one_micro_batchs(run_dir, tmp_path):
     other = shutil.copytree(run_dir, tmp_path / "other")
     common = ["train_transformer.steps=1", "train_transformer.log_every=1", "train_transformer.batch_size=2"]

@@ -138,6 +138,8 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
         mirrored[["earlier_index", "later_index"]] += len(scans)
         tokens = [torch.cat([a, b]) for a, b in zip(tokens, mirrored_tokens)]
         train_pairs = pd.concat([train_pairs, mirrored], ignore_index=True)
+    if settings.zero_gap_pairs:
+        train_pairs = pd.concat([train_pairs, zero_gap_pairs(train_pairs)], ignore_index=True)
     tokenizer = load_tokenizer(run_dir, config)
     if config.tokenizer.code == "change":  # `tokens` holds the scans' latents: see data/tokens.py
         sequences = ChangeSequences.build(tokenizer, tokens[0], [train_pairs, val_pairs])
@@ -189,6 +191,18 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                      meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
                            "scales": [list(s) for s in config.tokenizer.scales]},
                      val_every=settings.val_every, config_path=run_dir / name / "config.yaml", progress=progress)
+
+
+def zero_gap_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Every scan of `pairs` (rows as `token_pairs` gives them) paired with itself: the same scan as earlier and
+    later, at its own age, zero years apart."""
+    shared = [c for c in ("subject_id", "diagnosis", "split") if c in pairs.columns]
+    ends = [pairs[[*shared, f"{end}_session", f"{end}_age", f"{end}_index"]]
+            .set_axis([*shared, "session", "age", "index"], axis=1) for end in ("earlier", "later")]
+    scans = pd.concat(ends).drop_duplicates("index").sort_values("index").reset_index(drop=True)
+    return scans[shared].assign(earlier_session=scans["session"], later_session=scans["session"],
+                                earlier_age=scans["age"], later_age=scans["age"], years=0.0,
+                                earlier_index=scans["index"], later_index=scans["index"])
 
 
 def copy_rates(model: NeuroAR, sequences: ScanSequences | ChangeSequences, pairs: pd.DataFrame, chunk: int = 64
