@@ -3,6 +3,8 @@ repeats to the same numbers on the same checkpoints."""
 
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -74,6 +76,10 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
     assert runs["adolescent"]["command"].endswith("--cohorts adolescent --subjects 6 --visits 3 --seed 0 "
                                                   + " ".join(TINY_STUDY))
     assert "## elderly" in (out / "results" / "results.md").read_text()
+    # The code's version beside the machine: this checkout's commit (a clean clone in CI, maybe edited here).
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    if head.returncode == 0:
+        assert runs["adolescent"]["machine"]["commit"].split("+")[0] == head.stdout.strip()
 
 
 def assert_recomputable(models: pd.DataFrame, pairs: pd.DataFrame, region: str) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
     another invocation, perhaps on another machine), so that the cohorts can be run one at a time."""
     results = out_dir / "results"
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_cores": os.cpu_count(),
-               "torch": torch.__version__, "neuroar": __version__}
+               "torch": torch.__version__, "neuroar": __version__, "commit": source_commit()}
     runs = _read_json(results / "machine.json").get("cohorts", {})
     runs |= {cohort: {"command": command, "machine": machine, "stage_seconds": _stage_seconds(out_dir / cohort)}
              for cohort in cohorts}
@@ -136,6 +137,20 @@ def _merge(path: Path, tables: list[pd.DataFrame], order: list[str]) -> pd.DataF
         fresh = pd.concat([kept[~kept["cohort"].isin(fresh["cohort"])], fresh], ignore_index=True)
     rank = {cohort: i for i, cohort in enumerate(order)}
     return fresh.sort_values("cohort", key=lambda c: c.map(rank), kind="stable", ignore_index=True)
+
+
+def source_commit() -> str | None:
+    """The git commit neuroar runs from ("+changes" when its files differ from it), or None outside a checkout
+    (an installed wheel): which version of the code a result came from."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def _read_json(path: Path) -> dict:
