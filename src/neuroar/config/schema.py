@@ -208,7 +208,9 @@ class TransformerTrainingConfig(TrainingConfig):
     # on the demo cohort (34 training subjects), validation loss 1.196 against 1.312 without.
     mirror: bool = True
     # Train also on each training scan paired with itself (a gap of zero years, no change), so that a prediction
-    # at the earlier scan's own age, which "+aging" subtracts, is one the model has seen.
+    # at the earlier scan's own age, which "+aging" subtracts, is one the model has seen. Off: on the demo (250
+    # steps, a 40 % share of such pairs) NeuroAR then learnt no change at all (+detail and +aging ventricles r
+    # -0.01, against 0.69 without; benchmarks/CHANGE_NEUROAR.md row toklr3-b4-zerogap).
     zero_gap_pairs: bool = False
 
     def check(self, key: str, fail: Fail) -> None:
