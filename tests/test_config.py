@@ -40,6 +40,8 @@ def test_overrides_are_parsed_and_typed():
     ("tokenizer.scales=[[3,4,3],[1,1,1],[20,24,22]]", "tokenizer.scales[1]"),
     ("tokenizer.scales=[[1,1,1],[21,24,22],[20,24,22]]", "tokenizer.scales[1]"),
     ("tokenizer=3", "tokenizer"),
+    ("baselines=[ldm,diffusion]", "baselines"),
+    ("baselines=[ldm,ldm]", "baselines"),
     ("nokey", "key.sub=value"),
 ])
 def test_invalid_settings_name_the_key(override, key):

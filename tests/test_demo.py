@@ -46,19 +46,20 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, quick_demo_cohort):
     assert "cohort is up to date, skipped" in first.stdout
     for name in ("config.yaml", "scans.csv", "pairs.csv", "summary.md", "cohort/manifest.csv", "cohort/truth.csv",
                  "cohort/figures/trajectories.png", "cohort/figures/montage.png", "tokenizer/last.json",
-                 "neuroar/last.json", "autoencoder/last.json", "ldm/last.json", "stargan/last.json",
+                 "neuroar/last.json",
                  "evaluation/summary.md", "evaluation/pairs.csv", "evaluation/figures/change.png",
                  "brain_age/summary.md", "brain_age/results.csv", "report.html"):
         assert (out / name).is_file(), name
     assert len(list((out / "tokens").glob("*.safetensors"))) == 1
+    assert not any((out / name).exists() for name in ("autoencoder", "ldm", "stargan"))  # the demo trains no baseline
     summary = (out / "summary.md").read_text()
     assert "| train |" in summary and "(40, 48, 40)" in summary and "| AD |" in summary
     assert "| copy |" in summary and "| tokenizer-copy |" in summary and "| demo |" in summary
-    assert "| demo/ldm |" in summary and "| demo/stargan |" in summary and "| real + synthetic (neuroar) |" in summary
+    assert "| real + synthetic (neuroar) |" in summary and "demo/ldm" not in summary and "LDM" not in summary
     assert "## NeuroAR against copying the earlier scan's tokens" in summary and "| 1 | " in summary
     assert "The evaluation's change columns below say what the model learned." in summary  # the demo codes the change
     report = (out / "report.html").read_text()
-    assert "<td>demo/ldm</td>" in report and "<td>real + synthetic (neuroar)</td>" in report
+    assert "<td>real + synthetic (neuroar)</td>" in report
     assert "<td>copy</td>" in report and report.count("data:image/png;base64,") >= 7 and "<iframe srcdoc=" in report
     assert "http://" not in report.replace("http://www.w3.org", "") and "src='http" not in report
     errors = open_in_chromium(out / "report.html", ARTIFACTS / "report.png")

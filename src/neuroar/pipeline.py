@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from neuroar.config import Config, load_config, save_config
+from neuroar.config import BASELINES, Config, load_config, save_config
 from neuroar.data.fingerprint import data_fingerprint
 from neuroar.data.manifest import assign_splits, write_manifest
 from neuroar.data.pairs import held_out_split, longitudinal_pairs
@@ -77,11 +77,16 @@ QUICK = ["train_tokenizer.steps=200", "train_tokenizer.val_every=200", "train_tr
          "train_ldm.steps=40", "train_stargan.steps=20", "ldm.ddim_steps=10", "brain_age.seeds=2", "brain_age.steps=60"]
 
 
+# Each baseline's stage, as summaries and the study's machine.json name it.
+BASELINE_STAGES = {"ldm": "LDM", "stargan": "latent StarGAN"}
+
+
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overrides: Sequence[str] = (),
              retrain: bool = False) -> Path:
-    """Synthetic cohort -> preprocessing -> tokenizer -> tokens -> NeuroAR -> autoencoder -> LDM -> StarGAN ->
-    evaluation -> brain age -> report and summary (`run_cohort`), on the demo's cohort and config. Models in
-    `out_dir` trained on other data are refused, or with `retrain` set aside and trained anew."""
+    """Synthetic cohort -> preprocessing -> tokenizer -> tokens -> NeuroAR -> evaluation -> brain age -> report
+    and summary (`run_cohort`), on the demo's cohort and config (no baselines unless `overrides` name them:
+    "baselines=[ldm,stargan]"). Models in `out_dir` trained on other data are refused, or with `retrain` set
+    aside and trained anew."""
     out_dir = Path(out_dir)
     config = load_config("demo", [f"seed={seed}", f"data.cache_dir={out_dir / 'cache'}", *(QUICK if quick else []),
                                   *overrides])
@@ -93,12 +98,12 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
 
 
 def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: dict[str, Sequence[str]] | None = None,
-               brain_age_baselines: bool = False, retrain: bool = False) -> tuple[Dataset, dict[str, float]]:
+               retrain: bool = False) -> tuple[Dataset, dict[str, float]]:
     """Every stage on a synthetic cohort into one run folder: the cohort (OUT/cohort), preprocessing, tokenizer,
     tokens, NeuroAR, each of `variants` (more NeuroAR models on the same tokens, name -> config overrides, e.g.
-    an ablation), autoencoder and latents, LDM, latent StarGAN, the evaluation of all of them, the brain-age
-    experiment (with NeuroAR's synthetic scans, and the baselines' too with `brain_age_baselines`) and the
-    report. Returns the dataset and each stage's seconds.
+    an ablation), the config's baselines (their autoencoder and latents first), the evaluation of all of them,
+    the brain-age experiment (with every model's synthetic scans) and the report. Returns the dataset and each
+    stage's seconds.
 
     Every stage resumes: the cohort is kept when its options did not change, preprocessing, tokens and
     latents are cached by content, training continues from its last checkpoint (a finished run is not
@@ -141,12 +146,13 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
     for name, overrides in variants.items():
         variant = config_from_dict(config.to_dict(), f"variant {name}", overrides)
         stage(f"NeuroAR {name}", functools.partial(train_transformer, out_dir, variant, name=name, retrain=retrain))
-    stage("autoencoder and latents", lambda: (train_autoencoder(out_dir, config, retrain=retrain),
-                                              encode_run(out_dir, config)))
-    stage("LDM", lambda: train_baseline(out_dir, config, "ldm", retrain=retrain))
-    stage("latent StarGAN", lambda: train_baseline(out_dir, config, "stargan", retrain=retrain))
-    stage("evaluation", lambda: evaluate_run(out_dir, config.seed, list(variants)))
-    stage("brain age", lambda: brain_age_run(out_dir, config, brain_age_baselines))
+    if config.baselines:
+        stage("autoencoder and latents", lambda: (train_autoencoder(out_dir, config, retrain=retrain),
+                                                  encode_run(out_dir, config)))
+    for kind in config.baselines:
+        stage(BASELINE_STAGES[kind], functools.partial(train_baseline, out_dir, config, kind, retrain=retrain))
+    stage("evaluation", lambda: evaluate_run(out_dir, config.seed, list(variants), config.baselines))
+    stage("brain age", lambda: brain_age_run(out_dir, config))
     stage("report", lambda: print(f"report: {build_report(out_dir, seed=config.seed)}"))
     return dataset, timings
 
@@ -155,18 +161,17 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
 EVALUATION_FORMAT = 2
 
 
-def evaluate_run(run_dir: Path, seed: int = 0, variants: Sequence[str] = ()) -> Path:
-    """Evaluate a run's NeuroAR model, the NeuroAR models named `variants` (RUN/NAME) and its baselines (those
-    trained) on its test split (or val, when there is no test split) into RUN/evaluation, unless that was
+def evaluate_run(run_dir: Path, seed: int = 0, variants: Sequence[str] = (), baselines: Sequence[str] = BASELINES
+                 ) -> Path:
+    """Evaluate a run's NeuroAR model, the NeuroAR models named `variants` (RUN/NAME) and the `baselines` it
+    trained on its test split (or val, when there is no test split) into RUN/evaluation, unless that was
     already done for the same checkpoints."""
     from neuroar.evaluate.compare import evaluate_models
-    from neuroar.models.baselines import BASELINES
 
     out = run_dir / "evaluation"
     pairs = pd.read_csv(run_dir / "pairs.csv", keep_default_na=False)
     split = held_out_split(pairs)
-    models = [run_dir, *(run_dir / name for name in variants),
-              *(run_dir / kind for kind in BASELINES if (run_dir / kind / "last.json").is_file())]
+    models = [run_dir, *(run_dir / name for name in variants), *_trained(run_dir, baselines)]
     inputs = {"split": split, "seed": seed, "data": data_fingerprint(run_dir), "models": _checkpoints(run_dir, models),
               "format": EVALUATION_FORMAT}
     if _up_to_date(out, inputs):
@@ -176,21 +181,23 @@ def evaluate_run(run_dir: Path, seed: int = 0, variants: Sequence[str] = ()) -> 
     return out
 
 
-def brain_age_run(run_dir: Path, config: Config, baselines: bool = False) -> Path:
-    """The brain-age experiment with the synthetic scans of the run's NeuroAR model (and, with `baselines`, of
-    each trained baseline) into RUN/brain_age, unless already done for the same models and settings."""
+def brain_age_run(run_dir: Path, config: Config) -> Path:
+    """The brain-age experiment with the synthetic scans of the run's NeuroAR model and of the config's baselines
+    (those trained) into RUN/brain_age, unless already done for the same models and settings."""
     from neuroar.evaluate.brain_age import run_brain_age
-    from neuroar.models.baselines import BASELINES
 
     out = run_dir / "brain_age"
-    models = [run_dir, *(run_dir / kind for kind in BASELINES
-                         if baselines and (run_dir / kind / "last.json").is_file())]
+    models = [run_dir, *_trained(run_dir, config.baselines)]
     inputs = {"brain_age": asdict(config.brain_age), "data": data_fingerprint(run_dir),
               "models": _checkpoints(run_dir, models)}
     if not _up_to_date(out, inputs):
         run_brain_age(run_dir, config, models, out_dir=out)
         _stamp(out, inputs)
     return out
+
+
+def _trained(run_dir: Path, baselines: Sequence[str]) -> list[Path]:
+    return [run_dir / kind for kind in baselines if (run_dir / kind / "last.json").is_file()]
 
 
 def _checkpoints(run_dir: Path, models: Sequence[Path]) -> list[dict]:

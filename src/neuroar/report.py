@@ -84,7 +84,8 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
     sections += ["<h2>Training</h2>", _figure(training_figure(run_dir), "Training curves against the step: the "
                  "tokenizer's L1 loss and validation PSNR in the brain (dB); NeuroAR's loss and its teacher-forced "
                  "token accuracy per scale on validation pairs (solid) against copying the earlier scan's tokens "
-                 "(dashed); the baselines' autoencoder L1, the LDM's noise MSE and the StarGAN's losses.")]
+                 "(dashed); where trained, the baselines' autoencoder L1, the LDM's noise MSE and the StarGAN's "
+                 "losses.")]
     if subjects:
         affine = load_preprocessed(shown.iloc[0]["earlier_path"])[1].affine
         sections += ["<h2>Interactive viewer (the first subject's prediction)</h2>", viewer(subjects[0][1], affine)]
@@ -289,20 +290,20 @@ def training_figure(run_dir: Path) -> Figure:
               ("autoencoder_train.csv", "l1", "autoencoder L1"), ("ldm_train.csv", "mse", "LDM noise MSE"),
               ("stargan_train.csv", "generator", "StarGAN generator loss"),
               ("stargan_train.csv", "discriminator", "StarGAN discriminator loss")]
-    figure = Figure(figsize=(12, 6.4), layout="constrained")
-    for axis, (name, column, title) in zip(figure.subplots(2, len(panels) // 2).flat, panels):
-        path = run_dir / name
-        if path.is_file():
-            log = pd.read_csv(path)
-            marker = "." if len(log) < 20 else None
-            if column is not None:
-                axis.plot(log["step"], log[column], marker=marker)
-            else:  # per scale: the model's teacher-forced accuracy (solid) against copying the earlier tokens
-                for k in range(sum(c.endswith("_copy_accuracy") for c in log.columns)):
-                    line, = axis.plot(log["step"], log[f"scale{k}_accuracy"], marker=marker, label=f"scale {k}")
-                    axis.plot(log["step"], log[f"scale{k}_copy_accuracy"], ls="--", color=line.get_color())
-                if axis.lines:
-                    axis.legend(fontsize=8, title="dashed: copy", title_fontsize=8)
+    panels = [panel for panel in panels if (run_dir / panel[0]).is_file()]  # the baselines' where trained
+    rows = max(1, -(-len(panels) // 4))
+    figure = Figure(figsize=(12, 3.2 * rows), layout="constrained")
+    for axis, (name, column, title) in zip(figure.subplots(rows, 4, squeeze=False).flat, panels):
+        log = pd.read_csv(run_dir / name)
+        marker = "." if len(log) < 20 else None
+        if column is not None:
+            axis.plot(log["step"], log[column], marker=marker)
+        else:  # per scale: the model's teacher-forced accuracy (solid) against copying the earlier tokens
+            for k in range(sum(c.endswith("_copy_accuracy") for c in log.columns)):
+                line, = axis.plot(log["step"], log[f"scale{k}_accuracy"], marker=marker, label=f"scale {k}")
+                axis.plot(log["step"], log[f"scale{k}_copy_accuracy"], ls="--", color=line.get_color())
+            if axis.lines:
+                axis.legend(fontsize=8, title="dashed: copy", title_fontsize=8)
         axis.set_title(title, fontsize=compare.FONT)
         axis.set_xlabel("step", fontsize=compare.FONT - 1)
     return figure

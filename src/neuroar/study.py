@@ -50,18 +50,20 @@ from neuroar.files import write_json, write_text
 from neuroar.pipeline import run_cohort
 from neuroar.tables import markdown_table
 
-# The demo config with the training more subjects carry: NeuroAR 750 steps (on 96 subjects x 4 visits, 3x the
-# demo's steps took "+aging" above copy: benchmarks/NEUROAR_LEVERS_DEMO.md); the baselines' autoencoder as long
-# as the tokenizer (after the demo's 300 steps it decoded at 15.8 dB in the brain against the tokenizer's 21.7,
-# which bounded the baselines' plain outputs); longer baselines (the StarGAN's generator, zero-initialised to the
-# identity, had barely moved after 300 steps: validation latent error 0.97x copy's on the elderly cohort's 180
-# pairs, 0.76x after 1000, 0.59x after 2000, while its loss weights changed that by under 0.03x); the LDM diffusing
-# the change from the earlier latent (`ldm.target=change`: one that has learnt little stays near the earlier scan,
-# where the paper's kind, diffusing the follow-up from noise, scattered far from it: docs/study.md); brain age over
-# 5 seeds with a regressor trained longer; and a fifth of the subjects held out for testing (30 of 150).
-STUDY = ["data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=750", "train_transformer.val_every=375",
-         "train_transformer.checkpoint_every=150", "train_autoencoder.steps=2400", "train_ldm.steps=600",
-         "ldm.target=change", "train_stargan.steps=2000", "brain_age.seeds=5", "brain_age.steps=300"]
+# The demo config with both baselines (the demo trains none) and the training more subjects carry: NeuroAR 750
+# steps (on 96 subjects x 4 visits, 3x the demo's steps took "+aging" above copy: benchmarks/NEUROAR_LEVERS_DEMO.md);
+# the baselines' autoencoder as long as the tokenizer (after the demo's 300 steps it decoded at 15.8 dB in the brain
+# against the tokenizer's 21.7, which bounded the baselines' plain outputs); longer baselines (the StarGAN's
+# generator, zero-initialised to the identity, had barely moved after 300 steps: validation latent error 0.97x
+# copy's on the elderly cohort's 180 pairs, 0.76x after 1000, 0.59x after 2000, while its loss weights changed that
+# by under 0.03x); the LDM diffusing the change from the earlier latent (`ldm.target=change`: one that has learnt
+# little stays near the earlier scan, where the paper's kind, diffusing the follow-up from noise, scattered far from
+# it: docs/study.md); brain age over 5 seeds with a regressor trained longer; and a fifth of the subjects held out
+# for testing (30 of 150).
+STUDY = ["baselines=[ldm,stargan]", "data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=750",
+         "train_transformer.val_every=375", "train_transformer.checkpoint_every=150", "train_autoencoder.steps=2400",
+         "train_ldm.steps=600", "ldm.target=change", "train_stargan.steps=2000", "brain_age.seeds=5",
+         "brain_age.steps=300"]
 CHANGE_REGION = {"elderly": "ventricles", "adolescent": "grey_matter"}  # where each cohort's aging shows most
 
 
@@ -84,8 +86,7 @@ def run_study(out_dir: str | Path = "runs/study", cohorts: Sequence[str] = tuple
         run_dir = out_dir / cohort
         config = load_config("demo", [f"seed={seed}", f"data.cache_dir={run_dir / 'cache'}", *STUDY, *overrides])
         options = SynthOptions(subjects=subjects, visits=visits, cohort=cohort, seed=seed)
-        _, timings = run_cohort(run_dir, config, options, variants(cohort), brain_age_baselines=True,
-                                 retrain=retrain)
+        _, timings = run_cohort(run_dir, config, options, variants(cohort), retrain=retrain)
         # Summed over the invocations that finished the cohort: a re-run that skips finished stages adds seconds.
         spent = _stage_seconds(run_dir)
         write_json(run_dir / "stage_seconds.json", {k: spent.get(k, 0.0) + v for k, v in timings.items()})

@@ -3,6 +3,7 @@ YAML, overrides, type checks). Import from here."""
 
 from neuroar.config.loading import CONFIG_DIR, DEMO_SCAN_CODING, config_from_dict, load_config, save_config
 from neuroar.config.schema import (
+                                   BASELINES,
                                    AutoencoderConfig,
                                    BaselineTrainingConfig,
                                    BrainAgeConfig,
@@ -19,7 +20,7 @@ from neuroar.config.schema import (
                                    TransformerTrainingConfig,
 )
 
-__all__ = ["CONFIG_DIR", "DEMO_SCAN_CODING", "AutoencoderConfig", "BaselineTrainingConfig", "BrainAgeConfig", "Config",
-           "DataConfig", "LDMConfig", "SamplingConfig", "Shape3", "StarGANConfig", "TokenizerConfig",
-           "TokenizerTrainingConfig", "TrainingConfig", "TransformerConfig", "TransformerTrainingConfig",
-           "config_from_dict", "load_config", "save_config"]
+__all__ = ["BASELINES", "CONFIG_DIR", "DEMO_SCAN_CODING", "AutoencoderConfig", "BaselineTrainingConfig",
+           "BrainAgeConfig", "Config", "DataConfig", "LDMConfig", "SamplingConfig", "Shape3", "StarGANConfig",
+           "TokenizerConfig", "TokenizerTrainingConfig", "TrainingConfig", "TransformerConfig",
+           "TransformerTrainingConfig", "config_from_dict", "load_config", "save_config"]

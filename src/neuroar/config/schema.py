@@ -12,6 +12,7 @@ from typing import Any, Literal, NoReturn
 
 Shape3 = tuple[int, int, int]
 Fail = Callable[[str, str], NoReturn]
+BASELINES = ("ldm", "stargan")  # the models NeuroAR is compared with, in the latent space of one autoencoder
 
 
 def _at_least_one(section: Any, key: str, names: tuple[str, ...], fail: Fail) -> None:
@@ -367,6 +368,9 @@ class Config:
     stargan: StarGANConfig = field(default_factory=StarGANConfig)
     train_stargan: BaselineTrainingConfig = field(default_factory=BaselineTrainingConfig)
     brain_age: BrainAgeConfig = field(default_factory=BrainAgeConfig)
+    # The baselines trained beside NeuroAR (and their autoencoder when any), evaluated and given to the brain-age
+    # experiment: the study trains both, the demo none (at its scale they show nothing: benchmarks/DEMO_BUDGET.md).
+    baselines: tuple[str, ...] = BASELINES
 
     @property
     def latent_shape(self) -> Shape3:
@@ -386,6 +390,9 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.check(f.name, fail)
+        for kind in self.baselines:
+            if kind not in BASELINES or self.baselines.count(kind) > 1:
+                fail("baselines", f"{list(self.baselines)} must name each of {', '.join(BASELINES)} at most once.")
         shape, tok, ae = self.data.shape, self.tokenizer, self.autoencoder
         if any(s % tok.downsample for s in shape):
             fail("data.shape", f"{shape} is not divisible by tokenizer.downsample={tok.downsample}; pick a shape "

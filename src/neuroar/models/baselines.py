@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from neuroar.config import Config
+from neuroar.config import BASELINES, Config
 from neuroar.errors import NeuroARError
 from neuroar.models.ldm import LatentDiffusion
 from neuroar.models.stargan import Discriminator, Generator
-
-BASELINES = ("ldm", "stargan")
 
 
 def build_baseline(kind: str, config: Config, age_centre: float = 70.0) -> dict[str, nn.Module]:
