@@ -98,7 +98,7 @@ def _write(results: dict, table: Path) -> None:
                   f"{result['pairs']} test pairs; copy: PSNR {copy['psnr_mean']:.2f}, ventricles error "
                   f"{copy['ventricles_change_mae']:.2f} mL, grey matter error {copy['grey_matter_change_mae']:.2f} mL. "
                   "Training seconds: " + ", ".join(f"seed {k} {v:.0f}" for k, v in result["train_seconds"].items())
-                  + ".", ""]
+                  + "." + (f" {result['note']}" if "note" in result else ""), ""]  # a note added to the json by hand
         rows = []
         for variant in VARIANTS:
             mine = frame[frame["variant"] == variant].sort_values("seed")
