@@ -1,3 +1,5 @@
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -9,13 +11,18 @@ from neuroar.config import DataConfig
 from neuroar.data import preprocess
 from neuroar.data.nifti import read_volume
 from neuroar.data.preprocess import (
+    PREPROCESS_VERSION,
+    cache_key,
+    denoise,
     load_preprocessed,
+    noise_sigma,
     preprocess_image,
     preprocess_scans,
     to_input_space,
     with_change_in_input_space,
 )
 from neuroar.errors import ConfigError, ImageError
+from neuroar.files import sha256_file, sha256_json
 
 SMALL = DataConfig(spacing=4.0, shape=(40, 48, 40))
 
@@ -128,6 +135,32 @@ def test_cache_is_reused_and_keyed_by_content_and_settings(tmp_path, monkeypatch
     other = preprocess_scans(scans, DataConfig(spacing=2.0, shape=(40, 48, 40), cache_dir=config.cache_dir),
                              progress=False)
     assert set(other["preprocessed"]).isdisjoint(first["preprocessed"])
+
+
+def test_denoising_removes_noise_keeps_edges_and_is_repeatable():
+    rng = np.random.default_rng(0)
+    clean = np.zeros((24, 28, 24), np.float32)
+    clean[4:20, 4:24, 4:20] = 0.4  # "grey matter" around a brighter core, inside a dark background
+    clean[8:16, 9:19, 8:16] = 0.8
+    noisy = np.clip(clean + rng.normal(0, 0.05, clean.shape), 0, 1).astype(np.float32)
+    inside = clean > 0
+    assert 0.035 < noise_sigma(noisy) < 0.065  # the level it was given, from the volume alone
+    denoised = denoise(noisy)
+    assert np.abs(denoised - clean)[inside].mean() < 0.5 * np.abs(noisy - clean)[inside].mean()
+    edge = denoised[12, 14, 17] - denoised[12, 14, 15]  # one voxel across the core's boundary each side
+    assert edge < -0.3  # the step of 0.4 stays a step, not a ramp
+    assert np.array_equal(denoised, denoise(noisy))  # the same scan, the same tokens
+    assert np.array_equal(denoise(clean), clean)  # nothing to remove: nothing changes
+
+
+def test_denoising_has_its_own_cache_key_and_leaves_the_others_as_they_were(tmp_path):
+    path = write_nifti(tmp_path / "a.nii.gz", blob_volume())
+    plain = cache_key(path, SMALL)
+    assert cache_key(path, dataclasses.replace(SMALL, denoise=True)) != plain
+    # A run preprocessed before the setting existed keeps its cache (and so its models' data fingerprint).
+    settings = {k: v for k, v in dataclasses.asdict(SMALL).items()
+                if k not in ("cache_dir", "split_fractions", "denoise")}
+    assert plain == sha256_json({"file": sha256_file(path), "settings": settings, "version": PREPROCESS_VERSION})
 
 
 def test_failed_scans_are_reported_with_their_rows(tmp_path):

@@ -36,6 +36,9 @@ class DataConfig:
     # Raw scanner T1w (a head, a bias field, any pose): N4 bias correction, skull stripping (deepbet), then the
     # affine registration whatever `register` says (needs the `raw` extra).
     raw: bool = False
+    # Non-local means denoising on the model's grid (as CAT12 denoises by default): the two visits' independent
+    # noise then stops filling the change tokens with what no model can predict (benchmarks/DEMO_BUDGET.md).
+    denoise: bool = False
     cache_dir: str = "cache"  # preprocessed volumes, keyed by input content and this section
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train/val/test, by subject
 
