@@ -106,7 +106,9 @@ def _write(results: dict, table: Path) -> None:
              "numbers in results/change_neuroar.json. Test pairs of the demo's run; per region r with the true change, "
              "error (mL, mean absolute) and carried (mean predicted / mean true change). Copy has r undefined and "
              "carries 0 %: a model must beat its error. train s: NeuroAR's training, wall seconds where it ran (the "
-             "first rows of 250 steps ran on one thread each, two at once; the others on two threads alone). T: the "
+             "first rows of 250 steps ran on one thread each, two at once; from demo-lw64 on beside other jobs; the "
+             "others on two threads alone). A row's copy and oracle are its own run's: the demo-lw64 rows and after "
+             "come from a later `neuroar demo` on another machine, the denoised rows score denoised follow-ups. T: the "
              "sampling temperature (rows before it was a column: 0.5, then the default); a row \"(model of OLD)\" "
              "scores the model of row OLD again with other sampling settings. split: the pairs scored "
              "(val: 42 pairs of other subjects, for choosing settings without looking at the test pairs).", ""]

@@ -9,9 +9,9 @@ OUT gets RUN's config, scans.csv and pairs.csv (their cached paths moved to OUT'
 preprocessed scans, each denoised in place by adaptive non-local means (ANTs DenoiseImage, Rician noise; Manjon et
 al. 2010, the filter CAT12 applies by default), two scans at a time. Models are not copied: train them in OUT. The
 truth of every pair is then the denoised later scan, so copy's and the oracle's scores change with it.
-Not a preprocessing option yet: with several ITK threads the filter returned the same scan different in the
-last bits from run to run (ITK reads its thread count once per process), and the same scan must give the same
-tokens on every path.
+The preprocessing option `data.denoise` uses scikit-image's non-local means instead: ANTs' filter is not
+reproducible (two denoisings of the demo's scans by it differed by up to 0.05 in a voxel), and the same scan must
+give the same tokens on every path. This script keeps the filter that row denoised-b4 of CHANGE_NEUROAR.md measured.
 """
 
 from __future__ import annotations

@@ -212,9 +212,9 @@ def _write(results: dict, args: argparse.Namespace) -> None:
              "the true change; PSNR: tokenizer-copy in the brain; unquantized: the same oracle from the continuous "
              "latents, what the design's encoder and decoder carry (carried, r); train s: the wall seconds of its "
              "training where it "
-             "ran (compare them within one table only; change-twice-shortcut-dz1-750-lr3 trained beside another "
-             "job). Learning rate: the demo config's of the time, 0.001, for every row but the one that names "
-             "train_tokenizer.lr=0.003 (the demo's since).", "",
+             "ran (compare them within one table only; change-twice-shortcut-dz1-750-lr3 and the rows after it "
+             "trained beside other jobs). Learning rate: the demo config's of the time, 0.001, for every row but "
+             "those that name train_tokenizer.lr=0.003 (the demo's since).", "",
              ""]
     rows = [[row["name"], row["design"], "x".join(map(str, row["latent"])), f"{row['tokens']:,}", row["steps"],
              f"{row['train_seconds']:.0f}", f"{row['psnr_brain']:.2f}", f"{row['ventricles_r']:.2f}",
