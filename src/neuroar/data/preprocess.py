@@ -94,7 +94,7 @@ def preprocess_image(img: nib.Nifti1Image, config: DataConfig) -> tuple[np.ndarr
 def denoise(volume_DHW: np.ndarray) -> np.ndarray:
     """Non-local means (scikit-image, 3x3x3 patches searched within 3 voxels) of a [0, 1] volume, with the noise
     level estimated from the volume itself: deterministic, so the same scan gives the same tokens on every path
-    (ANTs' adaptive filter differed in the last bits from run to run over several threads)."""
+    (ANTs' adaptive filter, run over several threads, gave the same scan back differently from run to run)."""
     sigma = noise_sigma(volume_DHW)
     if sigma == 0:
         return volume_DHW
