@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val", help="the pairs scored (default: val)")
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "CHANGE_REGRESSION.md")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch < 1:
+        parser.error("--steps and --batch must be at least 1")
     torch.manual_seed(0)
     config = load_config(args.run / "config.yaml")
     predictor = Predictor.from_checkpoint(args.run)
