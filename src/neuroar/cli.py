@@ -188,7 +188,8 @@ def _parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("study", help="the paper's study on an elderly and an adolescent synthetic cohort")
     study.add_argument("--out", type=Path, default=Path("runs/study"))
-    study.add_argument("--cohorts", nargs="+", choices=["elderly", "adolescent"], default=["elderly", "adolescent"])
+    # No argparse `choices`: they would refuse the overrides that follow the cohorts (`--cohorts elderly seed=1`).
+    study.add_argument("--cohorts", nargs="+", default=["elderly", "adolescent"], metavar="{elderly,adolescent}")
     study.add_argument("--subjects", type=int, default=150, help="per cohort")
     study.add_argument("--visits", type=int, default=4)
     study.add_argument("--seed", type=int, default=0)
@@ -332,10 +333,15 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _study(args: argparse.Namespace) -> None:
-    from neuroar.study import run_study
+    from neuroar.study import CHANGE_REGION, run_study
 
-    print(run_study(args.out, args.cohorts, args.subjects, args.visits, args.seed, args.overrides,
-                    args.retrain).read_text())
+    # The list option takes the overrides that follow it; hand them back.
+    cohorts = [value for value in args.cohorts if "=" not in value]
+    overrides = [*args.overrides, *(value for value in args.cohorts if "=" in value)]
+    unknown = sorted(set(cohorts) - set(CHANGE_REGION))
+    if unknown or not cohorts:
+        raise NeuroARError(f"--cohorts takes {' and/or '.join(CHANGE_REGION)}, not {', '.join(unknown) or 'none'}")
+    print(run_study(args.out, cohorts, args.subjects, args.visits, args.seed, overrides, args.retrain).read_text())
 
 
 if __name__ == "__main__":
