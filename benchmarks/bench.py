@@ -175,6 +175,36 @@ def case_ldm_predict(repeats: int, samples: int = 4) -> dict:
             "peak_mb": peak}
 
 
+def case_baseline_scans(repeats: int, scans: int = 32, batch: int = 16) -> dict:
+    """The brain-age experiment's synthetic scans from a baseline (the demo config's LDM and StarGAN, as the study
+    trains them): `scans` scans, one sample and one target age each, one at a time against `batch` at a time
+    (`Predictor.predict_scans`); the same numbers either way (the largest difference is reported)."""
+    import numpy as np
+
+    from neuroar.config import load_config
+    from neuroar.models.autoencoder import build_autoencoder
+    from neuroar.models.baselines import build_baseline
+    from neuroar.predict import LatentPredictor
+
+    config = load_config("demo", ["ldm.target=change"])
+    torch.manual_seed(0)
+    volumes = list(np.random.default_rng(0).random((scans, *config.data.shape), dtype=np.float32))
+    ages, targets, seeds = [70.0] * scans, [[72.0]] * scans, list(range(scans))
+    result = {"scans": scans, "batch": batch, "ddim_steps": config.ldm.ddim_steps}
+    for kind in ("ldm", "stargan"):
+        predictor = LatentPredictor(config, kind, build_autoencoder(config.autoencoder),
+                                    build_baseline(kind, config)["model"], 1.0, _device())
+        outputs = {}
+        for size, key in ((1, f"{kind}_one_by_one_s"), (batch, f"{kind}_batched_s")):
+            def predict(size=size, predictor=predictor, outputs=outputs):
+                outputs[size] = predictor.predict_scans(volumes, ages, targets, samples=1, seeds=seeds, batch=size)
+
+            result[key] = _timed(predict, max(1, repeats - 1))
+        result[f"{kind}_largest_difference"] = max(float(np.abs(a[0][0] - b[0][0]).max())
+                                                   for a, b in zip(outputs[1], outputs[batch]))
+    return result
+
+
 def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
     """Training steps per second on cached tokens vs tokenizing both scans of each pair on the fly."""
     from neuroar.models.transformer import earlier_scale_features, flatten, teacher_forcing_sequence
@@ -264,6 +294,7 @@ CASES = {
     "neuroar_predict_5_scales": lambda r: case_neuroar_predict(5, r),
     "neuroar_predict_7_scales": lambda r: case_neuroar_predict(7, r),
     "ldm_predict": lambda r: case_ldm_predict(r),
+    "baseline_scans": lambda r: case_baseline_scans(r),
     "neuroar_training": lambda r: case_neuroar_training(r),
     "neuroar_attention": lambda r: case_neuroar_attention(r),
     "raw_preprocessing_2mm": lambda r: case_raw_preprocessing(2),
@@ -392,6 +423,16 @@ def results_markdown(machine: dict, results: dict) -> str:
               f"{get(attention, 'masked_s'):.3f} |",
               f"| scale by scale, no mask (shipped) | {get(attention, 'scale_by_scale_s'):.3f} "
               f"({get(attention, 'masked_s') / get(attention, 'scale_by_scale_s'):.2f}x faster) |", ""]
+    scans = results.get("baseline_scans", {})
+    lines += [f"## Baselines' predictions of {scans.get('scans', '?')} scans (brain age's synthetic scans: one "
+              "sample, one target age each; demo config)", "",
+              "| model | one scan at a time (s) | "
+              f"{scans.get('batch', '?')} at a time (s) | speed-up | largest difference |", "|---|---|---|---|---|"]
+    for kind, name in (("ldm", f"LDM, {scans.get('ddim_steps', '?')} DDIM steps"), ("stargan", "latent StarGAN")):
+        one, batched = get("baseline_scans", f"{kind}_one_by_one_s"), get("baseline_scans", f"{kind}_batched_s")
+        lines.append(f"| {name} | {one:.2f} | {batched:.2f} | {one / batched:.1f}x | "
+                     f"{get('baseline_scans', f'{kind}_largest_difference'):.1e} |")
+    lines.append("")
     lines += ["## Raw scans: seconds per step (`preprocess` with data.raw=true, one synthetic raw scan)", "",
               "Accuracy against the truth (Dice, pose, volumes): `benchmarks/RAW_PREPROCESSING.md`.", "",
               "| scan | voxels | N4 | skull stripping (deepbet) | affine registration (ANTs) |",

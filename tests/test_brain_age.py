@@ -120,6 +120,10 @@ class EncodingPredictor:
                            "seed": seed})
         return [(volume_DHW + t / 100, np.zeros_like(volume_DHW), 1 - volume_DHW + t / 100) for t in target_ages]
 
+    def predict_scans(self, volumes_DHW, ages, target_ages, samples, seeds, diagnoses, batch):
+        return [self.predict_preprocessed(*args, samples, seed) for *args, seed in
+                zip(volumes_DHW, ages, target_ages, seeds)]
+
 
 @pytest.mark.parametrize("output", ["detail", "decoded"])
 def test_the_synthetic_scans_are_the_chosen_output_of_the_models_prediction(run_with_models, tmp_path, output,

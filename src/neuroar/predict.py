@@ -103,7 +103,6 @@ class Predictor:
                 mean, std, detail))
         return results
 
-    @torch.no_grad()
     def predict_preprocessed(self, volume_DHW: np.ndarray, age: float, target_ages: Sequence[float],
                              samples: int | None = None, seed: int = 0, diagnosis: str | None = None
                              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -112,25 +111,48 @@ class Predictor:
         Every target age draws its samples from the same random numbers (the generator restarts at `seed`), so
         a trajectory over several ages differs from age to age by what the ages change, not by fresh sampling
         noise: predicting [71, 74] gives at 74 exactly what predicting [74] gives."""
-        x = torch.from_numpy(np.ascontiguousarray(volume_DHW, dtype=np.float32))[None, None].to(self.device)
-        generator = torch.Generator(self.device)
-        earlier_decoded, per_age = self.decoded_samples(x, age, target_ages, samples or self.config.sampling.samples,
-                                                        lambda: generator.manual_seed(seed), diagnosis)
-        outputs = []
-        for mean, decoded_SDHW in per_age:
-            outputs.append((mean, decoded_SDHW.std(0), with_change(volume_DHW, mean, earlier_decoded)))
-        return outputs
+        return self.predict_scans([volume_DHW], [age], [target_ages], samples, [seed], [diagnosis])[0]
 
-    def decoded_samples(self, x: torch.Tensor, age: float, target_ages: Sequence[float], samples: int,
-                        generator: Callable[[], torch.Generator], diagnosis: str | None = None
-                        ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        """The earlier scan (1, 1, D, H, W) through the model's own encoder and decoder (D, H, W), and per
-        target age the prediction (D, H, W) with the `samples` decoded follow-ups (S, D, H, W) it combines,
-        clamped to [0, 1]. `generator()` gives the (restarted) random generator for each target age."""
+    @torch.no_grad()
+    def predict_scans(self, volumes_DHW: Sequence[np.ndarray], ages: Sequence[float],
+                      target_ages: Sequence[Sequence[float]], samples: int | None = None,
+                      seeds: Sequence[int] | None = None, diagnoses: Sequence[str | None] | None = None,
+                      batch: int = 16) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """`predict_preprocessed` of every scan i (its age, target ages, seed and diagnosis the i-th of each),
+        `batch` scans at a time where the model can batch scans (the baselines; NeuroAR goes scan by scan): each
+        scan's numbers are those of its own call, to float rounding, whatever the batch."""
+        samples = samples or self.config.sampling.samples
+        seeds = list(seeds) if seeds is not None else [0] * len(volumes_DHW)
+        diagnoses = list(diagnoses) if diagnoses is not None else [None] * len(volumes_DHW)
+        results = []
+        for start in range(0, len(volumes_DHW), batch):
+            chunk = slice(start, start + batch)
+            x_B1DHW = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in volumes_DHW[chunk]])
+                                       )[:, None].to(self.device)
+            decoded = self.decoded_batch(x_B1DHW, ages[chunk], target_ages[chunk], samples,
+                                         [self._restarting(seed) for seed in seeds[chunk]], diagnoses[chunk])
+            for volume_DHW, (earlier_decoded, per_age) in zip(volumes_DHW[chunk], decoded):
+                results.append([(mean, decoded_SDHW.std(0), with_change(volume_DHW, mean, earlier_decoded))
+                                for mean, decoded_SDHW in per_age])
+        return results
+
+    def decoded_batch(self, x_B1DHW: torch.Tensor, ages: Sequence[float], target_ages: Sequence[Sequence[float]],
+                      samples: int, generators: Sequence[Callable[[], torch.Generator]],
+                      diagnoses: Sequence[str | None]) -> list[tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]]:
+        """Per scan of the batch (B, 1, D, H, W): the scan through the model's own encoder and decoder (D, H, W),
+        and per target age the prediction (D, H, W) with the `samples` decoded follow-ups (S, D, H, W) it
+        combines, clamped to [0, 1]. `generators[i]()` gives scan i's random generator, restarted (at every
+        target age)."""
         raise NotImplementedError
 
-    def _ages(self, age: float, samples: int) -> torch.Tensor:
-        return torch.full((samples,), float(age), device=self.device)
+    def _restarting(self, seed: int) -> Callable[[], torch.Generator]:
+        generator = torch.Generator(self.device)
+        return lambda: generator.manual_seed(seed)
+
+    def _ages(self, ages: float | Sequence[float], samples: int) -> torch.Tensor:
+        """Each age `samples` times in a row: (len(ages) * samples,), or (samples,) for one age."""
+        ages_B = torch.tensor(np.atleast_1d(np.asarray(ages, dtype=np.float32)))
+        return ages_B.repeat_interleave(samples).to(self.device)
 
 
 class NeuroARPredictor(Predictor):
@@ -151,7 +173,12 @@ class NeuroARPredictor(Predictor):
         load_checkpoint(stem, {"model": model})
         return cls(config, load_tokenizer(run_dir, config), model, device)
 
-    def decoded_samples(self, x, age, target_ages, samples, generator, diagnosis=None):
+    def decoded_batch(self, x_B1DHW, ages, target_ages, samples, generators, diagnoses):
+        # Scan by scan: each sampling step draws every scan's tokens from one generator.
+        return [self._decoded_scan(x_B1DHW[i:i + 1], *args)
+                for i, args in enumerate(zip(ages, target_ages, [samples] * len(ages), generators, diagnoses))]
+
+    def _decoded_scan(self, x, age, target_ages, samples, generator, diagnosis):
         diagnosis_S = self.model.diagnosis_ids([diagnosis]).to(self.device).expand(samples)
         f_earlier = self.tokenizer.latent_scan(x)
         unchanged = self.tokenizer.unchanged_tokens(f_earlier)
@@ -197,19 +224,28 @@ class LatentPredictor(Predictor):
         return cls(config, meta["model"], load_autoencoder(run_dir, config), model, float(meta["latent_scale"]),
                    device)
 
-    def decoded_samples(self, x, age, target_ages, samples, generator, diagnosis=None):
+    def decoded_batch(self, x_B1DHW, ages, target_ages, samples, generators, diagnoses):
         if self.kind == "stargan":
             samples = 1  # deterministic: every sample would be this one
-        latent = self.autoencoder.encode_scan(x)
-        earlier_decoded = self.autoencoder.decode(latent)[0, 0].clamp(0, 1).cpu().numpy()
-        latent_S = (latent * self.latent_scale).expand(samples, -1, -1, -1, -1)
+        latent_BCdhw = self.autoencoder.encode_scan(x_B1DHW)
+        earlier_decoded = self.autoencoder.decode(latent_BCdhw)[:, 0].clamp(0, 1).cpu().numpy()
+        # Scan i's samples are rows i*S..(i+1)*S-1; each scan's starting noise comes from its own generator, the
+        # numbers a batch of one draws (the LDM's DDIM sampling is deterministic from there).
+        latent_NCdhw = (latent_BCdhw * self.latent_scale).repeat_interleave(samples, 0)
+        noise_NCdhw = None
+        if self.kind == "ldm":
+            noise_NCdhw = torch.cat([torch.randn((samples, *latent_BCdhw.shape[1:]), generator=generator(),
+                                                 device=self.device) for generator in generators])
+        if len({len(t) for t in target_ages}) > 1:
+            raise NeuroARError("a batch of scans needs the same number of target ages for each scan.")
         per_age = []
-        for target_age in target_ages:
-            predicted = predict_latent(self.kind, self.model, latent_S, self._ages(age, samples),
-                                       self._ages(target_age, samples), generator())
+        for k in range(len(target_ages[0])):
+            predicted = predict_latent(self.kind, self.model, latent_NCdhw, self._ages(ages, samples),
+                                       self._ages([t[k] for t in target_ages], samples), noise_NCdhw)
             decoded = self.autoencoder.decode(predicted / self.latent_scale)[:, 0].clamp(0, 1).cpu().numpy()
-            per_age.append((decoded.mean(0), decoded))
-        return earlier_decoded, per_age
+            per_age.append(decoded.reshape(len(ages), samples, *decoded.shape[1:]))
+        return [(earlier_decoded[i], [(decoded_BSDHW[i].mean(0), decoded_BSDHW[i]) for decoded_BSDHW in per_age])
+                for i in range(len(ages))]
 
 
 def write_predictions(checkpoint: str | Path, image: str | Path, age: float, target_ages: Sequence[float],

@@ -23,8 +23,9 @@ def build_baseline(kind: str, config: Config, age_centre: float = 70.0) -> dict[
 
 
 def predict_latent(kind: str, model: nn.Module, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor,
-                   target_age_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Follow-up latents (scaled) of a trained baseline's "model" module."""
+                   target_age_B: torch.Tensor, noise_BCDHW: torch.Tensor | None = None) -> torch.Tensor:
+    """Follow-up latents (scaled) of a trained baseline's "model" module; the LDM starts from `noise_BCDHW`
+    (default: fresh Gaussian noise)."""
     if kind == "ldm":
-        return model.sample(earlier_BCDHW, earlier_age_B, target_age_B, generator)
+        return model.sample(earlier_BCDHW, earlier_age_B, target_age_B, noise_BCDHW)
     return model(earlier_BCDHW, earlier_age_B, target_age_B)

@@ -65,10 +65,11 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, earlier_BCDHW: torch.Tensor, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor,
-               generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
-        """Follow-up latents by deterministic DDIM (eta 0) from seeded noise, `ldm.ddim_steps` U-Net passes."""
+               noise_BCDHW: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
+        """Follow-up latents by deterministic DDIM (eta 0) from `noise_BCDHW` (default: fresh Gaussian noise),
+        `ldm.ddim_steps` U-Net passes."""
         self.scheduler.set_timesteps(steps or self.config.ddim_steps, device=earlier_BCDHW.device)
-        x = torch.randn(earlier_BCDHW.shape, generator=generator, device=earlier_BCDHW.device)
+        x = torch.randn_like(earlier_BCDHW) if noise_BCDHW is None else noise_BCDHW
         for t in self.scheduler.timesteps:
             t_B = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
             prediction = self.denoise(x, earlier_BCDHW, t_B, earlier_age_B, target_age_B).float()

@@ -92,8 +92,8 @@ def validate_baseline(kind: str, model: nn.Module, latents_NCDHW: torch.Tensor, 
     error of copying the earlier latent."""
     model.eval()
     batch = _latent_batch(latents_NCDHW, pairs, list(range(min(limit, len(pairs)))), device)
-    predicted = predict_latent(kind, model, batch["earlier"], batch["earlier_age"], batch["target_age"],
-                               torch.Generator(device).manual_seed(seed))
+    noise = torch.randn(batch["earlier"].shape, generator=torch.Generator(device).manual_seed(seed), device=device)
+    predicted = predict_latent(kind, model, batch["earlier"], batch["earlier_age"], batch["target_age"], noise)
     return {"latent_mse": F.mse_loss(predicted, batch["later"]).item(),
             "copy_latent_mse": F.mse_loss(batch["earlier"], batch["later"]).item()}
 
