@@ -16,6 +16,7 @@ TensorBoard.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +150,8 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     model = build_transformer(config).to(device)
     for pairs in (train_pairs, val_pairs):
         pairs["diagnosis_id"] = model.diagnosis_ids(list(pairs.get("diagnosis", [""] * len(pairs)))).numpy()
-    model.init_copy_logits(copy_rates(model, sequences, train_pairs))
+    rates, log_priors = token_statistics(model, sequences, train_pairs)
+    model.init_copy_logits(rates)
     model.activation_checkpointing = settings.activation_checkpointing
     optimizer = torch.optim.AdamW(model.parameter_groups(settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     checkpoint = model_checkpoint(run_dir, name)
@@ -185,7 +187,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     return run_steps(run_dir, name, config, "train_transformer", checkpoint, {"model": model},
                      {"model": optimizer}, train_step,
                      lambda: evaluate_teacher_forced(model, sequences, val_pairs if len(val_pairs) else train_pairs,
-                                                     device), ctx,
+                                                     device, log_priors=log_priors), ctx,
                      {**data_fingerprint(run_dir), "tokens": token_path(run_dir).stem},
                      "val" if len(val_pairs) else "train", retrain,
                      meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
@@ -205,22 +207,33 @@ def zero_gap_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
                                 earlier_index=scans["index"], later_index=scans["index"])
 
 
-def copy_rates(model: NeuroAR, sequences: ScanSequences | ChangeSequences, pairs: pd.DataFrame, chunk: int = 64
-               ) -> list[float]:
-    """Per scale, the share of the targets' tokens equal to the unchanged ones (the earlier scan's, or those of
-    no change) over the given pairs."""
-    equal = []
+def token_statistics(model: NeuroAR, sequences: ScanSequences | ChangeSequences, pairs: pd.DataFrame,
+                     chunk: int = 64) -> tuple[list[float], list[torch.Tensor]]:
+    """Per scale, over the given pairs' targets: the share of tokens equal to the unchanged ones (the earlier
+    scan's, or those of no change), and the log-frequency of each code (V,), add-one smoothed: the token
+    distribution of a model that reads nothing of the pair."""
+    equal, targets = [], []
     for start in range(0, len(pairs), chunk):
         batch = sequences.batch(pairs, list(range(start, min(start + chunk, len(pairs)))), torch.device("cpu"))
         equal.append((batch["earlier_tokens"] == batch["tokens"]).float())
-    equal_NL = torch.cat(equal)
-    return [equal_NL[:, start:start + length].mean().item() for start, length in zip(model.starts, model.lengths)]
+        targets.append(batch["tokens"])
+    equal_NL, targets_NL = torch.cat(equal), torch.cat(targets)
+    copy, log_priors = [], []
+    for start, length in zip(model.starts, model.lengths):
+        copy.append(equal_NL[:, start:start + length].mean().item())
+        counts_V = torch.bincount(targets_NL[:, start:start + length].flatten(), minlength=model.head.out_features) + 1
+        log_priors.append((counts_V / counts_V.sum()).log())
+    return copy, log_priors
 
 
 def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor,
-                      earlier_tokens_BL: torch.Tensor) -> dict[str, float]:
+                      earlier_tokens_BL: torch.Tensor, log_priors: Sequence[torch.Tensor] | None = None
+                      ) -> dict[str, float]:
     """Cross-entropy and top-1 accuracy of the teacher-forced predictions, in total and per scale, beside the
-    accuracy of copying the earlier scan's tokens (the bar a model must clear)."""
+    accuracy of copying the earlier scan's tokens (the bar a model must clear) and, given the training targets'
+    code frequencies (`token_statistics`), their cross-entropy per scale (`scaleK_prior_loss`): where most tokens
+    are kept, top-1 accuracy cannot tell a model from copy, but a cross-entropy under the frequencies' is what
+    it learnt of the pair (where the tokens change, and to what)."""
     loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), tokens_BL, reduction="none")
     correct_BL = (logits_BLV.argmax(-1) == tokens_BL).float()
     copied_BL = (earlier_tokens_BL == tokens_BL).float()
@@ -229,6 +242,9 @@ def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch
         metrics[f"scale{k}_loss"] = loss_BL[:, start:start + length].mean().item()
         metrics[f"scale{k}_accuracy"] = correct_BL[:, start:start + length].mean().item()
         metrics[f"scale{k}_copy_accuracy"] = copied_BL[:, start:start + length].mean().item()
+        if log_priors is not None:
+            prior_loss_BL = -log_priors[k].to(tokens_BL.device)[tokens_BL[:, start:start + length]]
+            metrics[f"scale{k}_prior_loss"] = prior_loss_BL.mean().item()
     return metrics
 
 
@@ -242,7 +258,8 @@ def gains_over_copy(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.T
 
 @torch.no_grad()
 def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences | ChangeSequences, pairs: pd.DataFrame,
-                            device: torch.device, chunk: int = 8) -> dict[str, float]:
+                            device: torch.device, chunk: int = 8, log_priors: Sequence[torch.Tensor] | None = None
+                            ) -> dict[str, float]:
     """Teacher-forced loss and accuracies over the given pairs (ages always given), and per scale the standard
     error of the gain over copy (`scaleK_gain_se`, over pairs: the tokens of one pair are not independent), so
     that "above copy" can be told from noise: a gain within two standard errors of 0 is not a gain."""
@@ -255,7 +272,7 @@ def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences | ChangeSeq
         logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"], batch["earlier_age"],
                        batch["target_age"], diagnosis_B=batch["diagnosis"])
         values = {"loss": F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten()).item(),
-                  **per_scale_metrics(model, logits, batch["tokens"], batch["earlier_tokens"])}
+                  **per_scale_metrics(model, logits, batch["tokens"], batch["earlier_tokens"], log_priors)}
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value * len(rows) / len(pairs)
         gains.append(gains_over_copy(model, logits, batch["tokens"], batch["earlier_tokens"]).cpu())
