@@ -317,7 +317,13 @@ def main() -> None:
         print(json.dumps(CASES[args.case](args.repeats)))
         return
     # With --only, the other cases keep their last measured numbers (and the file says which machine made them).
-    results = json.loads(RESULTS_JSON.read_text())["results"] if args.only and RESULTS_JSON.is_file() else {}
+    saved = json.loads(RESULTS_JSON.read_text()) if args.only and RESULTS_JSON.is_file() else {}
+    results = saved.get("results", {})
+    for case in results.values():  # kept numbers say where and when they were measured
+        case.setdefault("measured", f"{saved['machine']['platform']}, {saved['machine'].get('date', '?')}")
+    machine = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "cpu_cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d")}
     for name in args.only or CASES:
         print(f"== {name}", flush=True)
         done = subprocess.run([sys.executable, __file__, "--case", name, "--repeats", str(args.repeats)],
@@ -326,10 +332,8 @@ def main() -> None:
             results[name] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
         else:
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[name]["measured"] = f"{machine['platform']}, {machine['date']}"
         print(json.dumps(results[name]), flush=True)
-    machine = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "cpu_cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d")}
     RESULTS_JSON.parent.mkdir(exist_ok=True)
     RESULTS_JSON.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     RESULTS_MD.write_text(results_markdown(machine, results))
@@ -358,7 +362,9 @@ def results_markdown(machine: dict, results: dict) -> str:
              f"`make bench` on {machine['device']} ({machine['cpu_cores']} CPU cores, {machine['platform']}, "
              f"torch {machine['torch']}), {machine['date']}. Random weights; best of a few repeats after a warm-up; "
              "each case in its own process. Memory: peak resident memory the case added on a CPU, peak CUDA "
-             "allocation on a GPU. Raw numbers: `benchmarks/results/bench.json`.", "",
+             "allocation on a GPU. Raw numbers: `benchmarks/results/bench.json`."
+             + (" Some cases' numbers come from earlier runs on other machines: see the last section."
+                if len({v.get("measured") for v in results.values()}) > 1 else ""), "",
              "## Targets", "", "| target | measured | |", "|---|---|---|",
              f"| NeuroAR prediction >= 20x faster than the LDM with 50 DDIM steps (sampling and decoding) | "
              f"{speed:.1f}x | {verdict(speed, 20)} |",
@@ -443,6 +449,12 @@ def results_markdown(machine: dict, results: dict) -> str:
                      + " | ".join(f"{case.get(k, float('nan')):.1f} s" for k in ("seconds_n4", "seconds_skull_strip",
                                                                                "seconds_register")) + " |")
     lines.append("")
+    measured: dict[str, list[str]] = {}
+    for case, values in results.items():
+        measured.setdefault(values.get("measured", "?"), []).append(case)
+    if len(measured) > 1:
+        lines += ["## Where each case was measured (`--only` keeps the other cases' numbers)", "",
+                  *[f"- {where}: {', '.join(cases)}" for where, cases in measured.items()], ""]
     errors = {k: v["error"] for k, v in results.items() if "error" in v}
     if errors:
         lines += ["## Cases that failed", "", *[f"- {k}: {v}" for k, v in errors.items()], ""]
