@@ -1,4 +1,4 @@
-"""The floor plan in README.md ("Layout") is the import graph: no module imports from a floor above its own."""
+"""The floor plan in docs/api.md ("Code layout") is the import graph: no module imports from a floor above its own."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ PACKAGE = ROOT / "src" / "neuroar"
 
 
 def floors() -> dict[str, int]:
-    """Top-level module or folder of the package -> its floor, from the README's numbered list."""
-    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    """Top-level module or folder of the package -> its floor, from the code layout's numbered list."""
+    layout = (ROOT / "docs" / "api.md").read_text().split("## Code layout", 1)[1].split("\n## ", 1)[0]
     result = {}
     for number, names in re.findall(r"^(\d+)\. (.*)$", layout, flags=re.M):
         for name in re.findall(r"`([\w.]+)`", names.split(":")[0]):
@@ -43,7 +43,7 @@ def violations(floor: dict[str, int]) -> list[str]:
         relative = path.relative_to(PACKAGE)
         own = relative.parts[0].removesuffix(".py")
         if own not in floor:
-            problems.append(f"{relative}: not on any floor of the README's layout")
+            problems.append(f"{relative}: not on any floor of docs/api.md's code layout")
             continue
         for line, module in imports(path):
             other = top_level(module)
