@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -135,6 +136,22 @@ def test_cache_is_reused_and_keyed_by_content_and_settings(tmp_path, monkeypatch
     other = preprocess_scans(scans, DataConfig(spacing=2.0, shape=(40, 48, 40), cache_dir=config.cache_dir),
                              progress=False)
     assert set(other["preprocessed"]).isdisjoint(first["preprocessed"])
+
+
+def test_scans_preprocessed_in_parallel_equal_one_by_one_in_the_manifests_order(tmp_path):
+    paths = [write_nifti(tmp_path / f"s{i}.nii.gz", blob_volume(seed=i)) for i in range(4)]
+    scans = pd.DataFrame({"subject_id": list("abcd"), "session_id": ["1"] * 4, "path": [str(p) for p in paths]})
+    one = preprocess_scans(scans, dataclasses.replace(SMALL, cache_dir=str(tmp_path / "one")), False, workers=1)
+    two = preprocess_scans(scans, dataclasses.replace(SMALL, cache_dir=str(tmp_path / "two")), False, workers=2)
+    for serial, parallel in zip(one["preprocessed"], two["preprocessed"]):
+        assert Path(serial).name == Path(parallel).name  # the same scan's cache key, row by row
+        assert np.array_equal(load_preprocessed(serial)[0], load_preprocessed(parallel)[0])
+    bad = blob_volume()
+    bad[0, 0, 0] = np.nan
+    with_bad = pd.concat([scans, pd.DataFrame({"subject_id": ["e"], "session_id": ["9"],
+                                               "path": [str(write_nifti(tmp_path / "nan.nii.gz", bad))]})])
+    with pytest.raises(ImageError, match=r"1 scan\(s\).*\n  subject e session 9: .*NaN"):
+        preprocess_scans(with_bad, dataclasses.replace(SMALL, cache_dir=str(tmp_path / "three")), False, workers=2)
 
 
 def test_denoising_removes_noise_keeps_edges_and_is_repeatable():

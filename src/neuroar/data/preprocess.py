@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,18 +231,41 @@ def load_preprocessed(path: str | Path) -> tuple[np.ndarray, PreprocessRecord]:
     return np.asarray(nib.load(path).dataobj, dtype=np.float32), record
 
 
-def preprocess_scans(scans: pd.DataFrame, config: DataConfig, progress: bool = True) -> pd.DataFrame:
+def preprocess_scans(scans: pd.DataFrame, config: DataConfig, progress: bool = True, workers: int = 0
+                     ) -> pd.DataFrame:
     """Preprocess every scan of a manifest; returns it with a `preprocessed` column of cached paths.
 
-    All unreadable or invalid images are reported together, each with its manifest row.
+    Scans are preprocessed in `workers` processes (0: one per CPU core), as `neuroar synth` makes subjects: each
+    scan is its own work, and denoising or the raw path's registration keep a core busy per scan. All unreadable
+    or invalid images are reported together, each with its manifest row.
     """
-    paths, problems = [], []
-    for row in Progress(scans.itertuples(), total=len(scans), desc="preprocess", unit="scan", enabled=progress):
-        try:
-            paths.append(str(preprocess_file(row.path, config)))
-        except ImageError as err:
-            problems.append(f"subject {row.subject_id} session {row.session_id}: {err}")
-            paths.append("")
+    rows = list(scans.itertuples())
+    workers = min(workers or os.cpu_count() or 1, len(rows))
+    outcomes: list[tuple[str, str | None]] = []
+    with Progress(total=len(rows), desc="preprocess", unit="scan", enabled=progress) as bar:
+        if workers <= 1:
+            for row in rows:
+                outcomes.append(_preprocess_or_problem(row.path, config))
+                bar.update()
+        else:
+            # As in synth/cohort.py: fork (Linux), one torch thread per worker (the workers fill the cores, and a
+            # forked child must not enter an OpenMP pool its parent may have started).
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
+                                     initargs=(1,)) as pool:
+                for outcome in pool.map(_preprocess_or_problem, [row.path for row in rows], [config] * len(rows)):
+                    outcomes.append(outcome)  # in the manifest's order
+                    bar.update()
+    problems = [f"subject {row.subject_id} session {row.session_id}: {problem}"
+                for row, (_, problem) in zip(rows, outcomes) if problem is not None]
     if problems:
         raise ImageError(f"{len(problems)} scan(s) could not be preprocessed:\n  " + "\n  ".join(problems[:20]))
-    return scans.assign(preprocessed=paths)
+    return scans.assign(preprocessed=[path for path, _ in outcomes])
+
+
+def _preprocess_or_problem(image_path: str | Path, config: DataConfig) -> tuple[str, str | None]:
+    """(the cached path, None), or ("", what is wrong with the image)."""
+    try:
+        return str(preprocess_file(image_path, config)), None
+    except ImageError as err:
+        return "", str(err)
