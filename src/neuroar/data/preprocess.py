@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
-import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +37,7 @@ from neuroar.data.raw import Head, extract_brain
 from neuroar.data.registration import register_to_mni, template_similarity
 from neuroar.errors import ImageError
 from neuroar.files import sha256_file, sha256_json, write_json
+from neuroar.parallel import in_processes
 from neuroar.progress import Progress
 
 # Bump when the preprocessing changes in a way that changes its output, so that caches are recomputed.
@@ -235,27 +232,13 @@ def preprocess_scans(scans: pd.DataFrame, config: DataConfig, progress: bool = T
                      ) -> pd.DataFrame:
     """Preprocess every scan of a manifest; returns it with a `preprocessed` column of cached paths.
 
-    Scans are preprocessed in `workers` processes (0: one per CPU core), as `neuroar synth` makes subjects: each
-    scan is its own work, and denoising or the raw path's registration keep a core busy per scan. All unreadable
+    Scans are preprocessed in `workers` processes (0: one per CPU core), as `neuroar synth` makes subjects:
+    denoising or the raw path's registration keep a core busy per scan. All unreadable
     or invalid images are reported together, each with its manifest row.
     """
     rows = list(scans.itertuples())
-    workers = min(workers or os.cpu_count() or 1, len(rows))
-    outcomes: list[tuple[str, str | None]] = []
-    with Progress(total=len(rows), desc="preprocess", unit="scan", enabled=progress) as bar:
-        if workers <= 1:
-            for row in rows:
-                outcomes.append(_preprocess_or_problem(row.path, config))
-                bar.update()
-        else:
-            # As in synth/cohort.py: fork (Linux), one torch thread per worker (the workers fill the cores, and a
-            # forked child must not enter an OpenMP pool its parent may have started).
-            context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
-                                     initargs=(1,)) as pool:
-                for outcome in pool.map(_preprocess_or_problem, [row.path for row in rows], [config] * len(rows)):
-                    outcomes.append(outcome)  # in the manifest's order
-                    bar.update()
+    outcomes = list(Progress(in_processes(_preprocess_or_problem, [(row.path, config) for row in rows], workers),
+                             total=len(rows), desc="preprocess", unit="scan", enabled=progress))
     problems = [f"subject {row.subject_id} session {row.session_id}: {problem}"
                 for row, (_, problem) in zip(rows, outcomes) if problem is not None]
     if problems:

@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import functools
 import math
-import multiprocessing
 import os
-import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
@@ -49,6 +45,7 @@ from neuroar.data.synth.head import clean_voxels, draw_pose, head_layers, raw_gr
 from neuroar.data.synth.warp import sample
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, write_json
+from neuroar.parallel import in_processes
 from neuroar.progress import Progress
 
 WHITE_MATTER_SIGNAL = 1000.0  # stored intensity of white matter (int16 images, like scanners write)
@@ -90,25 +87,13 @@ def make_cohort(out_dir: str | Path, options: SynthOptions = SynthOptions(), pro
                            "folder, so that nothing already there is overwritten.")
     out_dir.mkdir(parents=True, exist_ok=True)
     plans = plan_subjects(options)
-    workers = options.workers or os.cpu_count() or 1
+    if (options.workers or os.cpu_count() or 1) > 1:
+        _flow(options.spacing)  # built once here, inherited by the forked workers (3 s each otherwise)
     rows: list[dict] = []
-    with Progress(total=len(plans), desc="synth", unit="subject", enabled=progress) as bar:
-        if workers == 1:
-            for plan in plans:
-                rows += make_subject(plan, options, out_dir)
-                bar.update()
-        else:
-            _flow(options.spacing)  # built once here, inherited by the forked workers (3 s each otherwise)
-            # fork (Linux) starts workers at once and needs no `if __name__ == "__main__"` guard in user
-            # scripts. One torch thread per worker: the workers already fill the cores, and a forked child
-            # must not enter an OpenMP pool its parent may have started.
-            context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-            with ProcessPoolExecutor(min(workers, len(plans)), mp_context=context, initializer=torch.set_num_threads,
-                                     initargs=(1,)) as pool:
-                futures = [pool.submit(make_subject, plan, options, out_dir) for plan in plans]
-                for future in as_completed(futures):
-                    rows += future.result()
-                    bar.update()
+    for subject_rows in Progress(in_processes(make_subject, [(plan, options, out_dir) for plan in plans],
+                                              options.workers), total=len(plans), desc="synth", unit="subject",
+                                 enabled=progress):
+        rows += subject_rows
     table = pd.DataFrame(rows).sort_values(["subject_id", "session_id"]).reset_index(drop=True)
     manifest = table[["subject_id", "session_id", "age", "path", "sex", "diagnosis"]]
     write_manifest(manifest, out_dir / "manifest.csv")
