@@ -176,3 +176,12 @@ def pytest_collection_modifyitems(items):
     one when it is free, and a long file taken last would leave the other process idle at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
+
+
+class OneByOne:
+    """For a stand-in predictor: `Predictor.predict_scans` as its own `predict_preprocessed`, scan by scan."""
+
+    def predict_scans(self, volumes_DHW, ages, target_ages, samples=None, seeds=None, diagnoses=None, batch=16):
+        seeds = seeds or [0] * len(volumes_DHW)
+        return [self.predict_preprocessed(volume_DHW, age, targets, samples, seed)
+                for volume_DHW, age, targets, seed in zip(volumes_DHW, ages, target_ages, seeds)]

@@ -109,7 +109,7 @@ def test_scans_predicted_in_a_batch_equal_each_scans_own_prediction(run_dir, kin
     scans = pd.read_csv(run_dir / "scans.csv").head(3)
     volumes = [load_preprocessed(path)[0] for path in scans["preprocessed"]]
     ages = [70.0, 72.0, 74.0]
-    targets = [[age + 1, age + 3] for age in ages]
+    targets = [[71.0, 73.0], [73.0], [75.0, 77.0, 79.0]]  # as many target ages as a scan's pairs
     seeds = [5, 6, 7]
     batched = predictor.predict_scans(volumes, ages, targets, samples=2, seeds=seeds, batch=3)
     for scan_outputs, volume, age, target, seed in zip(batched, volumes, ages, targets, seeds):

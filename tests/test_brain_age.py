@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import make_tiny_run, seed_results
+from conftest import OneByOne, make_tiny_run, seed_results
 from neuroar.cli import main
 from neuroar.config import load_config
 from neuroar.errors import NeuroARError
@@ -108,7 +108,7 @@ def test_brain_age_compares_real_and_each_models_augmented_training_over_seeds(r
     assert main(twice) == 2  # two training sets of the same name would hide one another
 
 
-class EncodingPredictor:
+class EncodingPredictor(OneByOne):
     """A stand-in model whose outputs say what they were predicted from: decoded = the scan + target age / 100,
     detail = 1 - the scan + target age / 100; it records each call."""
 
@@ -119,10 +119,6 @@ class EncodingPredictor:
         self.calls.append({"volume": volume_DHW, "age": age, "targets": list(target_ages), "samples": samples,
                            "seed": seed})
         return [(volume_DHW + t / 100, np.zeros_like(volume_DHW), 1 - volume_DHW + t / 100) for t in target_ages]
-
-    def predict_scans(self, volumes_DHW, ages, target_ages, samples, seeds, diagnoses, batch):
-        return [self.predict_preprocessed(*args, samples, seed) for *args, seed in
-                zip(volumes_DHW, ages, target_ages, seeds)]
 
 
 @pytest.mark.parametrize("output", ["detail", "decoded"])

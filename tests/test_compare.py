@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY, ball, make_tiny_run, write_nifti
+from conftest import TINY, OneByOne, ball, make_tiny_run, write_nifti
 from neuroar.config import load_config
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
@@ -64,7 +64,7 @@ def test_every_pair_is_scored_against_its_own_later_scan_and_age(tmp_path, monke
             assert np.isclose(row.psnr, masked_psnr(predicted, later, brain))
 
 
-class AgeScaledPredictor:
+class AgeScaledPredictor(OneByOne):
     """Stands in for a model's `Predictor`: mean, spread and detail output are all the age-scaled scan."""
 
     def predict_preprocessed(self, earlier_DHW, earlier_age, target_ages, samples, seed, diagnosis=None):

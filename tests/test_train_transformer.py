@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from scipy import ndimage
 
-from conftest import ball, make_tokenized_run, write_nifti
+from conftest import OneByOne, ball, make_tokenized_run, write_nifti
 from neuroar.checkpoint import weights_path
 from neuroar.cli import main
 from neuroar.config import load_config
@@ -366,7 +366,7 @@ def test_the_aging_variant_keeps_what_the_years_change_and_cancels_what_the_mode
 
     bias_DHW = np.random.default_rng(0).uniform(-0.2, 0.2, (4, 5, 6)).astype(np.float32)
 
-    class Biased:
+    class Biased(OneByOne):
         def predict_preprocessed(self, volume_DHW, age, target_ages, samples, seed, diagnosis=None):
             means = [volume_DHW + bias_DHW + 0.01 * (target - age) for target in target_ages]
             return [(mean, np.zeros_like(mean), np.zeros_like(mean)) for mean in means]  # detail: not used

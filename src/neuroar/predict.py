@@ -226,27 +226,28 @@ class LatentPredictor(Predictor):
                    device)
 
     def decoded_batch(self, x_B1DHW, ages, target_ages, samples, generators, diagnoses):
-        if len({len(t) for t in target_ages}) > 1:
-            raise NeuroARError("a batch of scans needs the same number of target ages for each scan.")
         if self.kind == "stargan":
             samples = 1  # deterministic: every sample would be this one
         latent_BCdhw = self.autoencoder.encode_scan(x_B1DHW)
         earlier_decoded = self.autoencoder.decode(latent_BCdhw)[:, 0].clamp(0, 1).cpu().numpy()
-        # Scan i's samples are rows i*S..(i+1)*S-1; each scan's starting noise comes from its own generator, the
-        # numbers a batch of one draws (the LDM's DDIM sampling is deterministic from there).
-        latent_NCdhw = (latent_BCdhw * self.latent_scale).repeat_interleave(samples, 0)
-        noise_NCdhw = None
+        # Each scan's starting noise comes from its own generator, the numbers a batch of one draws (the LDM's DDIM
+        # sampling is deterministic from there), and the same at every target age.
+        latent_BSCdhw = (latent_BCdhw * self.latent_scale)[:, None].expand(-1, samples, -1, -1, -1, -1)
+        noise_BSCdhw = None
         if self.kind == "ldm":
-            noise_NCdhw = torch.cat([torch.randn((samples, *latent_BCdhw.shape[1:]), generator=generator(),
-                                                 device=self.device) for generator in generators])
-        per_age = []
-        for k in range(len(target_ages[0])):
-            predicted = predict_latent(self.kind, self.model, latent_NCdhw, self._ages(ages, samples),
-                                       self._ages([t[k] for t in target_ages], samples), noise_NCdhw)
+            noise_BSCdhw = torch.stack([torch.randn((samples, *latent_BCdhw.shape[1:]), generator=generator(),
+                                                    device=self.device) for generator in generators])
+        per_scan: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in ages]
+        for k in range(max(len(t) for t in target_ages)):  # the k-th target age of every scan that has one
+            rows = [i for i, t in enumerate(target_ages) if len(t) > k]
+            predicted = predict_latent(self.kind, self.model, latent_BSCdhw[rows].flatten(0, 1),
+                                       self._ages([ages[i] for i in rows], samples),
+                                       self._ages([target_ages[i][k] for i in rows], samples),
+                                       None if noise_BSCdhw is None else noise_BSCdhw[rows].flatten(0, 1))
             decoded = self.autoencoder.decode(predicted / self.latent_scale)[:, 0].clamp(0, 1).cpu().numpy()
-            per_age.append(decoded.reshape(len(ages), samples, *decoded.shape[1:]))
-        return [(earlier_decoded[i], [(decoded_BSDHW[i].mean(0), decoded_BSDHW[i]) for decoded_BSDHW in per_age])
-                for i in range(len(ages))]
+            for i, decoded_SDHW in zip(rows, decoded.reshape(len(rows), samples, *decoded.shape[1:])):
+                per_scan[i].append((decoded_SDHW.mean(0), decoded_SDHW))
+        return [(earlier_decoded[i], per_scan[i]) for i in range(len(ages))]
 
 
 def write_predictions(checkpoint: str | Path, image: str | Path, age: float, target_ages: Sequence[float],

@@ -111,13 +111,35 @@ class ModelForecaster:
         return cls(name, Predictor.from_checkpoint(path, sampling=sampling), samples)
 
     def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None, later_DHWs=None):
+        return self.predict_many([(earlier_DHW, earlier_age, target_ages, diagnosis)], seed)[0]
+
+    def predict_many(self, scans: Sequence[tuple[np.ndarray, float, Sequence[float], str | None]], seed: int
+                     ) -> list[dict[Output, list[np.ndarray]]]:
+        """`predict` of each (earlier scan, its age, target ages, diagnosis), all with `seed`: one call, so that
+        a model that batches scans (the baselines) predicts them together."""
         # Every age draws the same random numbers, so the prediction at the earlier scan's own age holds the
         # model's changes that are not aging (the tokens it flips in any scan) and cancels them.
-        (unaged_DHW, _, _), *outputs = self.predictor.predict_preprocessed(
-            earlier_DHW, earlier_age, [earlier_age, *target_ages], self.samples, seed, diagnosis)
-        return {Output(self.name): [mean for mean, _, _ in outputs],
+        predictions = self.predictor.predict_scans(
+            [scan[0] for scan in scans], [scan[1] for scan in scans], [[scan[1], *scan[2]] for scan in scans],
+            self.samples, [seed] * len(scans), [scan[3] for scan in scans])
+        results = []
+        for (earlier_DHW, *_), ((unaged_DHW, _, _), *outputs) in zip(scans, predictions):
+            results.append({
+                Output(self.name): [mean for mean, _, _ in outputs],
                 Output(self.name, "detail"): [detail for _, _, detail in outputs],
-                Output(self.name, "aging"): [with_change(earlier_DHW, mean, unaged_DHW) for mean, _, _ in outputs]}
+                Output(self.name, "aging"): [with_change(earlier_DHW, mean, unaged_DHW) for mean, _, _ in outputs]})
+        return results
+
+
+def predict_many(forecaster: Forecaster, scans: Sequence[tuple], seed: int,
+                 later_DHWs: Sequence[Sequence[np.ndarray]] | None = None) -> list[dict[Output, list[np.ndarray]]]:
+    """Each scan's outputs (scans as `ModelForecaster.predict_many` takes them; `later_DHWs`: each scan's true
+    follow-ups, for the tokenizer-oracle): a trained model's together, the others' one by one."""
+    if isinstance(forecaster, ModelForecaster):
+        return forecaster.predict_many(scans, seed)
+    later_DHWs = later_DHWs or [None] * len(scans)
+    return [forecaster.predict(earlier_DHW, age, targets, seed, diagnosis, later)
+            for (earlier_DHW, age, targets, diagnosis), later in zip(scans, later_DHWs)]
 
 
 def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, samples: int | None = None,
