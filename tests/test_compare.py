@@ -44,16 +44,20 @@ def two_subjects_in_the_test_split(tmp_path):
     return config, pd.read_csv(tmp_path / "run" / "pairs.csv", dtype={"subject_id": str}, keep_default_na=False)
 
 
-def test_every_pair_is_scored_against_its_own_later_scan_and_age(tmp_path, monkeypatch):
+@pytest.mark.parametrize("at_once", [1, 3, 16])  # earlier scans predicted together: 4 in one chunk or several
+def test_every_pair_is_scored_against_its_own_later_scan_and_age(tmp_path, monkeypatch, at_once):
     config, pairs = two_subjects_in_the_test_split(tmp_path)
     assert len(pairs) == 6 and pairs["earlier_path"].value_counts().max() == 2
-    monkeypatch.setattr(compare, "load_forecasters", lambda *args: [Copy(), AgeScaled()])
+    # A forecaster of its own and a model's, predicted together across a chunk's scans.
+    monkeypatch.setattr(compare, "load_forecasters",
+                        lambda *args: [Copy(), AgeScaled(), ModelForecaster("model", AgeScaledPredictor())])
+    monkeypatch.setattr(compare, "MAX_SCANS_AT_ONCE", at_once)
 
     compare.evaluate_models([], tmp_path / "out", run_dir=tmp_path / "run", progress=False, sweep_years=())
 
     per_pair = pd.read_csv(tmp_path / "out" / "pairs.csv", dtype={"subject_id": str})
     brain = template_brain_mask(config.data)
-    for name in ("copy", "scaled"):
+    for name in ("copy", "scaled", "model"):
         mine = per_pair[per_pair["label"] == name].reset_index(drop=True)
         assert (mine["model"] == name).all() and (mine["variant"] == "plain").all()
         columns = ["subject_id", "earlier_age", "later_age"]

@@ -26,10 +26,12 @@ OUT/figures/*.png); `evaluate_models` runs them in turn.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -59,8 +61,9 @@ from neuroar.tables import markdown_table
 IMAGE_METRICS = ("psnr", "ssim", "mae")
 TESTED_METRICS = ("psnr", "ssim")  # tested against copy, beside each region's change error
 COPY = Output("copy")
-SCANS_AT_ONCE = 16  # earlier scans predicted together: the baselines batch them (8x faster for the LDM's), and their
-# pairs' volumes stay within memory
+# Earlier scans predicted together (the baselines batch them: the LDM's 8x faster 16 at a time at 4 mm), as many as
+# keep their pairs' outputs (up to ~70 volumes a scan) within a few hundred MB: 16 at 4 mm, 6 at 2 mm, 1 at 1 mm.
+MAX_SCANS_AT_ONCE, VOXELS_AT_ONCE = 16, 2**22
 AGING_CANDIDATES = ("ventricles", "grey_matter", "hippocampus", "whole_brain")  # see the module's text
 # A predicted change whose spread over the pairs is under this share of the true change's is no change (a latent
 # StarGAN that stays the identity moves volumes by decoding noise alone): its correlation with the truth is
@@ -136,14 +139,16 @@ def first_scans(run_dir: Path, split: str, subjects: Sequence[str]) -> pd.DataFr
 
 def predict_pairs(forecasters: Sequence[Forecaster], pairs: pd.DataFrame, seed: int = 0, progress: bool = True
                   ) -> Iterator[PairPrediction]:
-    """Every forecaster's outputs for every pair, `SCANS_AT_ONCE` earlier scans at a time (a split's predictions
-    do not fit in memory at once). One prediction per earlier scan, at all its pairs' later ages: each target age
+    """Every forecaster's outputs for every pair, a few earlier scans at a time (a split's predictions do not fit
+    in memory at once). One prediction per earlier scan, at all its pairs' later ages: each target age
     draws the same random numbers however many ages are asked for, so this gives what predicting pair by pair
     gives, without predicting the earlier scan's own age ("aging") and encoding it again for every pair."""
     groups = [group for _, group in pairs.groupby("earlier_path", sort=False)]
+    voxels = math.prod(nib.load(groups[0].iloc[0]["earlier_path"]).shape) if groups else 1
+    at_once = max(1, min(MAX_SCANS_AT_ONCE, VOXELS_AT_ONCE // voxels))
     with Progress(total=len(pairs), desc="evaluate", unit="pair", enabled=progress) as bar:
-        for start in range(0, len(groups), SCANS_AT_ONCE):
-            chunk = groups[start:start + SCANS_AT_ONCE]
+        for start in range(0, len(groups), at_once):
+            chunk = groups[start:start + at_once]
             earlier_DHWs = [load_preprocessed(group.iloc[0]["earlier_path"])[0] for group in chunk]
             later_DHWs = [[load_preprocessed(path)[0] for path in group["later_path"]] for group in chunk]
             scans = [(earlier_DHW, group.iloc[0]["earlier_age"], list(group["later_age"]),
