@@ -55,16 +55,17 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(run_dir):
         # One validation pair has no spread to measure; more give a standard error.
         se = metrics[f"scale{k}_gain_se"]
         assert (0 <= se < 1) if len(pairs) > 1 else np.isnan(se)
-    # The prior loss: the validation targets' cross-entropy under the training targets' code frequencies
-    # (add-one smoothed; the training pairs and, with train_transformer.mirror, their mirrored copies), what a
-    # model that reads nothing of the pair scores.
+    # The prior loss: the validation targets' cross-entropy under the training targets' code frequencies (one
+    # pseudo-token over the codes; the training pairs and, with train_transformer.mirror, their mirrored copies),
+    # what a model that reads nothing of the pair scores.
     later = token_pairs(run_dir, scans, "train")["later_index"]
     mirrored, mirrored_scans = load_tokens(run_dir, mirrored=True)
     mirrored_later = token_pairs(run_dir, mirrored_scans, "train")["later_index"]
     for k, maps in enumerate(tokens):
         targets = (torch.cat([maps[later], mirrored[k][mirrored_later]]) if config.train_transformer.mirror
                    else maps[later])
-        counts = np.bincount(targets.flatten().numpy(), minlength=config.tokenizer.codebook_size) + 1
+        codes = config.tokenizer.codebook_size
+        counts = np.bincount(targets.flatten().numpy(), minlength=codes) + 1 / codes
         expected = -np.log(counts / counts.sum())[maps[pairs["later_index"]].flatten().numpy()].mean()
         assert metrics[f"scale{k}_prior_loss"] == pytest.approx(expected, rel=1e-5)
     # The standard error of the gain over copy, against per-pair gains computed here from the trained model's

@@ -221,7 +221,9 @@ def token_statistics(model: NeuroAR, sequences: ScanSequences | ChangeSequences,
     copy, log_priors = [], []
     for start, length in zip(model.starts, model.lengths):
         copy.append(equal_NL[:, start:start + length].mean().item())
-        counts_V = torch.bincount(targets_NL[:, start:start + length].flatten(), minlength=model.head.out_features) + 1
+        codes = model.head.out_features
+        # One pseudo-token spread over the codes: unseen codes stay finite without moving a scale of few tokens.
+        counts_V = torch.bincount(targets_NL[:, start:start + length].flatten(), minlength=codes) + 1 / codes
         log_priors.append((counts_V / counts_V.sum()).log())
     return copy, log_priors
 
