@@ -114,13 +114,13 @@ def test_training_scans_are_cached_mirrored_left_right_and_join_training(run_dir
     import neuroar.train.transformer as trainer
 
     trained_on = {}
-    real_copy_rates = trainer.copy_rates
+    real_statistics = trainer.token_statistics
 
     def spy(model, sequences, pairs):  # the pairs the trainer starts from and samples its batches among
         trained_on["pairs"] = pairs.copy()
-        return real_copy_rates(model, sequences, pairs)
+        return real_statistics(model, sequences, pairs)
 
-    monkeypatch.setattr(trainer, "copy_rates", spy)
+    monkeypatch.setattr(trainer, "token_statistics", spy)
     counts = {}
     for mirror in (True, False):
         overrides = ["train_transformer.steps=1", f"train_transformer.mirror={str(mirror).lower()}"]
@@ -135,13 +135,13 @@ def test_zero_gap_pairs_add_each_training_scan_paired_with_itself(run_dir, monke
     import neuroar.train.transformer as trainer
 
     trained_on = {}
-    real_copy_rates = trainer.copy_rates
+    real_statistics = trainer.token_statistics
 
     def spy(model, sequences, pairs):
         trained_on["pairs"], trained_on["sequences"] = pairs.copy(), sequences
-        return real_copy_rates(model, sequences, pairs)
+        return real_statistics(model, sequences, pairs)
 
-    monkeypatch.setattr(trainer, "copy_rates", spy)
+    monkeypatch.setattr(trainer, "token_statistics", spy)
     overrides = ["train_transformer.steps=1", "train_transformer.mirror=false", "train_transformer.zero_gap_pairs=true"]
     train_transformer(run_dir, load_config(run_dir / "config.yaml", overrides), progress=False)
     pairs = trained_on["pairs"]

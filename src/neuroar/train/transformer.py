@@ -128,24 +128,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     settings = config.train_transformer
     ctx = distributed.init()
     device = ctx.device
-    tokens, scans = load_tokens(run_dir)
-    train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
-    if train_pairs.empty:
-        raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; NeuroAR needs subjects with at least two "
-                           "scans at different ages in the training split.")
-    if settings.mirror:  # the same pairs once more, both scans mirrored: rows after the run's own scans
-        mirrored_tokens, mirrored_scans = load_tokens(run_dir, mirrored=True)
-        mirrored = token_pairs(run_dir, mirrored_scans, "train")
-        mirrored[["earlier_index", "later_index"]] += len(scans)
-        tokens = [torch.cat([a, b]) for a, b in zip(tokens, mirrored_tokens)]
-        train_pairs = pd.concat([train_pairs, mirrored], ignore_index=True)
-    if settings.zero_gap_pairs:
-        train_pairs = pd.concat([train_pairs, zero_gap_pairs(train_pairs)], ignore_index=True)
-    tokenizer = load_tokenizer(run_dir, config)
-    if config.tokenizer.code == "change":  # `tokens` holds the scans' latents: see data/tokens.py
-        sequences = ChangeSequences.build(tokenizer, tokens[0], [train_pairs, val_pairs])
-    else:
-        sequences = ScanSequences.build(tokenizer.quantizer, tokens, config.transformer.earlier)
+    sequences, train_pairs, val_pairs = training_data(run_dir, config)
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
     for pairs in (train_pairs, val_pairs):
@@ -193,6 +176,32 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                      meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
                            "scales": [list(s) for s in config.tokenizer.scales]},
                      val_every=settings.val_every, config_path=run_dir / name / "config.yaml", progress=progress)
+
+
+def training_data(run_dir: Path, config: Config) -> tuple[ScanSequences | ChangeSequences, pd.DataFrame,
+                                                          pd.DataFrame]:
+    """What NeuroAR trains and validates on: the run's token sequences, its training pairs (with their mirrored
+    copies and zero-gap pairs where the config asks for them) and its validation pairs."""
+    settings = config.train_transformer
+    tokens, scans = load_tokens(run_dir)
+    train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
+    if train_pairs.empty:
+        raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; NeuroAR needs subjects with at least two "
+                           "scans at different ages in the training split.")
+    if settings.mirror:  # the same pairs once more, both scans mirrored: rows after the run's own scans
+        mirrored_tokens, mirrored_scans = load_tokens(run_dir, mirrored=True)
+        mirrored = token_pairs(run_dir, mirrored_scans, "train")
+        mirrored[["earlier_index", "later_index"]] += len(scans)
+        tokens = [torch.cat([a, b]) for a, b in zip(tokens, mirrored_tokens)]
+        train_pairs = pd.concat([train_pairs, mirrored], ignore_index=True)
+    if settings.zero_gap_pairs:
+        train_pairs = pd.concat([train_pairs, zero_gap_pairs(train_pairs)], ignore_index=True)
+    tokenizer = load_tokenizer(run_dir, config)
+    if config.tokenizer.code == "change":  # `tokens` holds the scans' latents: see data/tokens.py
+        sequences = ChangeSequences.build(tokenizer, tokens[0], [train_pairs, val_pairs])
+    else:
+        sequences = ScanSequences.build(tokenizer.quantizer, tokens, config.transformer.earlier)
+    return sequences, train_pairs, val_pairs
 
 
 def zero_gap_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
