@@ -30,16 +30,13 @@ def main() -> None:
     sequences, train_pairs, val_pairs = training_data(args.run, config)
     for pairs in (train_pairs, val_pairs):
         pairs["diagnosis_id"] = model.diagnosis_ids(list(pairs.get("diagnosis", [""] * len(pairs)))).numpy()
-    _, log_priors, residual_energy = token_statistics(model, sequences, train_pairs)
-    metrics = evaluate_teacher_forced(model, sequences, val_pairs, torch.device("cpu"), log_priors=log_priors,
-                                      residual_energy=residual_energy)
+    _, log_priors = token_statistics(model, sequences, train_pairs)
+    metrics = evaluate_teacher_forced(model, sequences, val_pairs, torch.device("cpu"), log_priors=log_priors)
     print(f"{args.run / args.model}, {len(val_pairs)} validation pairs")
     print("scale | loss | prior loss | accuracy | copy accuracy")
     for k in range(len(model.starts)):
         print(f"{k} | {metrics[f'scale{k}_loss']:.4f} | {metrics[f'scale{k}_prior_loss']:.4f} | "
               f"{metrics[f'scale{k}_accuracy']:.4f} | {metrics[f'scale{k}_copy_accuracy']:.4f}")
-    if "residual_loss" in metrics:
-        print(f"residual loss (1: none of what the tokens leave out predicted): {metrics['residual_loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -182,8 +182,6 @@ def test_neuroar_trains_on_change_tokens_and_predicts_the_earlier_scan_when_it_p
     (["tokenizer.code=scan", "tokenizer.dead_zone=0", "train_tokenizer.change_weight=0"], "transformer.earlier"),
     (["transformer.earlier=tokens"], "transformer.earlier"),
     (["transformer.local_scales=6"], "transformer.local_scales"),
-    (["transformer.earlier=tokens", "tokenizer.code=scan", "tokenizer.dead_zone=0", "transformer.residual=true"],
-     "transformer.residual"),
     (["tokenizer.code=delta"], "tokenizer.code"),
     (["tokenizer.code=scan", "tokenizer.dead_zone=0", "transformer.earlier=tokens", "train_tokenizer.change_weight=1"],
      "train_tokenizer.change_weight"),
@@ -192,28 +190,3 @@ def test_neuroar_trains_on_change_tokens_and_predicts_the_earlier_scan_when_it_p
 def test_settings_that_do_not_go_together_are_refused(overrides, message):
     with pytest.raises(NeuroARError, match=message):
         load_config("demo", overrides)
-
-
-def test_the_residual_head_learns_what_the_tokens_leave_out_and_the_prediction_adds_it(run_dir):
-    overrides = ["transformer.residual=true", "train_transformer.steps=30", "train_transformer.lr=0.003"]
-    config = load_config(run_dir / "config.yaml", overrides)
-    metrics = train_transformer(run_dir, config, progress=False)
-    log = pd.read_csv(run_dir / "neuroar_train.csv")
-    # In units of the training pairs' residual energy: 1 where the head predicts nothing (its start).
-    assert log["residual_loss"].iloc[0] == pytest.approx(1.0, abs=0.05)
-    assert log["residual_loss"].iloc[-5:].mean() < 0.9 * log["residual_loss"].iloc[:5].mean()
-    assert 0 < metrics["residual_loss"] and np.isfinite(metrics["residual_loss"])
-    # The prediction decodes f_earlier + f_hat(tokens) + the head's residual: with every token "no change"
-    # (f_hat = 0), the earlier latent plus the residual alone.
-    predictor = Predictor.from_checkpoint(run_dir)
-    latents, scans = load_tokens(run_dir)
-    volume_DHW = load_preprocessed(scans["preprocessed"].iloc[0])[0]
-    with torch.no_grad():
-        predictor.model.copy_logit.fill_(50.0)
-        f_earlier = predictor.tokenizer.latent_scan(volume_DHW)
-        residual = predictor.model.predict_residual(torch.zeros_like(f_earlier), f_earlier, torch.tensor([70.0]),
-                                                    torch.tensor([73.0]))
-    assert residual.abs().max() > 1e-3
-    ((mean, _, _),) = predictor.predict_preprocessed(volume_DHW, 70.0, [73.0], samples=2)
-    assert np.allclose(mean, predictor.tokenizer.decode_latent(f_earlier + residual)[0], atol=1e-5)
-    assert not np.allclose(mean, TokenizerCopy(run_dir, config).reconstruct(volume_DHW), atol=1e-4)

@@ -80,15 +80,8 @@ def step_costs(config: Config, batch: int | None = None) -> list[StepCost]:
         earlier = torch.randn(transformer_batch, length, earlier_channels(config.transformer.earlier,
                                                                           config.tokenizer.latent_dim), device="meta")
         labels = torch.zeros(transformer_batch * length, dtype=torch.long, device="meta")
-        if config.transformer.residual:  # the residual head reads the target's f_hat on the finest grid
-            fhat = torch.randn(transformer_batch, config.tokenizer.latent_dim, *config.tokenizer.scales[-1],
-                               device="meta")
-            logits, residual = transformer(inputs, earlier, labels.view(transformer_batch, length), ages, ages + 3,
-                                           fhat_BCdhw=fhat)
-            F.cross_entropy(logits.flatten(0, 1), labels).add(residual.square().mean()).backward()
-        else:
-            logits = transformer(inputs, earlier, labels.view(transformer_batch, length), ages, ages + 3)
-            F.cross_entropy(logits.flatten(0, 1), labels).backward()
+        logits = transformer(inputs, earlier, labels.view(transformer_batch, length), ages, ages + 3)
+        F.cross_entropy(logits.flatten(0, 1), labels).backward()
 
     costs = [_measure("tokenizer", tokenizer, tokenizer_step, tokenizer_batch),
              _measure("NeuroAR", transformer, transformer_step, transformer_batch)]
@@ -191,15 +184,10 @@ def _steps(config: Config, batch: int, device: torch.device):
         earlier_tokens = torch.randint(0, config.tokenizer.codebook_size, (batch, length), device=device)
         earlier = torch.randn(batch, length, earlier_channels(config.transformer.earlier, config.tokenizer.latent_dim),
                               device=device)
-        fhat = (torch.randn(batch, config.tokenizer.latent_dim, *config.tokenizer.scales[-1], device=device)
-                if config.transformer.residual else None)
 
         def step():
-            if fhat is None:
-                return F.cross_entropy(model(inputs, earlier, earlier_tokens, ages, ages + 3).float().flatten(0, 1),
-                                       labels)
-            logits, residual = model(inputs, earlier, earlier_tokens, ages, ages + 3, fhat_BCdhw=fhat)
-            return F.cross_entropy(logits.float().flatten(0, 1), labels) + residual.float().square().mean()
+            logits = model(inputs, earlier, earlier_tokens, ages, ages + 3)
+            return F.cross_entropy(logits.float().flatten(0, 1), labels)
 
         return model, step
 

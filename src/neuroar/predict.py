@@ -190,15 +190,10 @@ class NeuroARPredictor(Predictor):
                         if self.config.tokenizer.code == "change" else None)
         per_age = []
         for target_age in target_ages:
-            ages_S, target_ages_S = self._ages(age, samples), self._ages(target_age, samples)
-            tokens = self.model.sample(self.tokenizer.quantizer, unchanged, ages_S, target_ages_S,
-                                       self.config.sampling, generator(), diagnosis_B=diagnosis_S,
-                                       earlier_maps=earlier_maps)
+            tokens = self.model.sample(self.tokenizer.quantizer, unchanged, self._ages(age, samples),
+                                       self._ages(target_age, samples), self.config.sampling, generator(),
+                                       diagnosis_B=diagnosis_S, earlier_maps=earlier_maps)
             f_S = self.tokenizer.followup_latent(f_earlier_S, tokens)
-            if self.model.residual is not None:  # what the tokens leave out of the change (transformer.residual)
-                with distributed.full_precision(self.device):
-                    fhat_S = self.tokenizer.quantizer.tokens_to_fhat(tokens)
-                    f_S = f_S + self.model.predict_residual(fhat_S, f_earlier_S, ages_S, target_ages_S, diagnosis_S)
             decoded = self.tokenizer.decode_latent(f_S)
             if self.config.sampling.average == "fhat":  # decode the samples' mean latent
                 mean = self.tokenizer.decode_latent(f_S.mean(0, keepdim=True))[0]

@@ -172,11 +172,6 @@ class TransformerConfig:
     # tokens) is beyond a CPU's budget.
     local_scales: int = 0
     local_width: int = 32
-    # With tokenizer.code=change (earlier: latent): also predict, on the finest grid, the continuous remainder of
-    # the change that the tokens leave out (quantization and the dead zone drop the small, widespread part of a
-    # change, such as the adolescents' cortical thinning), regressed by `ResidualHead` from the predicted tokens'
-    # f_hat, the earlier latent and the conditions, and added before decoding (models/transformer.py).
-    residual: bool = False
     # Ablation switches: age tokens reached by cross-attention, the age embedding modulating every block
     # through AdaLN.
     cross_attention: bool = True
@@ -204,9 +199,6 @@ class TransformerConfig:
         if self.local_scales < 0 or self.local_width < 1:
             fail(f"{key}.local_scales", f"local_scales must be >= 0 and local_width >= 1, got {self.local_scales} "
                                         f"and {self.local_width}.")
-        if self.residual and self.earlier != "latent":
-            fail(f"{key}.residual", "needs a change-coding tokenizer (tokenizer.code=change) and "
-                                    f"transformer.earlier=latent, got earlier={self.earlier}.")
 
 
 @dataclass
@@ -224,15 +216,12 @@ class TransformerTrainingConfig(TrainingConfig):
     # steps, a 40 % share of such pairs) NeuroAR then learnt no change at all (+detail and +aging ventricles r
     # -0.01, against 0.69 without; benchmarks/CHANGE_NEUROAR.md row toklr3-b4-zerogap).
     zero_gap_pairs: bool = False
-    # With transformer.residual: the weight of the residual's squared error, in units of the training pairs' mean
-    # residual energy (so 1 at the start, when the head predicts zero), beside the tokens' cross-entropy.
-    residual_weight: float = 1.0
 
     def check(self, key: str, fail: Fail) -> None:
         super().check(key, fail)
         _at_least_one(self, key, ("val_every",), fail)
-        if self.weight_decay < 0 or self.grad_clip <= 0 or self.residual_weight < 0:
-            fail(key, "grad_clip must be positive, weight_decay and residual_weight >= 0.")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            fail(key, "grad_clip must be positive, weight_decay >= 0.")
 
 
 @dataclass

@@ -25,11 +25,6 @@ With a change-coding tokenizer (`transformer.earlier: latent`) the target is the
 earlier scan enters as its continuous latent pooled to each scale, and the copy logit sits on token 0 (no
 change). With `config.local_scales`, the finest scales' logits come from `LocalHead`, a small convolutional
 network that reads the transformer's last attended scale, instead of attention over 10,560 tokens each.
-With `config.residual`, `ResidualHead` also regresses the continuous remainder of the change that the tokens
-leave out on the finest grid (what quantization and the tokenizer's dead zone drop: a change too small or too
-widespread for a code of its own), from the tokens' f_hat, the earlier latent and the conditions; the
-prediction decodes f_earlier + f_hat + residual. Its squared error is the conditional mean's loss, so it learns
-the change any scan of that age and anatomy undergoes, not the two scans' noise.
 
 Sampling runs scale by scale with a KV cache; each scale's tokens go through the quantizer's `add_scale`,
 the same step that built the teacher-forcing inputs during training.
@@ -81,7 +76,6 @@ class NeuroAR(nn.Module):
         self.head = nn.Linear(width, codebook_size)
         self.local = (LocalHead(channels, width, config.local_width, codebook_size, config.local_scales)
                       if config.local_scales else None)
-        self.residual = ResidualHead(latent_dim, width, config.local_width) if config.residual else None
         levels_L = torch.cat([torch.full((n,), k) for k, n in enumerate(self.lengths)])
         self.register_buffer("levels", levels_L, persistent=False)
         self.activation_checkpointing = False  # trade compute for memory when training: blocks recompute
@@ -105,8 +99,6 @@ class NeuroAR(nn.Module):
             nn.init.zeros_(self.head_modulation[-1].weight)
         if self.local is not None:
             self.local.zero_init()
-        if self.residual is not None:
-            self.residual.zero_init()
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups as nanoGPT forms them: weight decay on the weights of linear maps only; none on biases,
@@ -118,14 +110,11 @@ class NeuroAR(nn.Module):
 
     def forward(self, target_inputs_BLC: torch.Tensor, earlier_BLC: torch.Tensor | None,
                 earlier_tokens_BL: torch.Tensor | None, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor,
-                drop_ages_B: torch.Tensor | None = None, diagnosis_B: torch.Tensor | None = None,
-                fhat_BCdhw: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits (B, L, V) for every token of the sequence; given the target's f_hat of all
-        scales (`fhat_BCdhw`, on the finest grid; `config.residual` only), the logits and the residual predicted
-        on top of it (B, C, d, h, w). `earlier_BLC` is the earlier scan's input (`earlier_scale_features`, flattened),
-        `earlier_tokens_BL` its token ids; the model reads what `config.earlier` asks for (None is fine for the
-        rest). `diagnosis_B`: `diagnosis_ids` of the subjects (None: no diagnosis); `drop_ages_B` drops the
-        diagnosis too."""
+                drop_ages_B: torch.Tensor | None = None, diagnosis_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, L, V) for every token of the sequence. `earlier_BLC` is the earlier scan's
+        input (`earlier_scale_features`, flattened), `earlier_tokens_BL` its token ids; the model reads what
+        `config.earlier` asks for (None is fine for the rest). `diagnosis_B`: `diagnosis_ids` of the subjects
+        (None: no diagnosis); `drop_ages_B` drops the diagnosis too."""
         age_tokens, condition = self.conditions(earlier_age_B, target_age_B, drop_ages_B, diagnosis_B)
         n = self.attended_length
         x_BnW = self._embed(target_inputs_BLC[:, :n], _part(earlier_BLC, 0, n), _part(earlier_tokens_BL, 0, n), 0, n)
@@ -143,23 +132,7 @@ class NeuroAR(nn.Module):
                 logits.append(self._local_logits(k, context, target_inputs_BLC[:, start:end],
                                                  _part(earlier_BLC, start, end), _part(earlier_tokens_BL, start, end),
                                                  condition))
-        if fhat_BCdhw is None:
-            return torch.cat(logits, 1)
-        if self.residual is None:
-            raise NeuroARError("this model predicts no residual (transformer.residual is off); pass no f_hat.")
-        start, end = self.starts[-1], self.ends[-1]
-        earlier_BCdhw = earlier_BLC[:, start:end].transpose(1, 2).reshape(fhat_BCdhw.shape)
-        return torch.cat(logits, 1), self.residual(fhat_BCdhw, earlier_BCdhw, condition)
-
-    def predict_residual(self, fhat_BCdhw: torch.Tensor, earlier_BCdhw: torch.Tensor, earlier_age_B: torch.Tensor,
-                         target_age_B: torch.Tensor, diagnosis_B: torch.Tensor | None = None) -> torch.Tensor:
-        """With `config.residual`: the continuous change (B, C, d, h, w) to add to f_earlier + f_hat of sampled
-        tokens, from their f_hat and the earlier latent, both on the finest grid, under the given conditions
-        (zeros for a model without the head)."""
-        if self.residual is None:
-            return torch.zeros_like(fhat_BCdhw)
-        _, condition = self.conditions(earlier_age_B, target_age_B, None, diagnosis_B)
-        return self.residual(fhat_BCdhw, earlier_BCdhw, condition)
+        return torch.cat(logits, 1)
 
     def conditions(self, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor, drop_B: torch.Tensor | None,
                    diagnosis_B: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,32 +408,6 @@ class LocalHead(nn.Module):
         context = F.interpolate(context, size=grid, mode="trilinear", align_corners=False)
         h = self.inputs(torch.cat([inputs_BCdhw, context.to(inputs_BCdhw.dtype)], 1))
         h = h + self.level.weight[j][None, :, None, None, None]
-        shift, scale = self.modulation(condition_BW)[:, :, None, None, None].chunk(2, 1)
-        h = h + self.conv(F.silu(self.norm(h) * (1 + scale) + shift))
-        return self.out(F.silu(h))
-
-
-class ResidualHead(nn.Module):
-    """The continuous remainder of a change that its tokens leave out (`transformer.residual`), on the finest
-    grid: two 3x3x3 convolutions over the tokens' f_hat and the earlier latent, modulated by the condition (ages,
-    diagnosis) as AdaLN modulates the blocks. Its output starts at zero: the model starts as the tokens alone."""
-
-    def __init__(self, latent_dim: int, width: int, hidden: int):
-        super().__init__()
-        self.inputs = nn.Conv3d(2 * latent_dim, hidden, 3, padding=1)
-        self.norm = nn.GroupNorm(1, hidden, affine=False)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * hidden))  # shift and scale
-        self.conv = nn.Conv3d(hidden, hidden, 3, padding=1)
-        self.out = nn.Conv3d(hidden, latent_dim, 1)
-
-    def zero_init(self) -> None:
-        for layer in (self.out, self.modulation[-1]):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, fhat_BCdhw: torch.Tensor, earlier_BCdhw: torch.Tensor, condition_BW: torch.Tensor
-                ) -> torch.Tensor:
-        h = self.inputs(torch.cat([fhat_BCdhw, earlier_BCdhw], 1))
         shift, scale = self.modulation(condition_BW)[:, :, None, None, None].chunk(2, 1)
         h = h + self.conv(F.silu(self.norm(h) * (1 + scale) + shift))
         return self.out(F.silu(h))

@@ -16,7 +16,6 @@ TensorBoard.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,15 +106,11 @@ class ChangeSequences:
         for d, h, w in self.quantizer.scales:
             maps.append(tokens_BL[:, start:start + d * h * w].view(-1, d, h, w))
             start += d * h * w
-        later = torch.as_tensor(chosen["later_index"].to_numpy(copy=True))
         features = earlier_latent_features(self.quantizer.scales, self.latents_NCdhw[earlier])
-        # The tokens' f_hat and what they leave out of the true change: the residual head's input and target.
-        fhat = self.quantizer.tokens_to_fhat(maps)
-        residual = self.latents_NCdhw[later] - self.latents_NCdhw[earlier] - fhat
         return {"target_inputs": teacher_forcing_sequence(self.quantizer, maps).to(device),
                 "earlier": torch.cat([flatten(f) for f in features], 1).to(device),
                 "earlier_tokens": self.unchanged_L.expand(len(rows), -1).to(device), "tokens": tokens_BL.to(device),
-                "fhat": fhat.to(device), "residual": residual.to(device), **_conditions(chosen, device)}
+                **_conditions(chosen, device)}
 
 
 def _conditions(chosen: pd.DataFrame, device: torch.device) -> dict[str, torch.Tensor]:
@@ -138,14 +133,13 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     model = build_transformer(config).to(device)
     for pairs in (train_pairs, val_pairs):
         pairs["diagnosis_id"] = model.diagnosis_ids(list(pairs.get("diagnosis", [""] * len(pairs)))).numpy()
-    rates, log_priors, residual_energy = token_statistics(model, sequences, train_pairs)
+    rates, log_priors = token_statistics(model, sequences, train_pairs)
     model.init_copy_logits(rates)
     model.activation_checkpointing = settings.activation_checkpointing
     optimizer = torch.optim.AdamW(model.parameter_groups(settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     checkpoint = model_checkpoint(run_dir, name)
     tokenizer_sha = sha256_file(weights_path(tokenizer_checkpoint(run_dir)))
     model_ddp = ctx.wrap(model)
-    with_residual = model.residual is not None
 
     def train_step(step: int) -> dict[str, float]:
         rows = batch_indices(len(train_pairs), step, settings.batch_size, config.seed)
@@ -159,20 +153,14 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
             batch = sequences.batch(train_pairs, [rows[j] for j in positions], device)
             with distributed.no_sync(model_ddp, last=i == len(micro) - 1):
                 with distributed.autocast(device):
-                    outputs = model_ddp(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"],
-                                        batch["earlier_age"], batch["target_age"], drop[positions].to(device),
-                                        batch["diagnosis"], fhat_BCdhw=batch["fhat"] if with_residual else None)
-                logits, residual = outputs if with_residual else (outputs, None)
+                    logits = model_ddp(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"],
+                                       batch["earlier_age"], batch["target_age"], drop[positions].to(device),
+                                       batch["diagnosis"])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
-                values = {"loss": loss.item()}  # the tokens' cross-entropy, with or without a residual head
-                if residual is not None:
-                    residual_loss = residual_error(residual, batch["residual"], residual_energy)
-                    loss = loss + settings.residual_weight * residual_loss
-                    values["residual_loss"] = residual_loss.item()
                 (loss / len(micro)).backward()
             # Per-scale metrics only where they are logged: they cost a second pass over the logits.
-            if log_step:
-                values.update(per_scale_metrics(model, logits.detach(), batch["tokens"], batch["earlier_tokens"]))
+            values = {"loss": loss.item(), **(per_scale_metrics(model, logits.detach(), batch["tokens"],
+                                                                batch["earlier_tokens"]) if log_step else {})}
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro)
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -182,8 +170,7 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     return run_steps(run_dir, name, config, "train_transformer", checkpoint, {"model": model},
                      {"model": optimizer}, train_step,
                      lambda: evaluate_teacher_forced(model, sequences, val_pairs if len(val_pairs) else train_pairs,
-                                                     device, log_priors=log_priors, residual_energy=residual_energy),
-                     ctx,
+                                                     device, log_priors=log_priors), ctx,
                      {**data_fingerprint(run_dir), "tokens": token_path(run_dir).stem},
                      "val" if len(val_pairs) else "train", retrain,
                      meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
@@ -230,18 +217,15 @@ def zero_gap_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def token_statistics(model: NeuroAR, sequences: ScanSequences | ChangeSequences, pairs: pd.DataFrame,
-                     chunk: int = 64) -> tuple[list[float], list[torch.Tensor], float]:
-    """Over the given pairs' targets, per scale: the share of tokens equal to the unchanged ones (the earlier
-    scan's, or those of no change), and the log-frequency of each code (V,), smoothed: the token distribution of
-    a model that reads nothing of the pair; and the mean squared residual the tokens leave out (code "change";
-    nan otherwise), the unit of `residual_error`."""
-    equal, targets, energy = [], [], []
+                     chunk: int = 64) -> tuple[list[float], list[torch.Tensor]]:
+    """Per scale, over the given pairs' targets: the share of tokens equal to the unchanged ones (the earlier
+    scan's, or those of no change), and the log-frequency of each code (V,), add-one smoothed: the token
+    distribution of a model that reads nothing of the pair."""
+    equal, targets = [], []
     for start in range(0, len(pairs), chunk):
         batch = sequences.batch(pairs, list(range(start, min(start + chunk, len(pairs)))), torch.device("cpu"))
         equal.append((batch["earlier_tokens"] == batch["tokens"]).float())
         targets.append(batch["tokens"])
-        if "residual" in batch:
-            energy.append(batch["residual"].square().mean(tuple(range(1, batch["residual"].dim()))))
     equal_NL, targets_NL = torch.cat(equal), torch.cat(targets)
     copy, log_priors = [], []
     for start, length in zip(model.starts, model.lengths):
@@ -250,13 +234,7 @@ def token_statistics(model: NeuroAR, sequences: ScanSequences | ChangeSequences,
         # One pseudo-token spread over the codes: unseen codes stay finite without moving a scale of few tokens.
         counts_V = torch.bincount(targets_NL[:, start:start + length].flatten(), minlength=codes) + 1 / codes
         log_priors.append((counts_V / counts_V.sum()).log())
-    return copy, log_priors, torch.cat(energy).mean().item() if energy else math.nan
-
-
-def residual_error(predicted_BCdhw: torch.Tensor, true_BCdhw: torch.Tensor, energy: float) -> torch.Tensor:
-    """The residual head's mean squared error in units of the training pairs' mean residual energy: 1 for a
-    head that predicts no residual, 0 for the true one."""
-    return F.mse_loss(predicted_BCdhw.float(), true_BCdhw.float()) / energy
+    return copy, log_priors
 
 
 def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor,
@@ -291,26 +269,21 @@ def gains_over_copy(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch.T
 
 @torch.no_grad()
 def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences | ChangeSequences, pairs: pd.DataFrame,
-                            device: torch.device, chunk: int = 8, log_priors: Sequence[torch.Tensor] | None = None,
-                            residual_energy: float = math.nan) -> dict[str, float]:
-    """Teacher-forced loss and accuracies over the given pairs (ages always given), per scale the standard
+                            device: torch.device, chunk: int = 8, log_priors: Sequence[torch.Tensor] | None = None
+                            ) -> dict[str, float]:
+    """Teacher-forced loss and accuracies over the given pairs (ages always given), and per scale the standard
     error of the gain over copy (`scaleK_gain_se`, over pairs: the tokens of one pair are not independent), so
-    that "above copy" can be told from noise: a gain within two standard errors of 0 is not a gain; and with
-    a residual head `residual_loss` (`residual_error`: below 1, it predicts part of what the tokens leave out)."""
+    that "above copy" can be told from noise: a gain within two standard errors of 0 is not a gain."""
     model.eval()
     totals: dict[str, float] = {}
     gains = []
     for start in range(0, len(pairs), chunk):
         rows = list(range(start, min(start + chunk, len(pairs))))
         batch = sequences.batch(pairs, rows, device)
-        outputs = model(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"], batch["earlier_age"],
-                        batch["target_age"], diagnosis_B=batch["diagnosis"],
-                        fhat_BCdhw=batch["fhat"] if model.residual is not None else None)
-        logits, residual = outputs if model.residual is not None else (outputs, None)
+        logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"], batch["earlier_age"],
+                       batch["target_age"], diagnosis_B=batch["diagnosis"])
         values = {"loss": F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten()).item(),
                   **per_scale_metrics(model, logits, batch["tokens"], batch["earlier_tokens"], log_priors)}
-        if residual is not None:
-            values["residual_loss"] = residual_error(residual, batch["residual"], residual_energy).item()
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value * len(rows) / len(pairs)
         gains.append(gains_over_copy(model, logits, batch["tokens"], batch["earlier_tokens"]).cpu())
