@@ -263,7 +263,8 @@ def test_an_adolescent_evaluation_headlines_and_sweeps_grey_matter_and_its_loss(
     neuroar = next(line for line in text.splitlines() if line.startswith("| neuroar |")).split(" | ")
     assert neuroar[6] == "1.00" and neuroar[7] == "0.00"  # grey matter's r and MAE: the truth itself
     assert {p.name for p in (tmp_path / "out" / "figures").iterdir()} == {"metrics.png", "change.png",
-                                                                        "psnr_vs_years.png", "age_sweep.png"}
+                                                                        "psnr_vs_years.png", "age_sweep.png",
+                                                                        "change_all.png"}
 
 
 def test_the_change_figure_keeps_every_panel_on_the_truths_range_with_copy_and_readable_names():

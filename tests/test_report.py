@@ -1,6 +1,7 @@
 """The report: it opens with the verdict against copy, per region, with the evaluation's numbers; then one held-out
 subject, the tables of the compared outputs (the rest a click away), and every figure with a caption."""
 
+import base64
 import re
 
 import numpy as np
@@ -140,6 +141,19 @@ def test_the_report_shows_one_subject_then_the_compared_tables_then_captioned_fi
     # the held-out subject (the run's val split has one), 5 of the evaluation, the subject's sweep, training
     assert len(figures) == page.count("<img") == 8
     assert all(re.search(r"<figcaption>[^<]{40,}</figcaption>", figure) for figure in figures)
+
+
+def test_the_report_shows_the_evaluations_own_figure_files_and_draws_those_an_older_evaluation_lacks(evaluated_run,
+                                                                                                     monkeypatch):
+    run, page = evaluated_run
+    figures = run / "evaluation" / "figures"
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    for name in compare.FIGURES:  # drawn once, by the evaluation: the report inlines the files as they are
+        assert base64.b64encode((figures / f"{name}.png").read_bytes()).decode() in images, name
+    (figures / "change_all.png").unlink()
+    monkeypatch.setattr(report, "Predictor", StandIn)
+    again = report.build_report(run).read_text()
+    assert (figures / "change_all.png").is_file() and again.count("<img") == 8
 
 
 def test_the_verdict_says_when_the_evaluation_holds_no_neuroar_model(evaluated_run):

@@ -357,7 +357,7 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     sweep = pd.read_csv(out / "sweep.csv")
     assert set(sweep["label"]) == set(names[3:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
     assert {p.name for p in (out / "figures").iterdir()} == {"metrics.png", "change.png",
-                                                           "psnr_vs_years.png", "age_sweep.png"}
+                                                           "psnr_vs_years.png", "age_sweep.png", "change_all.png"}
 
 
 def test_the_aging_variant_keeps_what_the_years_change_and_cancels_what_the_model_changes_at_zero_years():

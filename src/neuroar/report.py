@@ -59,6 +59,9 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
     sweep = compare.with_diagnosis(pd.read_csv(evaluation / "sweep.csv", dtype={"subject_id": str}), run_dir)
     names = compare.display_names(per_pair)
     region = str(summary["region"].iloc[0])
+    figures = evaluation / "figures"
+    if not all((figures / f"{name}.png").is_file() for name in compare.FIGURES if name != "age_sweep" or len(sweep)):
+        compare.plot_all(per_pair, sweep, region, figures)  # an evaluation written before one of them existed
 
     subjects = []
     for pair in shown.to_dict("records"):
@@ -73,7 +76,7 @@ def build_report(run_dir: str | Path, pairs_shown: int = 3, seed: int = 0) -> Pa
         sections += ["<h2>A held-out subject</h2>", _subject(*subjects[0][::2])]
     sections += ["<h2>Evaluation</h2>", evaluation_tables((evaluation / "summary.md").read_text(), summary, names,
                                                           per_pair, split),
-                 "<h2>Figures</h2>", evaluation_figures(per_pair, sweep, region, names)]
+                 "<h2>Figures</h2>", evaluation_figures(figures, per_pair, sweep, region)]
     if len(subjects) > 1:
         sections += ["<h2>More held-out subjects</h2>", *(_subject(pair, figure) for pair, _, figure in subjects[1:])]
     if subjects:
@@ -181,40 +184,40 @@ def evaluation_tables(text: str, summary: pd.DataFrame, names: dict[str, str], p
             f"({summary['label'].nunique()} outputs)</summary>{markdown_html(text)}</details>")
 
 
-def evaluation_figures(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str, names: dict[str, str]) -> str:
-    """The evaluation's figures of the compared outputs, each with its caption; the change of every output a click
-    away."""
-    labels, words = compare.compared_labels(per_pair), _words(region)
+def evaluation_figures(folder: Path, per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str) -> str:
+    """The evaluation's figures of the compared outputs (FOLDER/*.png, as `compare.plot_all` drew them), each with
+    its caption; the change of every output a click away."""
+    words = _words(region)
     diagnosis = " Colour: the subject's diagnosis." if "diagnosis" in per_pair else ""
-    out = [_figure(compare.change_figure(per_pair, region, labels, names),
-                   f"Predicted against true {words} change (mL) per held-out pair, one panel per output. The black "
-                   "diagonal (y = x) is a perfect forecast, the dotted line copy's (no change). Every panel has the "
-                   "same ranges: the true changes' across, and up to the largest true change in either direction up, "
-                   "so a change in the wrong direction shows and no output's outliers squeeze the others; a "
-                   "prediction beyond the range sits on the border as a triangle and the panel's title counts them. "
-                   f"r: Pearson correlation; MAE: mean absolute error of the change.{diagnosis}")]
+    out = [_image(folder / "change.png",
+                  f"Predicted against true {words} change (mL) per held-out pair, one panel per output. The black "
+                  "diagonal (y = x) is a perfect forecast, the dotted line copy's (no change). Every panel has the "
+                  "same ranges: the true changes' across, and up to the largest true change in either direction up, "
+                  "so a change in the wrong direction shows and no output's outliers squeeze the others; a "
+                  "prediction beyond the range sits on the border as a triangle and the panel's title counts them. "
+                  f"r: Pearson correlation; MAE: mean absolute error of the change.{diagnosis}")]
     if len(sweep):
-        out.append(_figure(compare.sweep_figure(sweep, per_pair, region, labels, names),
-                           f"Age sweep: each swept subject's first scan predicted {sweep['years'].min():g} to "
-                           f"{sweep['years'].max():g} years "
-                           f"ahead, the predicted {words} change since that scan (mL) against the years, one panel per "
-                           "model output; dashed: the true change's mean rate over the held-out pairs. The title "
-                           f"counts the subjects whose predicted {words} moves the truth's way at every step. Every "
-                           "panel shows up to 1.5 times the truth's change at the last step in either direction; "
-                           f"a curve beyond it leaves the panel.{diagnosis}"))
-    out += [_figure(compare.psnr_figure(per_pair, labels, names),
-                    "PSNR (dB) inside the brain mask of each held-out pair's prediction against its true follow-up, "
-                    "against the years between the scans, one panel per output on one range; grey: copy's pairs. "
-                    "Every forecast worsens with the years; a model that has learned aging should fall less than "
-                    "copy."),
-            _figure(compare.metrics_figure(per_pair, labels, names),
-                    "Image metrics inside the brain mask per output over the held-out pairs (box: quartiles, "
-                    "whiskers: 1.5 times the interquartile range, circles: pairs beyond); dashed: copy's median."),
+        out.append(_image(folder / "age_sweep.png",
+                          f"Age sweep: each swept subject's first scan predicted {sweep['years'].min():g} to "
+                          f"{sweep['years'].max():g} years "
+                          f"ahead, the predicted {words} change since that scan (mL) against the years, one panel per "
+                          "model output; dashed: the true change's mean rate over the held-out pairs. The title "
+                          f"counts the subjects whose predicted {words} moves the truth's way at every step. Every "
+                          "panel shows up to 1.5 times the truth's change at the last step in either direction; "
+                          f"a curve beyond it leaves the panel.{diagnosis}"))
+    out += [_image(folder / "psnr_vs_years.png",
+                   "PSNR (dB) inside the brain mask of each held-out pair's prediction against its true follow-up, "
+                   "against the years between the scans, one panel per output on one range; grey: copy's pairs. "
+                   "Every forecast worsens with the years; a model that has learned aging should fall less than "
+                   "copy."),
+            _image(folder / "metrics.png",
+                   "Image metrics inside the brain mask per output over the held-out pairs (box: quartiles, "
+                   "whiskers: 1.5 times the interquartile range, circles: pairs beyond); dashed: copy's median."),
             "<details><summary>The change of every output</summary>"
-            + _figure(compare.change_figure(per_pair, region, list(per_pair["label"].unique()), names),
-                      "As the first figure, for every output the evaluation scored (the models' decoded predictions "
-                      "and tokenizer-copy as well): these carry the tokenizer's or the autoencoder's reconstruction "
-                      "error as change, which is why +aging and +detail exist.") + "</details>"]
+            + _image(folder / "change_all.png",
+                     "As the first figure, for every output the evaluation scored (the models' decoded predictions "
+                     "and tokenizer-copy as well): these carry the tokenizer's or the autoencoder's reconstruction "
+                     "error as change, which is why +aging and +detail exist.") + "</details>"]
     return "\n".join(out)
 
 
@@ -355,6 +358,15 @@ def _figure(figure: Figure, caption: str) -> str:
     """A figure inlined as PNG, at a page's width, with its caption."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=compare.FIGURE_DPI)
-    png = base64.b64encode(buffer.getvalue()).decode()
-    return (f"<figure><img alt='{html.escape(caption, quote=True)}' src='data:image/png;base64,{png}'>"
+    return _png(buffer.getvalue(), caption)
+
+
+def _image(path: Path, caption: str) -> str:
+    """A PNG file inlined as `_figure` inlines a figure."""
+    return _png(path.read_bytes(), caption)
+
+
+def _png(png: bytes, caption: str) -> str:
+    return (f"<figure><img alt='{html.escape(caption, quote=True)}' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")

@@ -440,14 +440,18 @@ def with_diagnosis(frame: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
     return frame.assign(diagnosis=pd.Categorical(frame["subject_id"].astype(str).map(first), categories=order))
 
 
+FIGURES = ("change", "age_sweep", "psnr_vs_years", "metrics", "change_all")  # FOLDER/NAME.png, see `plot_all`
+
+
 def plot_all(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str, folder: Path) -> None:
-    """FOLDER/metrics.png, change.png, psnr_vs_years.png and (with a sweep) age_sweep.png, of the compared
-    outputs."""
+    """FOLDER/metrics.png, change.png, psnr_vs_years.png and (with a sweep) age_sweep.png of the compared outputs,
+    and change_all.png of every output; the report shows these files."""
     folder.mkdir(parents=True, exist_ok=True)
     labels, names = compared_labels(per_pair), display_names(per_pair)
     figures = {"metrics": metrics_figure(per_pair, labels, names),
                "change": change_figure(per_pair, region, labels, names),
-               "psnr_vs_years": psnr_figure(per_pair, labels, names)}
+               "psnr_vs_years": psnr_figure(per_pair, labels, names),
+               "change_all": change_figure(per_pair, region, list(per_pair["label"].unique()), names)}
     if len(sweep):
         figures["age_sweep"] = sweep_figure(sweep, per_pair, region, labels, names)
     for name, figure in figures.items():
