@@ -66,13 +66,20 @@ class ScanSequences:
             features.append(torch.cat([flatten(f) for f in earlier_scale_features(quantizer, part, earlier)], 1))
         return cls(torch.cat([t.flatten(1) for t in tokens], 1), torch.cat(inputs), torch.cat(features))
 
+    def targets(self, pairs: pd.DataFrame, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unchanged tokens (the earlier scan's) and the target tokens of the chosen pairs, (B, L) each."""
+        chosen = pairs.iloc[rows]
+        earlier, later = (torch.as_tensor(chosen[column].to_numpy(copy=True))
+                          for column in ("earlier_index", "later_index"))
+        return self.tokens_NL[earlier], self.tokens_NL[later]
+
     def batch(self, pairs: pd.DataFrame, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
         chosen = pairs.iloc[rows]
         earlier = torch.as_tensor(chosen["earlier_index"].to_numpy(copy=True))
         later = torch.as_tensor(chosen["later_index"].to_numpy(copy=True))
+        unchanged, tokens = self.targets(pairs, rows)
         return {"target_inputs": self.inputs_NLC[later].to(device), "earlier": self.earlier_NLC[earlier].to(device),
-                "earlier_tokens": self.tokens_NL[earlier].to(device), "tokens": self.tokens_NL[later].to(device),
-                **_conditions(chosen, device)}
+                "earlier_tokens": unchanged.to(device), "tokens": tokens.to(device), **_conditions(chosen, device)}
 
 
 @dataclass
@@ -97,11 +104,17 @@ class ChangeSequences:
         return cls(tokenizer.quantizer, latents_NCdhw, torch.cat([t.flatten(1) for t in tokens], 1),
                    {key: i for i, key in enumerate(keys)}, torch.cat([t.flatten(1) for t in unchanged], 1)[0])
 
+    def targets(self, pairs: pd.DataFrame, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens of no change and the chosen pairs' change tokens, (B, L) each."""
+        chosen = pairs.iloc[rows]
+        tokens_BL = self.tokens_PL[[self.row[key] for key in zip(chosen["earlier_index"], chosen["later_index"])]]
+        return self.unchanged_L.expand(len(rows), -1), tokens_BL
+
     @torch.no_grad()
     def batch(self, pairs: pd.DataFrame, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
         chosen = pairs.iloc[rows]
         earlier = torch.as_tensor(chosen["earlier_index"].to_numpy(copy=True))
-        tokens_BL = self.tokens_PL[[self.row[key] for key in zip(chosen["earlier_index"], chosen["later_index"])]]
+        unchanged_BL, tokens_BL = self.targets(pairs, rows)
         maps, start = [], 0
         for d, h, w in self.quantizer.scales:
             maps.append(tokens_BL[:, start:start + d * h * w].view(-1, d, h, w))
@@ -109,7 +122,7 @@ class ChangeSequences:
         features = earlier_latent_features(self.quantizer.scales, self.latents_NCdhw[earlier])
         return {"target_inputs": teacher_forcing_sequence(self.quantizer, maps).to(device),
                 "earlier": torch.cat([flatten(f) for f in features], 1).to(device),
-                "earlier_tokens": self.unchanged_L.expand(len(rows), -1).to(device), "tokens": tokens_BL.to(device),
+                "earlier_tokens": unchanged_BL.to(device), "tokens": tokens_BL.to(device),
                 **_conditions(chosen, device)}
 
 
@@ -223,9 +236,9 @@ def token_statistics(model: NeuroAR, sequences: ScanSequences | ChangeSequences,
     distribution of a model that reads nothing of the pair."""
     equal, targets = [], []
     for start in range(0, len(pairs), chunk):
-        batch = sequences.batch(pairs, list(range(start, min(start + chunk, len(pairs)))), torch.device("cpu"))
-        equal.append((batch["earlier_tokens"] == batch["tokens"]).float())
-        targets.append(batch["tokens"])
+        unchanged_BL, tokens_BL = sequences.targets(pairs, list(range(start, min(start + chunk, len(pairs)))))
+        equal.append((unchanged_BL == tokens_BL).float())
+        targets.append(tokens_BL)
     equal_NL, targets_NL = torch.cat(equal), torch.cat(targets)
     copy, log_priors = [], []
     for start, length in zip(model.starts, model.lengths):
@@ -245,10 +258,13 @@ def per_scale_metrics(model: NeuroAR, logits_BLV: torch.Tensor, tokens_BL: torch
     code frequencies (`token_statistics`), their cross-entropy per scale (`scaleK_prior_loss`): where most tokens
     are kept, top-1 accuracy cannot tell a model from copy, but a cross-entropy under the frequencies' is what
     it learnt of the pair (where the tokens change, and to what)."""
-    loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), tokens_BL, reduction="none")
+    # Over the flattened tokens: on a CPU 3.6x faster than over (B, V, L) (8 pairs of 22,657 tokens: 0.27 s / 0.99 s).
+    loss_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), tokens_BL.flatten(),
+                              reduction="none").view_as(tokens_BL)
     correct_BL = (logits_BLV.argmax(-1) == tokens_BL).float()
     copied_BL = (earlier_tokens_BL == tokens_BL).float()
-    metrics = {"accuracy": correct_BL.mean().item(), "copy_accuracy": copied_BL.mean().item()}
+    metrics = {"loss": loss_BL.mean().item(), "accuracy": correct_BL.mean().item(),
+               "copy_accuracy": copied_BL.mean().item()}
     for k, (start, length) in enumerate(zip(model.starts, model.lengths)):
         metrics[f"scale{k}_loss"] = loss_BL[:, start:start + length].mean().item()
         metrics[f"scale{k}_accuracy"] = correct_BL[:, start:start + length].mean().item()
@@ -282,8 +298,7 @@ def evaluate_teacher_forced(model: NeuroAR, sequences: ScanSequences | ChangeSeq
         batch = sequences.batch(pairs, rows, device)
         logits = model(batch["target_inputs"], batch["earlier"], batch["earlier_tokens"], batch["earlier_age"],
                        batch["target_age"], diagnosis_B=batch["diagnosis"])
-        values = {"loss": F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten()).item(),
-                  **per_scale_metrics(model, logits, batch["tokens"], batch["earlier_tokens"], log_priors)}
+        values = per_scale_metrics(model, logits, batch["tokens"], batch["earlier_tokens"], log_priors)
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value * len(rows) / len(pairs)
         gains.append(gains_over_copy(model, logits, batch["tokens"], batch["earlier_tokens"]).cpu())
