@@ -83,6 +83,14 @@ DESIGNS = {
                           "transformer.earlier=latent", "tokenizer.dead_zone=1.0"]),
 }
 REGIONS = ("ventricles", "grey_matter")
+# What a table's reader must know beyond its rows, by the table's file name.
+NOTES = {"TOKEN_SPACE.md": ["On `runs/demo` (`make demo`'s run). Change-twice-shortcut-dz1-750-lr3 and the rows after "
+                            "it trained beside other jobs. Learning rate: the demo config's of the time, 0.001, for "
+                            "every row but those that name train_tokenizer.lr=0.003 (the demo's since).", ""],
+         "TOKEN_SPACE_ADOLESCENT.md": [
+             "On the study's adolescent cohort, denoised: `neuroar study data.denoise=true --out runs/study-dn "
+             "--cohorts adolescent` (150 subjects x 4 visits, 180 test pairs; grey matter is what ages there). "
+             "Learning rate 0.003, the run's. Row dz1 is the study's tokenizer (the demo config's).", ""]}
 PROBE_STEPS = 4
 
 
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         row = args.row or name
         measured = measure(args.run, name, args.seconds, args.out / row, args.steps, args.set)
         # Read the table again just before writing: another invocation may have added rows meanwhile.
-        results = _load(args.table.with_name("results") / "token_space.json") | {row: measured}
+        results = _load(_results_path(args.table)) | {row: measured}
         _write(results, args)
         print(json.dumps(measured), flush=True)
     return 0
@@ -193,12 +201,17 @@ def _unquantized(row: dict, region: str) -> str:
     return f"{row[f'{region}_latent_carried']:.0%} ({row[f'{region}_latent_r']:.2f})"
 
 
+def _results_path(table: Path) -> Path:
+    """The numbers behind a table: benchmarks/results/<table's name>.json (token_space.json for TOKEN_SPACE.md)."""
+    return table.with_name("results") / f"{table.stem.lower()}.json"
+
+
 def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _write(results: dict, args: argparse.Namespace) -> None:
-    json_path = args.table.with_name("results") / "token_space.json"
+    json_path = _results_path(args.table)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     frame = pd.DataFrame([{"name": name, **row} for name, row in results.items()])
@@ -206,15 +219,14 @@ def _write(results: dict, args: argparse.Namespace) -> None:
     lines = ["# The token space's yardstick", "",
              "What the tokenizer-oracle carries of the true change on the test pairs, per tokenizer design trained "
              "from scratch for the steps in its row (a step is 2 scans, or 2 pairs for the change designs); no "
-             f"transformer. Written by `python benchmarks/token_space.py RUN {budget} --designs ...` (see its "
+             f"transformer. Written by `python benchmarks/token_space.py {args.run} {budget} --designs ...` (see its "
              "docstring; the last invocation's budget shown); "
-             "numbers in results/token_space.json. carried = oracle mean change / true mean change; r: Pearson with "
+             f"numbers in results/{json_path.name}. carried = oracle mean change / true mean change; r: Pearson with "
              "the true change; PSNR: tokenizer-copy in the brain; unquantized: the same oracle from the continuous "
              "latents, what the design's encoder and decoder carry (carried, r); train s: the wall seconds of its "
              "training where it "
-             "ran (compare them within one table only; change-twice-shortcut-dz1-750-lr3 and the rows after it "
-             "trained beside other jobs). Learning rate: the demo config's of the time, 0.001, for every row but "
-             "those that name train_tokenizer.lr=0.003 (the demo's since).", "",
+             "ran (compare them within one table only). Every setting a row does not name is the run's config's "
+             f"(`{args.run}/config.yaml`, from the design's scan-coding base).", "", *NOTES.get(args.table.name, []),
              ""]
     rows = [[row["name"], row["design"], "x".join(map(str, row["latent"])), f"{row['tokens']:,}", row["steps"],
              f"{row['train_seconds']:.0f}", f"{row['psnr_brain']:.2f}", f"{row['ventricles_r']:.2f}",
