@@ -90,7 +90,8 @@ NOTES = {"TOKEN_SPACE.md": ["On `runs/demo` (`make demo`'s run). Change-twice-sh
          "TOKEN_SPACE_ADOLESCENT.md": [
              "On the study's adolescent cohort, denoised: `neuroar study data.denoise=true --out runs/study-dn "
              "--cohorts adolescent` (150 subjects x 4 visits, 180 test pairs; grey matter is what ages there). "
-             "Learning rate 0.003, the run's. Row dz1 is the study's tokenizer (the demo config's).", ""]}
+             "Learning rate 0.003, the run's. Row dz1 is the study's tokenizer (the demo config's): it gives the "
+             "study run's own oracle to the digit. Rows dz1 and rate0.1 trained beside another job.", ""]}
 PROBE_STEPS = 4
 
 
