@@ -91,7 +91,10 @@ NOTES = {"TOKEN_SPACE.md": ["On `runs/demo` (`make demo`'s run). Change-twice-sh
              "On the study's adolescent cohort, denoised: `neuroar study data.denoise=true --out runs/study-dn "
              "--cohorts adolescent` (150 subjects x 4 visits, 180 test pairs; grey matter is what ages there). "
              "Learning rate 0.003, the run's. Row dz1 is the study's tokenizer (the demo config's): it gives the "
-             "study run's own oracle to the digit. Rows dz1 and rate0.1 trained beside another job.", ""],
+             "study run's own oracle to the digit. Rows dz1 and rate0.1 trained beside another job. Rows dz1-last2 "
+             "and rate0.1 ran two options of commit ba7a843, removed since (neither carried more): "
+             "`tokenizer.dead_zone_scales` (the dead zone on the last N scales only) and `tokenizer.rate` (a code's "
+             "price grows by rate x -ln of its share of use: entropy-constrained quantization).", ""],
          "TOKEN_SPACE_ELDERLY.md": [
              "On the study's elderly cohort as the study makes it: `neuroar study --out runs/study-time --cohorts "
              "elderly` (stopped after its NeuroAR models; 150 subjects x 4 visits, 180 test pairs). Learning rate "

@@ -128,37 +128,6 @@ def test_the_zero_code_stays_zero_and_the_dead_zone_leaves_small_changes_out():
     assert kept["sparse"] > 0.6  # most of the change is kept
 
 
-def test_a_dead_zone_on_the_last_scales_only_codes_a_weak_coherent_change_at_the_coarse_ones():
-    torch.manual_seed(0)
-    scales = ((1, 1, 1), (2, 2, 2), (4, 4, 4))
-    shift_C = torch.full((8,), 0.2)  # energy 0.32: below the dead zone's unit (1.0), coherent everywhere
-    change = shift_C[None, :, None, None, None] + 0.05 * torch.randn(2, 8, 4, 4, 4)
-    first_tokens = {}
-    for scales_in_dead_zone in (0, 1):  # all scales, the last one only
-        quantizer = MultiScaleQuantizer(32, 8, scales, zero_code=True, dead_zone=1.0,
-                                        dead_zone_scales=scales_in_dead_zone).eval()
-        quantizer.codebook.weight.data[1] = shift_C
-        tokens = quantizer.encode(change)
-        first_tokens[scales_in_dead_zone] = tokens[0]
-        assert (tokens[-1] == 0).all()  # what is left at the last scale is noise: inside the dead zone
-    assert (first_tokens[0] == 0).all()  # the whole change lost
-    assert (first_tokens[1] == 1).all()  # the coarse scale codes it
-
-
-def test_a_rate_prefers_a_code_used_often_to_a_rare_one_a_little_closer():
-    scales = ((2, 2, 2),)
-    common_C, rare_C = torch.full((8,), 1.0), torch.full((8,), 1.2)
-    change = torch.full((1, 8, 2, 2, 2), 1.15)  # nearer the rare code (distance^2 0.02 against 0.18)
-    chosen = {}
-    for rate in (0.0, 0.1):
-        quantizer = MultiScaleQuantizer(32, 8, scales, zero_code=True, rate=rate).eval()
-        quantizer.codebook.weight.data[1], quantizer.codebook.weight.data[2] = common_C, rare_C
-        quantizer.usage.fill_(0.1)
-        quantizer.usage[1] = 28.0  # code 1 takes 90 % of the use; code 2 as rarely as the others
-        chosen[rate] = quantizer.encode(change)[0]
-    assert (chosen[0.0] == 2).all() and (chosen[0.1] == 1).all()
-
-
 def test_the_cache_and_every_path_give_a_pair_the_same_tokens_and_no_change_the_earlier_scan(tokenized):
     config = load_config(tokenized / "config.yaml")
     tokenizer = load_tokenizer(tokenized, config)
@@ -217,7 +186,6 @@ def test_neuroar_trains_on_change_tokens_and_predicts_the_earlier_scan_when_it_p
     (["tokenizer.code=scan", "tokenizer.dead_zone=0", "transformer.earlier=tokens", "train_tokenizer.change_weight=1"],
      "train_tokenizer.change_weight"),
     (["tokenizer.code=scan", "train_tokenizer.change_weight=0", "transformer.earlier=tokens"], "tokenizer.dead_zone"),
-    (["tokenizer.dead_zone_scales=7"], "tokenizer.dead_zone_scales"),  # the demo has 6 scales
 ])
 def test_settings_that_do_not_go_together_are_refused(overrides, message):
     with pytest.raises(NeuroARError, match=message):

@@ -82,13 +82,6 @@ class TokenizerConfig:
     # closer by more than dead_zone x the mean energy of change vectors, so that the tokens leave out the small,
     # unpredictable part of a change (the two scans' noise). 0: plain nearest code.
     dead_zone: float = 0.0
-    # Code "change" only: a code's price also grows by rate x its information (-ln of its share of use), in the
-    # same unit: frequent kinds of change are cheap, rare ones (noise patterns) dear. 0: off.
-    rate: float = 0.0
-    # The dead zone and the rate on the last `dead_zone_scales` scales only (0: all). Their unit is a
-    # full-resolution change vector's energy, mostly the scans' noise, which a coarse scale's averaged change
-    # never reaches.
-    dead_zone_scales: int = 0
     # A linear path around encoder and decoder (1x1x1 convolutions from the folded patches to the latent and from
     # the latent back), so that each patch's voxels can pass through linearly and a decoded change keeps its
     # edges. Needs the latent on the patch grid (downsample == patch).
@@ -120,11 +113,6 @@ class TokenizerConfig:
             fail(f"{key}.code", f"must be one of {', '.join(CODES)}, got {self.code!r}.")
         if self.dead_zone < 0 or (self.dead_zone and self.code != "change"):
             fail(f"{key}.dead_zone", f"must be >= 0, and 0 unless code is change; got {self.dead_zone}.")
-        if self.rate < 0 or (self.rate and self.code != "change"):
-            fail(f"{key}.rate", f"must be >= 0, and 0 unless code is change; got {self.rate}.")
-        if not 0 <= self.dead_zone_scales <= len(self.scales):
-            fail(f"{key}.dead_zone_scales", f"must be between 0 (all scales) and the {len(self.scales)} scales; got "
-                                            f"{self.dead_zone_scales}.")
 
 
 @dataclass

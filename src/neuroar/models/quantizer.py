@@ -26,10 +26,6 @@ refinements have no bias, so "nothing changed here" is token 0 at every scale an
 With `dead_zone` > 0 a vector takes token 0 unless another code brings it closer by more than dead_zone times
 the mean energy of the change vectors (an EMA over training): the small, unpredictable part of a change (the
 two scans' noise) is left out of the tokens, which then say where something changed, the part a model can learn.
-With `rate` > 0 a code's price also grows with its information, -ln of its share of use (entropy-constrained
-quantization): the tokens then favour the few kinds of change seen often, the part a model can predict, over a
-code for every noise pattern. With `dead_zone_scales` > 0 both act on the last that many scales only: the unit is
-a full-resolution vector's energy, mostly noise, which a coarse scale's averaged (coherent) change never reaches.
 
 Several processes: the trainer hands the quantizer two functions (`connect`): one that gathers the global
 batch, so that initialisation and restarts see what one process would see, and one that broadcasts rank 0's
@@ -63,7 +59,7 @@ def _float32(x: torch.Tensor):
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, scales: tuple[Shape3, ...], beta: float = 0.25,
                  phi_mix: float = 0.5, usage_decay: float = 0.95, dead_usage: float = 0.03, zero_code: bool = False,
-                 dead_zone: float = 0.0, dead_zone_scales: int = 0, rate: float = 0.0):
+                 dead_zone: float = 0.0):
         super().__init__()
         self.scales = tuple(tuple(s) for s in scales)
         self.latent = self.scales[-1]
@@ -72,15 +68,12 @@ class MultiScaleQuantizer(nn.Module):
         self.codebook = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.phis = nn.ModuleList(nn.Conv3d(dim, dim, 3, padding=1, bias=not zero_code) for _ in self.scales)
-        self.zero_code, self.dead_zone, self.rate = zero_code, dead_zone, rate
-        # The scales the dead zone and the rate act on: the last `dead_zone_scales` (0: all).
-        self.dead_zone_from = len(self.scales) - dead_zone_scales if dead_zone_scales else 0
+        self.zero_code, self.dead_zone = zero_code, dead_zone
         keep = torch.ones(codebook_size)
         if zero_code:
             keep[0] = 0.0
         self.register_buffer("keep", keep, persistent=False)  # 0 for the pinned zero code
-        # EMA of a change vector's squared norm (the unit of dead_zone and rate); kept in checkpoints of change coders
-        # only.
+        # EMA of a change vector's squared norm (dead_zone's unit); kept in checkpoints of change coders only.
         self.register_buffer("energy", torch.ones(()), persistent=zero_code)
         self.usage_decay, self.dead_usage = usage_decay, dead_usage
         # EMA of each code's share of use, relative to uniform use (1.0 = used as often as 1/V of tokens).
@@ -118,7 +111,7 @@ class MultiScaleQuantizer(nn.Module):
         updates = self.training and not f_BCdhw.is_meta
         if updates and not bool(self.initialized):
             self._initialize(f_global)
-        if updates and self.priced:
+        if updates and self.dead_zone > 0:
             with torch.no_grad():
                 self.energy.mul_(self.usage_decay).add_((1 - self.usage_decay) * f_global.square().sum(1).mean())
         f_hats, tokens, residuals_NC = self._quantize(f_detached)
@@ -150,7 +143,7 @@ class MultiScaleQuantizer(nn.Module):
         f_hat, f_hats, tokens, residuals = None, [], [], []
         for k, scale in enumerate(self.scales):
             z_BCdhw = area_down(f_BCdhw if f_hat is None else f_BCdhw - f_hat.detach(), scale)
-            idx_Bdhw = self._nearest(z_BCdhw, priced=self.priced and k >= self.dead_zone_from)
+            idx_Bdhw = self._nearest(z_BCdhw)
             f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
             f_hats.append(f_hat)
             tokens.append(idx_Bdhw)
@@ -201,33 +194,17 @@ class MultiScaleQuantizer(nn.Module):
             stats[f"scale{k}_perplexity"] = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
         return stats
 
-    @property
-    def priced(self) -> bool:
-        """Whether a code costs more than its distance (a change coder's dead zone or rate)."""
-        return self.zero_code and (self.dead_zone > 0 or self.rate > 0)
-
-    def _nearest(self, z_BCdhw: torch.Tensor, priced: bool = False, chunk: int = 8192) -> torch.Tensor:
-        """The nearest code of every vector, each code's price added where `priced`. |z|^2 is the same for every
-        code of a row and left out; rows go in chunks whose (chunk, V) distances stay in cache (6x faster on a CPU
-        than one (N, V) matrix)."""
+    def _nearest(self, z_BCdhw: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """The nearest code of every vector. |z|^2 is the same for every code of a row and left out; rows go in
+        chunks whose (chunk, V) distances stay in cache (6x faster on a CPU than one (N, V) matrix)."""
         B, C, d, h, w = z_BCdhw.shape
         z_NC = z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, C)
         codes_VC = self.codes
         cost_V = codes_VC.square().sum(1)
-        if priced:
-            cost_V = cost_V + self.energy * self.price_V()
+        if self.zero_code and self.dead_zone > 0:  # any code but zero must be worth its cost
+            cost_V = cost_V + self.dead_zone * self.energy * (torch.arange(len(cost_V), device=cost_V.device) > 0)
         nearest = [torch.addmm(cost_V, part_nC, codes_VC.T, alpha=-2).argmin(dim=1) for part_nC in z_NC.split(chunk)]
         return torch.cat(nearest).view(B, d, h, w)
-
-    def price_V(self) -> torch.Tensor:
-        """Each code's price in units of the change energy: dead_zone for every code but zero, and rate x the
-        information of the code (-ln of its share of use), so that a code used often (nothing changed, a kind of
-        change seen in many places) is cheap and a rare one (noise, each unlike the others) dear."""
-        price_V = self.dead_zone * (torch.arange(len(self.usage), device=self.usage.device) > 0)
-        if self.rate > 0:
-            share_V = (self.usage / self.usage.sum()).clamp_min(1e-6)
-            price_V = price_V - self.rate * share_V.log()
-        return price_V
 
     @torch.no_grad()
     def _initialize(self, f_BCdhw: torch.Tensor) -> None:
