@@ -4,6 +4,7 @@ repeats to the same numbers on the same checkpoints."""
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,18 @@ def test_a_cohorts_change_figure_is_a_grid_of_the_compared_outputs_coloured_by_d
     assert [text.get_text() for text in figure.legends[0].get_texts()] == [*diagnoses, "no change"]
     assert figure.get_suptitle() == "elderly: 6 test pairs"
     assert panels[0].get_xlabel() == "" and figure.get_supxlabel() == "true ventricles change (mL)"
+
+
+def test_a_cohort_interrupted_mid_study_keeps_the_seconds_of_the_stages_it_ran(tmp_path, monkeypatch):
+    """A study that takes longer than a sitting runs in pieces: each stage's seconds are written as it ends (the
+    interrupted one's too), so the cost in results/ is what the pieces took, not the last piece's."""
+    def interrupted(*args, **kwargs):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("neuroar.train.tokenizer.train_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tmp_path, ["adolescent"], subjects=5, visits=2, overrides=TINY_STUDY)
+    seconds = json.loads((tmp_path / "adolescent" / "stage_seconds.json").read_text())
+    assert set(seconds) == {"synthetic cohort", "validate, split, preprocess", "tokenizer"}
+    assert seconds["synthetic cohort"] > 0 and seconds["tokenizer"] >= 0.2

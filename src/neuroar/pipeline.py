@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,12 +98,13 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, seed: int =
 
 
 def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: dict[str, Sequence[str]] | None = None,
-               retrain: bool = False) -> tuple[Dataset, dict[str, float]]:
+               retrain: bool = False, on_stage: Callable[[str, float], None] | None = None
+               ) -> tuple[Dataset, dict[str, float]]:
     """Every stage on a synthetic cohort into one run folder: the cohort (OUT/cohort), preprocessing, tokenizer,
     tokens, NeuroAR, each of `variants` (more NeuroAR models on the same tokens, name -> config overrides, e.g.
     an ablation), the config's baselines (their autoencoder and latents first), the evaluation of all of them,
     the brain-age experiment (with every model's synthetic scans) and the report. Returns the dataset and each
-    stage's seconds.
+    stage's seconds; `on_stage(name, seconds)` is called as each stage ends, or stops on an error or an interrupt.
 
     Every stage resumes: the cohort is kept when its options did not change, preprocessing, tokens and
     latents are cached by content, training continues from its last checkpoint (a finished run is not
@@ -125,9 +126,12 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
     def stage(name: str, work):
         print(f"== {name}")
         start = time.perf_counter()
-        result = work()
-        timings[name] = time.perf_counter() - start
-        return result
+        try:
+            return work()
+        finally:
+            timings[name] = time.perf_counter() - start
+            if on_stage:
+                on_stage(name, timings[name])
 
     cohort_dir = out_dir / "cohort"
 

@@ -17,9 +17,10 @@ then both cohorts' results side by side in OUT/results:
 A study may run its cohorts one invocation at a time (`--cohorts elderly`, later `--cohorts adolescent`, on the
 same OUT): OUT/results keeps the rows of the cohorts an invocation did not run.
 
-Each cohort's OUT/COHORT/stage_seconds.json sums each stage's seconds over the invocations that finished the
-cohort, so that re-running a finished study (which skips what is done) does not replace its cost by seconds;
-an invocation interrupted mid-cohort adds nothing.
+Each cohort's OUT/COHORT/stage_seconds.json sums each stage's seconds over every invocation, written as each stage
+ends: a re-run that skips what is done adds seconds, not replaces the cost by them, and a study run in pieces (a
+stage interrupted by Ctrl-C adds the seconds it ran, and its training resumes from its last checkpoint) costs what
+it took, a little more than one run at once. A process killed outright loses its unfinished stage's seconds.
 
 Per cohort: NeuroAR, its ablation without the earlier scan, NeuroAR conditioned on diagnosis as well (in a cohort
 with more than one diagnosis), LDM, latent StarGAN, copy, tokenizer-copy and the tokenizer-oracle, all on the
@@ -29,6 +30,7 @@ same pairs. The models are the demo's (4 mm); the cohorts are three times the de
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -86,10 +88,8 @@ def run_study(out_dir: str | Path = "runs/study", cohorts: Sequence[str] = tuple
         run_dir = out_dir / cohort
         config = load_config("demo", [f"seed={seed}", f"data.cache_dir={run_dir / 'cache'}", *STUDY, *overrides])
         options = SynthOptions(subjects=subjects, visits=visits, cohort=cohort, seed=seed)
-        _, timings = run_cohort(run_dir, config, options, variants(cohort), retrain=retrain)
-        # Summed over the invocations that finished the cohort: a re-run that skips finished stages adds seconds.
-        spent = _stage_seconds(run_dir)
-        write_json(run_dir / "stage_seconds.json", {k: spent.get(k, 0.0) + v for k, v in timings.items()})
+        run_cohort(run_dir, config, options, variants(cohort), retrain=retrain,
+                   on_stage=functools.partial(_add_stage_seconds, run_dir))
     command = ["neuroar", "study", "--out", str(out_dir), "--cohorts", *cohorts, "--subjects", str(subjects),
                "--visits", str(visits), "--seed", str(seed), *overrides]
     return write_results(out_dir, cohorts, " ".join(command))
@@ -123,7 +123,7 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
                   _markdown(models[models["cohort"] == cohort].drop(columns="cohort")), "",
                   f"Change: predicted against true change of the {region.replace('_', ' ')} (mL) over the test pairs.",
                   "", _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
-                  "Seconds per stage, longest first (summed over the invocations that finished the cohort; "
+                  "Seconds per stage, longest first (summed over the invocations that ran the cohort; "
                   f"{sum(seconds.values()) / 60:.0f} min in all): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])), ""]
     write_text(results / "results.md", "\n".join(lines))
@@ -160,6 +160,11 @@ def _read_json(path: Path) -> dict:
 
 def _stage_seconds(run_dir: Path) -> dict[str, float]:
     return _read_json(run_dir / "stage_seconds.json")
+
+
+def _add_stage_seconds(run_dir: Path, stage: str, seconds: float) -> None:
+    spent = _stage_seconds(run_dir)
+    write_json(run_dir / "stage_seconds.json", spent | {stage: spent.get(stage, 0.0) + seconds})
 
 
 def model_table(run_dir: Path, cohort: str) -> pd.DataFrame:
