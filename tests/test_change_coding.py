@@ -185,7 +185,8 @@ def test_neuroar_trains_on_change_tokens_and_predicts_the_earlier_scan_when_it_p
     (["tokenizer.code=delta"], "tokenizer.code"),
     (["tokenizer.code=scan", "tokenizer.dead_zone=0", "transformer.earlier=tokens", "train_tokenizer.change_weight=1"],
      "train_tokenizer.change_weight"),
-    (["tokenizer.code=scan", "train_tokenizer.change_weight=0", "transformer.earlier=tokens"], "tokenizer.dead_zone"),
+    (["tokenizer.code=scan", "tokenizer.dead_zone=1", "train_tokenizer.change_weight=0", "transformer.earlier=tokens"],
+     "tokenizer.dead_zone"),
 ])
 def test_settings_that_do_not_go_together_are_refused(overrides, message):
     with pytest.raises(NeuroARError, match=message):
