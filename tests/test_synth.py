@@ -1,5 +1,7 @@
 """The synthetic cohort: literature rates measured back from its label maps, truth, determinism, figures."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -11,10 +13,12 @@ from conftest import COHORT_OPTIONS
 from neuroar.data.atlas import CLASSES, load_anatomy
 from neuroar.data.bids import discover_bids
 from neuroar.data.manifest import read_manifest
+from neuroar.data.synth import cohort as cohort_module
 from neuroar.data.synth.aging import COHORTS
 from neuroar.data.synth.cohort import SynthOptions, _flow, make_cohort, plan_subjects, subject_aging
 from neuroar.data.synth.warp import sample
 from neuroar.errors import NeuroARError
+from neuroar.pipeline import _cohort_options
 
 OPTIONS = COHORT_OPTIONS
 # Label ids of each structure whose change is measured.
@@ -181,6 +185,31 @@ def test_refuses_to_write_into_a_folder_with_other_content(tmp_path):
     with pytest.raises(NeuroARError, match="not empty"):
         make_cohort(tmp_path, SynthOptions(subjects=1, visits=1, workers=1), progress=False)
     assert (tmp_path / "my_scan.nii.gz").read_bytes() == b"precious"
+
+
+def test_a_synthesis_stopped_half_way_is_written_again_over_its_own_files_and_never_taken_for_finished(
+        tmp_path, monkeypatch):
+    """A stopped `neuroar study` or `demo` resumes: the cohort folder it left half-written is neither refused as
+    someone else's nor, where a finished cohort of other options had left its manifest, kept as done."""
+    written = cohort_module.make_subject
+
+    def stop_at_the_second_subject(plan, *args):
+        if plan.subject_id == "sub-002":
+            raise KeyboardInterrupt
+        return written(plan, *args)
+
+    def stopped(options):
+        monkeypatch.setattr(cohort_module, "make_subject", stop_at_the_second_subject)
+        with pytest.raises(KeyboardInterrupt):
+            make_cohort(tmp_path, options, progress=False)
+        monkeypatch.undo()
+
+    first, second = SynthOptions(subjects=2, visits=1, workers=1), SynthOptions(subjects=2, visits=1, seed=1, workers=1)
+    stopped(first)
+    assert (tmp_path / "sub-001").is_dir() and len(make_cohort(tmp_path, first, progress=False)) == 2
+    assert _cohort_options(tmp_path) == json.loads((tmp_path / "synth.json").read_text())["options"]
+    stopped(second)
+    assert (tmp_path / "manifest.csv").is_file() and _cohort_options(tmp_path) is None
 
 
 def test_raw_scans_are_the_clean_brains_in_a_head_and_a_scanner_pose(raw_cohort, tmp_path):

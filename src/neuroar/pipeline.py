@@ -231,10 +231,13 @@ def demo_cohort_options(quick: bool = False, seed: int = 0) -> SynthOptions:
 
 
 def _cohort_options(cohort_dir: Path) -> dict | None:
+    """The options of the finished cohort in `cohort_dir`; None where there is none or its synthesis stopped
+    half-way (cohorts written before the "finished" mark wrote synth.json last)."""
     meta = cohort_dir / "synth.json"
     if not (meta.is_file() and (cohort_dir / "manifest.csv").is_file()):
         return None
-    return json.loads(meta.read_text()).get("options")
+    written = json.loads(meta.read_text())
+    return written.get("options") if written.get("finished", True) else None
 
 
 def _demo_summary(dataset: Dataset, cohort_dir: Path, run_dir: Path, timings: dict[str, float]) -> str:

@@ -86,6 +86,11 @@ def make_cohort(out_dir: str | Path, options: SynthOptions = SynthOptions(), pro
         raise NeuroARError(f"{out_dir} is not empty and holds no earlier synthetic cohort; choose a new or empty "
                            "folder, so that nothing already there is overwritten.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Marked as this tool's (and unfinished) before the first file, so that a synthesis stopped half-way is
+    # written again over its own files rather than refused as someone else's folder.
+    meta = {"options": asdict(options), "version": __version__, "finished": False,
+            "labels": {str(i + 1): name for i, name in enumerate(CLASSES)}}
+    write_json(out_dir / "synth.json", meta)
     plans = plan_subjects(options)
     if (options.workers or os.cpu_count() or 1) > 1:
         _flow(options.spacing)  # built once here, inherited by the forked workers (3 s each otherwise)
@@ -102,12 +107,11 @@ def make_cohort(out_dir: str | Path, options: SynthOptions = SynthOptions(), pro
     _write_bids_tables(manifest, out_dir)
     if options.raw:
         _write_raw_tables(table, out_dir / "raw")
-    write_json(out_dir / "synth.json", {"options": asdict(options), "version": __version__,
-                                        "labels": {str(i + 1): name for i, name in enumerate(CLASSES)}})
     from neuroar.data.synth.figures import plot_montage, plot_trajectories
 
     plot_trajectories(table, out_dir / "figures" / "trajectories.png")
     plot_montage(manifest, out_dir, out_dir / "figures" / "montage.png")
+    write_json(out_dir / "synth.json", {**meta, "finished": True})
     return manifest
 
 
