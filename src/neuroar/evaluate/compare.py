@@ -27,6 +27,7 @@ OUT/figures/*.png); `evaluate_models` runs them in turn.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,6 +392,7 @@ FIGURE_COLUMNS = 4
 FIGURE_DPI = 100
 PANEL_INCHES = 3.0
 FONT = 11
+PANEL_TITLE_CHARACTERS = 28  # at FONT, about PANEL_INCHES wide
 MODEL_NAMES = {MODEL_NAME: "NeuroAR", "ldm": "LDM", "stargan": "StarGAN",
                # the study's NeuroAR models beside the main one (study.variants)
                "no-earlier": "NeuroAR, no earlier scan", "diagnosis": "NeuroAR with diagnosis"}
@@ -459,16 +461,22 @@ def plot_all(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str, folder: P
 
 
 def _grid(panels: int, height: float = PANEL_INCHES) -> tuple[Figure, list]:
-    """A figure of `panels` panels, FIGURE_COLUMNS to a row, and its panels (the grid's unused cells hidden)."""
+    """A figure of `panels` panels, FIGURE_COLUMNS to a row, and its panels (the grid's unused cells hidden). The
+    panels share their axes' ranges, so only the outer ones carry tick labels: the left column's y labels and each
+    column's lowest panel's x labels (a lighter figure to read, and half as many labels for the layout to place)."""
     columns = max(1, min(FIGURE_COLUMNS, panels))
     rows = -(-max(panels, 1) // columns)
     figure = Figure(figsize=(PANEL_INCHES * columns + 0.8, height * rows + 1.0), layout="constrained")
-    axes = list(figure.subplots(rows, columns, squeeze=False).ravel())
-    for axis in axes[panels:]:
-        axis.set_visible(False)
-    for axis in axes:
-        axis.tick_params(labelsize=FONT - 1)
+    axes = list(figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True).ravel())
+    for index, axis in enumerate(axes):
+        axis.set_visible(index < panels)
+        axis.tick_params(labelsize=FONT - 1, labelleft=index % columns == 0, labelbottom=index + columns >= panels)
     return figure, axes[:panels]
+
+
+def _panel_name(name: str) -> str:
+    """`name` on lines of at most a panel's width (the layout does not keep titles apart)."""
+    return textwrap.fill(name, PANEL_TITLE_CHARACTERS)
 
 
 def _diagnosis_groups(frame: pd.DataFrame) -> list[tuple[str | None, str, pd.Series]]:
@@ -531,7 +539,7 @@ def change_figure(per_pair: pd.DataFrame, region: str, labels: Sequence[str], na
                   va="bottom", fontsize=FONT - 1)
         error = (predicted - truth).abs().mean()
         r = pearson(predicted, truth)
-        lines = [names[label], (f"no change, MAE {error:.2f} mL" if label == COPY.label else
+        lines = [_panel_name(names[label]), (f"no change, MAE {error:.2f} mL" if label == COPY.label else
                                 f"r {'–' if np.isnan(r) else f'{r:.2f}'}, MAE {error:.2f} mL")]
         outside = ~predicted.between(low, high)
         if outside.any():
@@ -560,7 +568,7 @@ def psnr_figure(per_pair: pd.DataFrame, labels: Sequence[str], names: dict[str, 
             axis.scatter(copy["years"], copy["psnr"], s=10, color=COPY_COLOUR, alpha=0.6, linewidths=0)
         axis.scatter(group["years"], group["psnr"], s=14, color=DIAGNOSIS_COLOURS[0], linewidths=0)
         axis.set_ylim(*limits)
-        axis.set_title(f"{names[label]}\nmean {group['psnr'].mean():.2f} dB", fontsize=FONT)
+        axis.set_title(f"{_panel_name(names[label])}\nmean {group['psnr'].mean():.2f} dB", fontsize=FONT)
     figure.supxlabel("years between the scans", fontsize=FONT + 1)
     figure.supylabel("PSNR in the brain (dB)", fontsize=FONT + 1)
     if len(copy):
@@ -613,8 +621,8 @@ def sweep_figure(sweep: pd.DataFrame, per_pair: pd.DataFrame, region: str, label
         axis.set_ylim(-reach, reach)
         subjects = mine["subject_id"].nunique()
         moving = round(monotonic_share(mine, direction) * subjects) if direction else 0
-        axis.set_title(f"{names[label]}\n{moving} of {subjects} {'grow' if direction >= 0 else 'shrink'} at every "
-                       "step", fontsize=FONT)
+        verb = "grow" if direction >= 0 else "shrink"
+        axis.set_title(f"{_panel_name(names[label])}\n{moving} of {subjects} {verb} at every step", fontsize=FONT)
     figure.supxlabel("years after the first scan", fontsize=FONT + 1)
     figure.supylabel(f"predicted {_words(region)} change (mL)", fontsize=FONT + 1)
     _legend(figure, sweep, lines=True, extra=[Line2D([], [], color="black", ls="--", label="truth's mean rate")])
