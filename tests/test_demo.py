@@ -71,4 +71,5 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, quick_demo_cohort):
     diagnosis = scans.drop_duplicates("subject_id").set_index("subject_id")["diagnosis"]
     assert (per_pair["diagnosis"] == per_pair["subject_id"].map(diagnosis)).all()  # the change figure's colours
     again = run_neuroar("demo", "--quick", "--out", str(out), *SMALL_DEMO, cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 3  # cohort, evaluation, brain age
+    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4  # cohort, evaluation, brain age,
+    # report

@@ -123,25 +123,35 @@ def test_a_checkpoint_without_a_fingerprint_is_refused(run_dir):
         train_transformer(run_dir, load_config(run_dir / "config.yaml", ["train_transformer.steps=2"]), progress=False)
 
 
-def test_the_evaluation_and_brain_age_stamps_change_with_the_data(run_dir, monkeypatch):
+def test_the_evaluation_brain_age_and_report_stamps_change_with_the_data(run_dir, monkeypatch):
     import neuroar.evaluate.brain_age as brain_age
     import neuroar.evaluate.compare as compare
-    from neuroar.pipeline import brain_age_run, evaluate_run
+    import neuroar.report as report
+    from neuroar.pipeline import brain_age_run, evaluate_run, report_run
 
     calls = []
     monkeypatch.setattr(compare, "evaluate_models", lambda *args, **kwargs: calls.append("evaluate"))
     monkeypatch.setattr(brain_age, "run_brain_age", lambda *args, **kwargs: calls.append("brain age"))
+    monkeypatch.setattr(report, "build_report", lambda run, **kwargs: (calls.append("report"),
+                                                                      (run / "report.html").write_text("")))
     config = load_config(run_dir / "config.yaml")
     for _ in range(2):
         evaluate_run(run_dir)
         brain_age_run(run_dir, config)
-    assert calls == ["evaluate", "brain age"]  # the second round was up to date
+        report_run(run_dir)
+    assert calls == ["evaluate", "brain age", "report"]  # the second round was up to date
+    report_run(run_dir, seed=1)
+    assert calls[-1] == "report"  # another seed draws other predictions
+    (run_dir / "report.html").unlink()
+    report_run(run_dir, seed=1)
+    assert calls.count("report") == 3  # a report removed is built again
     scans = pd.read_csv(run_dir / "scans.csv", keep_default_na=False, dtype={"age": float})
     scans.loc[0, "age"] += 0.5  # other data, the same checkpoints
     scans.to_csv(run_dir / "scans.csv", index=False)
     evaluate_run(run_dir)
     brain_age_run(run_dir, config)
-    assert calls == ["evaluate", "brain age"] * 2
+    report_run(run_dir, seed=1)
+    assert calls[3:] == ["report", "report", "evaluate", "brain age", "report"]
 
 
 def test_a_run_without_validation_subjects_says_it_validates_on_training_data(run_dir, capsys):

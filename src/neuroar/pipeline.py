@@ -114,7 +114,6 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
     from neuroar.config import config_from_dict
     from neuroar.data.latents import encode_run
     from neuroar.data.tokens import tokenize_run
-    from neuroar.report import build_report
     from neuroar.train.autoencoder import train_autoencoder
     from neuroar.train.baselines import train_baseline
     from neuroar.train.tokenizer import train_tokenizer
@@ -157,7 +156,7 @@ def run_cohort(out_dir: Path, config: Config, options: SynthOptions, variants: d
         stage(BASELINE_STAGES[kind], functools.partial(train_baseline, out_dir, config, kind, retrain=retrain))
     stage("evaluation", lambda: evaluate_run(out_dir, config.seed, list(variants), config.baselines))
     stage("brain age", lambda: brain_age_run(out_dir, config))
-    stage("report", lambda: print(f"report: {build_report(out_dir, seed=config.seed)}"))
+    stage("report", lambda: print(f"report: {report_run(out_dir, config.seed)}"))
     return dataset, timings
 
 
@@ -200,6 +199,26 @@ def brain_age_run(run_dir: Path, config: Config) -> Path:
     return out
 
 
+# Bump when the report's content changes, so that an older RUN/report.html is rebuilt rather than kept.
+REPORT_FORMAT = 1
+
+
+def report_run(run_dir: Path, seed: int = 0) -> Path:
+    """RUN/report.html, unless it was already built from the same evaluation and brain-age results (their stamps
+    name the checkpoints and data) with the same seed."""
+    from neuroar.report import build_report
+
+    out = run_dir / "report.html"
+    stamps = {name: (run_dir / name / "stamp.json").read_text() if (run_dir / name / "stamp.json").is_file() else None
+              for name in ("evaluation", "brain_age")}
+    inputs = {**stamps, "seed": seed, "format": REPORT_FORMAT}
+    stamp = run_dir / "report.stamp.json"
+    if not _up_to_date(out, inputs, stamp):
+        build_report(run_dir, seed=seed)
+        _stamp(out, inputs, stamp)
+    return out
+
+
 def _trained(run_dir: Path, baselines: Sequence[str]) -> list[Path]:
     return [run_dir / kind for kind in baselines if (run_dir / kind / "last.json").is_file()]
 
@@ -212,16 +231,17 @@ def _checkpoints(run_dir: Path, models: Sequence[Path]) -> list[dict]:
     return [json.loads(stem.with_suffix(".json").read_text()) for stem in stems]
 
 
-def _up_to_date(out: Path, inputs: dict) -> bool:
-    stamp = out / "stamp.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("stamp") == sha256_json(inputs):
+def _up_to_date(out: Path, inputs: dict, stamp: Path | None = None) -> bool:
+    """Whether OUT exists and was made from `inputs` (recorded in `stamp`, by default OUT/stamp.json)."""
+    stamp = stamp or out / "stamp.json"
+    if out.exists() and stamp.is_file() and json.loads(stamp.read_text()).get("stamp") == sha256_json(inputs):
         print(f"{out} is up to date, skipped")
         return True
     return False
 
 
-def _stamp(out: Path, inputs: dict) -> None:
-    write_json(out / "stamp.json", {"stamp": sha256_json(inputs)})
+def _stamp(out: Path, inputs: dict, stamp: Path | None = None) -> None:
+    write_json(stamp or out / "stamp.json", {"stamp": sha256_json(inputs)})
 
 
 def demo_cohort_options(quick: bool = False, seed: int = 0) -> SynthOptions:
