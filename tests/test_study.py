@@ -149,7 +149,7 @@ def test_a_cohorts_change_figure_is_a_grid_of_the_compared_outputs_coloured_by_d
     panels = [axis for axis in figure.axes if axis.get_visible()]
     grid = panels[0].get_subplotspec().get_gridspec()
     assert (grid.nrows, grid.ncols, len(panels)) == (3, 4, 12)
-    assert [axis.get_title().split("\n")[0] for axis in panels] == [
+    assert [" ".join(axis.get_title().split("\n")[:-1]) for axis in panels] == [  # the name, maybe wrapped
         "copy", "tokenizer-oracle", "NeuroAR (+aging)", "NeuroAR (+detail)", "NeuroAR, no earlier scan (+aging)",
         "NeuroAR, no earlier scan (+detail)", "NeuroAR with diagnosis (+aging)", "NeuroAR with diagnosis (+detail)",
         "LDM (+aging)", "LDM (+detail)", "StarGAN (+aging)", "StarGAN (+detail)"]
