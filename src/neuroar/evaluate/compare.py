@@ -463,7 +463,7 @@ def plot_all(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str, folder: P
 def _grid(panels: int, height: float = PANEL_INCHES) -> tuple[Figure, list]:
     """A figure of `panels` panels, FIGURE_COLUMNS to a row, and its panels (the grid's unused cells hidden). The
     panels share their axes' ranges, so only the outer ones carry tick labels: the left column's y labels and each
-    column's lowest panel's x labels (a lighter figure to read, and half as many labels for the layout to place)."""
+    column's lowest panel's x labels."""
     columns = max(1, min(FIGURE_COLUMNS, panels))
     rows = -(-max(panels, 1) // columns)
     figure = Figure(figsize=(PANEL_INCHES * columns + 0.8, height * rows + 1.0), layout="constrained")
