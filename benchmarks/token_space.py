@@ -105,7 +105,10 @@ NOTES = {"TOKEN_SPACE.md": ["On `runs/demo` (`make demo`'s run). Change-twice-sh
              "config; 150 subjects x 4 visits, 180 test pairs; grey matter is what ages there). Every row is the "
              "shipped tokenizer (design change-twice-shortcut, no dead zone, learning rate 0.003) with the lever its "
              "name and `what` give. The study's own tokenizer carried 71 % of the grey matter's loss (r 0.95) in "
-             "`results/study/models.csv`.", ""]}
+             "`results/study/models.csv`. Trained beside other jobs (train s not comparable). Row stage-norm ran an option "
+             "of commit 2ecc7fb, removed since (2 points more grey matter, a lower ventricles' r): "
+             "`tokenizer.stage_norm` (each scale looks its residual up in the shared codebook in units of that "
+             "scale's running RMS).", ""]}
 PROBE_STEPS = 4
 
 

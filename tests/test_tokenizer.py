@@ -14,14 +14,11 @@ from neuroar.models.tokenizer import MSVQVAE
 SCALES = ((1, 1, 1), (2, 3, 2), (3, 4, 4), (4, 5, 4))
 
 
-@pytest.fixture(params=[False, True], ids=["one-unit", "stage-norm"])
-def quantizer(request):
-    """Plain, and with each scale's lookups in units of its own RMS (`stage_norm`), units far from 1 and apart."""
+@pytest.fixture
+def quantizer():
     torch.manual_seed(0)
-    q = MultiScaleQuantizer(codebook_size=64, dim=8, scales=SCALES, stage_norm=request.param)
+    q = MultiScaleQuantizer(codebook_size=64, dim=8, scales=SCALES)
     torch.nn.init.normal_(q.codebook.weight)  # spread codes so that many are used
-    if request.param:
-        q.stage_rms.copy_(torch.tensor([3.0, 1.5, 0.5, 0.2]))
     return q.eval()
 
 
@@ -57,15 +54,14 @@ def test_each_scale_picks_the_nearest_code_of_its_residual(quantizer):
     f = torch.randn(2, 8, 4, 5, 4)
     tokens = quantizer.encode(f)
     mix, codes = quantizer.phi_mix, quantizer.codebook.weight.detach()
-    units = quantizer.stage_rms if quantizer.stage_norm else torch.ones(len(SCALES))
     f_hat = torch.zeros_like(f)
     with torch.no_grad():
         for k, scale in enumerate(SCALES):
             z = F.adaptive_avg_pool3d(f - f_hat, scale)
             z_NC = z.permute(0, 2, 3, 4, 1).reshape(-1, 8)
-            nearest = torch.cdist(z_NC, units[k] * codes).argmin(1).view(2, *scale)
+            nearest = torch.cdist(z_NC, codes).argmin(1).view(2, *scale)
             assert torch.equal(tokens[k], nearest), f"scale {k}"
-            h = F.interpolate(units[k] * codes[tokens[k]].permute(0, 4, 1, 2, 3), size=SCALES[-1], mode="trilinear")
+            h = F.interpolate(codes[tokens[k]].permute(0, 4, 1, 2, 3), size=SCALES[-1], mode="trilinear")
             f_hat = f_hat + (1 - mix) * h + mix * quantizer.phis[k](h)
 
 
@@ -73,7 +69,7 @@ def test_quantizer_runs_in_float32_under_bf16_autocast(quantizer):
     """The decoder and the token cache must see the same tokens: under autocast (bf16 on this CPU, as on a
     GPU) the quantizer still looks codes up and sums f_hat in float32."""
     torch.manual_seed(1)
-    codes = quantizer.codebook.weight.detach() * (quantizer.stage_rms[0] if quantizer.stage_norm else 1.0)
+    codes = quantizer.codebook.weight.detach()
     # Features near the midpoint of two codes, where bf16 rounding of the distances would flip the choice.
     f_NC = 0.5 * (codes[torch.randint(64, (160,))] + codes[torch.randint(64, (160,))]) + 1e-3 * torch.randn(160, 8)
     f = f_NC.view(2, 4, 5, 4, 8).permute(0, 4, 1, 2, 3).contiguous()

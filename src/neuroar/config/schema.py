@@ -86,11 +86,6 @@ class TokenizerConfig:
     # the latent back), so that each patch's voxels can pass through linearly and a decoded change keeps its
     # edges. Needs the latent on the patch grid (downsample == patch).
     shortcut: bool = False
-    # Each scale looks its residual up in the shared codebook divided by that scale's running RMS, and adds the
-    # code times it: the residuals shrink from scale to scale and the coarse scales average a local change away, so
-    # with one codebook for all magnitudes the small ones (a diffuse change, the finest scales' rest) fall to the
-    # zero code and are lost (models/quantizer.py).
-    stage_norm: bool = False
 
     @property
     def level_channels(self) -> tuple[int, ...]:

@@ -27,11 +27,6 @@ With `dead_zone` > 0 a vector takes token 0 unless another code brings it closer
 the mean energy of the change vectors (an EMA over training): the small, unpredictable part of a change (the
 two scans' noise) is left out of the tokens, which then say where something changed, the part a model can learn.
 
-Scale-normalized lookups (`stage_norm`): each scale looks up its residual divided by that scale's running RMS (an EMA
-over training, `stage_rms`) and adds the code times it. The residuals shrink from scale to scale, and the coarse
-scales average a local change down to a small vector; with one codebook for every magnitude those small vectors
-fall to the nearest code, the zero code of a change coder, and the diffuse part of a change is lost at every scale.
-
 Several processes: the trainer hands the quantizer two functions (`connect`): one that gathers the global
 batch, so that initialisation and restarts see what one process would see, and one that broadcasts rank 0's
 codebook and code-use buffers after each update, so that every rank keeps the same codebook even where their
@@ -64,7 +59,7 @@ def _float32(x: torch.Tensor):
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, scales: tuple[Shape3, ...], beta: float = 0.25,
                  phi_mix: float = 0.5, usage_decay: float = 0.95, dead_usage: float = 0.03, zero_code: bool = False,
-                 dead_zone: float = 0.0, stage_norm: bool = False):
+                 dead_zone: float = 0.0):
         super().__init__()
         self.scales = tuple(tuple(s) for s in scales)
         self.latent = self.scales[-1]
@@ -81,9 +76,6 @@ class MultiScaleQuantizer(nn.Module):
         # EMA of a change vector's squared norm (dead_zone's unit); kept in checkpoints of change coders only.
         self.register_buffer("energy", torch.ones(()), persistent=zero_code)
         self.usage_decay, self.dead_usage = usage_decay, dead_usage
-        # Each scale's running RMS of the residual it looks up (`stage_norm`); kept in checkpoints that use it.
-        self.stage_norm = stage_norm
-        self.register_buffer("stage_rms", torch.ones(len(self.scales)), persistent=stage_norm)
         # EMA of each code's share of use, relative to uniform use (1.0 = used as often as 1/V of tokens).
         self.register_buffer("usage", torch.ones(codebook_size))
         self.register_buffer("initialized", torch.tensor(False))
@@ -122,7 +114,7 @@ class MultiScaleQuantizer(nn.Module):
         if updates and self.dead_zone > 0:
             with torch.no_grad():
                 self.energy.mul_(self.usage_decay).add_((1 - self.usage_decay) * f_global.square().sum(1).mean())
-        f_hats, tokens, residuals = self._quantize(f_detached)
+        f_hats, tokens, residuals_NC = self._quantize(f_detached)
         # Codebook and refinements move toward the features; the encoder commits to the quantization.
         loss = sum(F.mse_loss(f_hat, f_detached) + self.beta * F.mse_loss(f_hat.detach(), f_BCdhw)
                    for f_hat in f_hats) / len(self.scales)
@@ -130,13 +122,8 @@ class MultiScaleQuantizer(nn.Module):
         if updates:
             if f_global is not f_detached:
                 with torch.no_grad():
-                    _, global_tokens, residuals = self._quantize(f_global)
-            self._update_usage(global_tokens, residuals)
-            if self.stage_norm:
-                with torch.no_grad():
-                    energy_K = self._rms(residuals).square()
-                    self.stage_rms.copy_((self.usage_decay * self.stage_rms.square()
-                                          + (1 - self.usage_decay) * energy_K).sqrt())
+                    _, global_tokens, residuals_NC = self._quantize(f_global)
+            self._update_usage(global_tokens, residuals_NC)
         # Reported for the global batch, so that several processes report what one process would.
         stats = self.usage_stats(global_tokens) if not f_BCdhw.is_meta else {}
         # Straight-through: the decoder sees f_hat, its gradient reaches the encoder as if quantization were
@@ -150,31 +137,18 @@ class MultiScaleQuantizer(nn.Module):
         with _float32(f_BCdhw):
             return self._quantize(f_BCdhw.float())[1]
 
-    def _quantize(self, f_BCdhw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """The residual loop: cumulative f_hat after each scale, tokens, and per scale the (N, C) residual vectors
-        that were looked up (the candidates for restarting dead codes). `f_BCdhw` must carry no gradient."""
+    def _quantize(self, f_BCdhw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The residual loop: cumulative f_hat after each scale, tokens, and the (N, C) vectors that were looked
+        up (the candidates for restarting dead codes). `f_BCdhw` must carry no gradient."""
         f_hat, f_hats, tokens, residuals = None, [], [], []
         for k, scale in enumerate(self.scales):
             z_BCdhw = area_down(f_BCdhw if f_hat is None else f_BCdhw - f_hat.detach(), scale)
-            idx_Bdhw = self._nearest(z_BCdhw, self._unit(k))
+            idx_Bdhw = self._nearest(z_BCdhw)
             f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
             f_hats.append(f_hat)
             tokens.append(idx_Bdhw)
             residuals.append(z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, z_BCdhw.shape[1]))
-        return f_hats, tokens, residuals
-
-    def _unit(self, k: int) -> torch.Tensor | float:
-        """What one codebook unit is worth at scale k: its running RMS with `stage_norm`, else 1."""
-        return self.stage_rms[k].clamp_min(1e-8) if self.stage_norm else 1.0
-
-    @staticmethod
-    def _rms(residuals: list[torch.Tensor]) -> torch.Tensor:
-        """Each scale's root mean squared norm of its residual vectors (K,)."""
-        return torch.stack([r_NC.square().sum(1).mean().sqrt() for r_NC in residuals])
-
-    def _in_units(self, residuals: list[torch.Tensor]) -> torch.Tensor:
-        """Every scale's residual vectors in codebook units, as one (N, C) tensor."""
-        return torch.cat([r_NC / self._unit(k) for k, r_NC in enumerate(residuals)])
+        return f_hats, tokens, torch.cat(residuals)
 
     def tokens_to_fhat(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         f_hat = None
@@ -200,7 +174,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def _add_scale(self, k: int, f_hat: torch.Tensor | None, idx_Bdhw: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h_BCdhw = F.embedding(idx_Bdhw, self.codes).permute(0, 4, 1, 2, 3) * self._unit(k)
+        h_BCdhw = F.embedding(idx_Bdhw, self.codes).permute(0, 4, 1, 2, 3)
         if tuple(h_BCdhw.shape[2:]) != self.latent:
             h_BCdhw = F.interpolate(h_BCdhw, size=self.latent, mode="trilinear", align_corners=False)
         h_BCdhw = (1 - self.phi_mix) * h_BCdhw + self.phi_mix * self.phis[k](h_BCdhw)
@@ -220,29 +194,23 @@ class MultiScaleQuantizer(nn.Module):
             stats[f"scale{k}_perplexity"] = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
         return stats
 
-    def _nearest(self, z_BCdhw: torch.Tensor, unit: torch.Tensor | float = 1.0, chunk: int = 8192) -> torch.Tensor:
-        """The nearest code of every vector, a codebook unit being worth `unit`. |z|^2 is the same for every code of
-        a row and left out; rows go in chunks whose (chunk, V) distances stay in cache (6x faster on a CPU than one
-        (N, V) matrix)."""
+    def _nearest(self, z_BCdhw: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """The nearest code of every vector. |z|^2 is the same for every code of a row and left out; rows go in
+        chunks whose (chunk, V) distances stay in cache (6x faster on a CPU than one (N, V) matrix)."""
         B, C, d, h, w = z_BCdhw.shape
-        z_NC = z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, C) / unit
+        z_NC = z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, C)
         codes_VC = self.codes
         cost_V = codes_VC.square().sum(1)
         if self.zero_code and self.dead_zone > 0:  # any code but zero must be worth its cost
-            not_zero_V = torch.arange(len(cost_V), device=cost_V.device) > 0
-            cost_V = cost_V + self.dead_zone * self.energy / unit**2 * not_zero_V
+            cost_V = cost_V + self.dead_zone * self.energy * (torch.arange(len(cost_V), device=cost_V.device) > 0)
         nearest = [torch.addmm(cost_V, part_nC, codes_VC.T, alpha=-2).argmin(dim=1) for part_nC in z_NC.split(chunk)]
         return torch.cat(nearest).view(B, d, h, w)
 
     @torch.no_grad()
     def _initialize(self, f_BCdhw: torch.Tensor) -> None:
         C = f_BCdhw.shape[1]
+        vectors_NC = torch.cat([area_down(f_BCdhw, s).permute(0, 2, 3, 4, 1).reshape(-1, C) for s in self.scales])
         size = self.codebook.num_embeddings
-        # Each scale's residual taken as the features at its size (the running RMS of `stage_norm` starts there).
-        residuals = [area_down(f_BCdhw, s).permute(0, 2, 3, 4, 1).reshape(-1, C) for s in self.scales]
-        if self.stage_norm:
-            self.stage_rms.copy_(self._rms(residuals))
-        vectors_NC = self._in_units(residuals)
         pick = torch.randint(len(vectors_NC), (size,), device=vectors_NC.device)
         noise = 0.01 * vectors_NC.std() * torch.randn(size, C, device=vectors_NC.device)
         self.codebook.weight.data.copy_(vectors_NC[pick] + noise)
@@ -251,14 +219,13 @@ class MultiScaleQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _update_usage(self, tokens: list[torch.Tensor], residuals: list[torch.Tensor]) -> None:
+    def _update_usage(self, tokens: list[torch.Tensor], residuals_NC: torch.Tensor) -> None:
         size = self.codebook.num_embeddings
         counts = sum(torch.bincount(idx.flatten(), minlength=size).float() for idx in tokens)
         self.usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * counts * size / counts.sum())
         dead = ((self.usage < self.dead_usage) & (self.keep > 0)).nonzero().flatten()
         if len(dead):
             # Restart dead codes on features the encoder produces now, so they can be picked again.
-            residuals_NC = self._in_units(residuals)
             pick = torch.randint(len(residuals_NC), (len(dead),), device=residuals_NC.device)
             self.codebook.weight.data[dead] = residuals_NC[pick].to(self.codebook.weight.dtype)
             self.usage[dead] = 1.0
