@@ -101,12 +101,12 @@ NOTES = {"TOKEN_SPACE.md": ["On `runs/demo` (`make demo`'s run). Change-twice-sh
              "0.003, the run's. The study's own tokenizer (dead zone 1) carried 77 % of the ventricles' growth (r "
              "0.99) in `results/study/models.csv`.", ""],
          "TOKEN_SPACE_ADOLESCENT_STUDY.md": [
-             "On the study's adolescent cohort as the study makes it (`neuroar study --out runs/study-dz0`, the shipped "
-             "config; 150 subjects x 4 visits, 180 test pairs; grey matter is what ages there). Every row is the "
-             "shipped tokenizer (design change-twice-shortcut, no dead zone, learning rate 0.003) with the lever its "
-             "name and `what` give. The study's own tokenizer carried 71 % of the grey matter's loss (r 0.95) in "
-             "`results/study/models.csv`. Trained beside other jobs (train s not comparable). Row stage-norm ran an option "
-             "of commit 2ecc7fb, removed since (2 points more grey matter, a lower ventricles' r): "
+             "On the study's adolescent cohort as the study makes it (`neuroar study --out runs/study-dz0`, the "
+             "shipped config; 150 subjects x 4 visits, 180 test pairs; grey matter is what ages there). Every row is "
+             "the shipped tokenizer (design change-twice-shortcut, no dead zone, learning rate 0.003) with the lever "
+             "its name and `what` give. The study's own tokenizer carried 71 % of the grey matter's loss (r 0.95) in "
+             "`results/study/models.csv`. Trained beside other jobs (train s not comparable). Row stage-norm ran an "
+             "option of commit 2ecc7fb, removed since (2 points more grey matter, a lower ventricles' r): "
              "`tokenizer.stage_norm` (each scale looks its residual up in the shared codebook in units of that "
              "scale's running RMS).", ""]}
 PROBE_STEPS = 4
