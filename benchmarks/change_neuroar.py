@@ -111,7 +111,11 @@ def _write(results: dict, table: Path) -> None:
              "come from a later `neuroar demo` on another machine, the denoised rows score denoised follow-ups. T: the "
              "sampling temperature (rows before it was a column: 0.5, then the default); a row \"(model of OLD)\" "
              "scores the model of row OLD again with other sampling settings. split: the pairs scored "
-             "(val: 42 pairs of other subjects, for choosing settings without looking at the test pairs).", ""]
+             "(val: 42 pairs of other subjects, for choosing settings without looking at the test pairs). "
+             "Rows study-adol-*: the study's adolescent cohort (`runs/study-dz0/adolescent`, 180 test pairs; grey "
+             "matter is what ages there) on a token space of `TOKEN_SPACE_ADOLESCENT_STUDY.md`, NeuroAR 750 steps "
+             "at batch 4 as the study's but at learning rate 0.001 (the study's: 0.003; token_space.py's base set "
+             "0.001 then, fixed since), beside another job.", ""]
     rows = []
     for name, row in results.items():
         for output in OUTPUTS:

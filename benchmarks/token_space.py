@@ -41,8 +41,9 @@ from neuroar.train.tokenizer import train_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 FINE = "[[1,1,1],[3,4,3],[5,6,6],[10,12,11],[20,24,22]]"
 # Every design starts from the paper's scan coding at 10x12x11 (the demo's tokenizer until it coded the change), so
-# that a row does not depend on which demo config prepared RUN.
-SCAN_BASE = list(DEMO_SCAN_CODING)
+# that a row does not depend on which demo config prepared RUN; NeuroAR's learning rate and sampling temperature stay
+# RUN's, for the models that benchmarks/change_neuroar.py trains on a design's folder (its config.yaml).
+SCAN_BASE = [o for o in DEMO_SCAN_CODING if not o.startswith(("train_transformer.lr=", "sampling.temperature="))]
 # name -> (what it is, tokenizer overrides on SCAN_BASE). "demo" is SCAN_BASE itself; "grid20" halves the
 # downsampling to 20x24x22 (bottleneck attention off: at 10,560 positions it is most of a CPU step).
 DESIGNS = {
