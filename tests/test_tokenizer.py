@@ -14,10 +14,10 @@ from neuroar.models.tokenizer import MSVQVAE
 SCALES = ((1, 1, 1), (2, 3, 2), (3, 4, 4), (4, 5, 4))
 
 
-@pytest.fixture
-def quantizer():
+@pytest.fixture(params=[False, True], ids=["shared", "per_scale"])
+def quantizer(request):
     torch.manual_seed(0)
-    q = MultiScaleQuantizer(codebook_size=64, dim=8, scales=SCALES)
+    q = MultiScaleQuantizer(codebook_size=64, dim=8, scales=SCALES, per_scale=request.param)
     torch.nn.init.normal_(q.codebook.weight)  # spread codes so that many are used
     return q.eval()
 
@@ -53,10 +53,12 @@ def test_each_scale_picks_the_nearest_code_of_its_residual(quantizer):
     area-averaged to the scale, and its nearest code by `torch.cdist`."""
     f = torch.randn(2, 8, 4, 5, 4)
     tokens = quantizer.encode(f)
-    mix, codes = quantizer.phi_mix, quantizer.codebook.weight.detach()
+    mix = quantizer.phi_mix
+    books = quantizer.codebook.weight.detach().view(-1, 64, 8)  # one codebook, or one per scale
     f_hat = torch.zeros_like(f)
     with torch.no_grad():
         for k, scale in enumerate(SCALES):
+            codes = books[k % len(books)]
             z = F.adaptive_avg_pool3d(f - f_hat, scale)
             z_NC = z.permute(0, 2, 3, 4, 1).reshape(-1, 8)
             nearest = torch.cdist(z_NC, codes).argmin(1).view(2, *scale)
@@ -69,7 +71,7 @@ def test_quantizer_runs_in_float32_under_bf16_autocast(quantizer):
     """The decoder and the token cache must see the same tokens: under autocast (bf16 on this CPU, as on a
     GPU) the quantizer still looks codes up and sums f_hat in float32."""
     torch.manual_seed(1)
-    codes = quantizer.codebook.weight.detach()
+    codes = quantizer.codebook.weight.detach()[:64]  # the first scale's
     # Features near the midpoint of two codes, where bf16 rounding of the distances would flip the choice.
     f_NC = 0.5 * (codes[torch.randint(64, (160,))] + codes[torch.randint(64, (160,))]) + 1e-3 * torch.randn(160, 8)
     f = f_NC.view(2, 4, 5, 4, 8).permute(0, 4, 1, 2, 3).contiguous()
@@ -128,6 +130,36 @@ def test_codebook_starts_from_the_first_batch_of_features():
     before = q.codebook.weight.detach().clone()
     q(f)
     assert torch.equal(before, q.codebook.weight)  # only once (no dead codes: usage is still near 1)
+
+
+def test_each_scale_codebook_starts_from_its_own_residual():
+    """Per scale, a codebook starts from the residual its scale looks up: here the first scale codes the mean
+    (about 10) and the second the rest around it (about 0); one shared codebook would start both near 10."""
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(codebook_size=16, dim=4, scales=((1, 1, 1), (2, 2, 2)), phi_mix=0.0, per_scale=True)
+    q.train()(10 + torch.randn(4, 4, 2, 2, 2))
+    first, second = q.codebook.weight.detach().view(2, 16, 4)
+    assert abs(float(first.mean()) - 10) < 1 and abs(float(second.mean())) < 1 and float(second.std()) > 0.3
+
+
+def test_each_scale_codebook_restarts_from_its_own_residual():
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(codebook_size=32, dim=4, scales=((1, 1, 1), (2, 2, 2)), phi_mix=0.0, usage_decay=0.0,
+                            dead_usage=0.5, per_scale=True)
+    q.codebook.weight.data[:32] = 10.0  # the first scale codes every mean with code 0
+    q.codebook.weight.data[32:] = 0.0  # the second scale codes every rest (about 0) with its code 0
+    q.initialized.fill_(True)  # test the restarts, not the data-dependent start
+    q.train()(10 + torch.randn(8, 4, 2, 2, 2))
+    first, second = q.codebook.weight.detach().view(2, 32, 4)
+    assert abs(float(first.mean()) - 10) < 1  # restarted on means
+    assert second.abs().sum(1).gt(0).sum() > 2 and abs(float(second.mean())) < 1  # restarted on rests
+
+
+def test_per_scale_codebooks_are_a_config():
+    config = dataclasses.replace(load_config("demo").tokenizer, codebook_per_scale=True)
+    quantizer = MSVQVAE(config).quantizer
+    assert quantizer.codebook.num_embeddings == len(config.scales) * config.codebook_size
+    assert quantizer.codes_at(len(config.scales) - 1).shape == (config.codebook_size, config.latent_dim)
 
 
 @pytest.mark.parametrize("name", ["reference", "paper"])

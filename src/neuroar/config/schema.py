@@ -86,6 +86,9 @@ class TokenizerConfig:
     # the latent back), so that each patch's voxels can pass through linearly and a decoded change keeps its
     # edges. Needs the latent on the patch grid (downsample == patch).
     shortcut: bool = False
+    # One codebook per scale instead of one shared by all (VAR's): the residuals shrink from scale to scale, and
+    # in one shared codebook the last stages' small rest falls to a few codes (models/quantizer.py).
+    codebook_per_scale: bool = False
 
     @property
     def level_channels(self) -> tuple[int, ...]:

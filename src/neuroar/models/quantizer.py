@@ -27,6 +27,14 @@ With `dead_zone` > 0 a vector takes token 0 unless another code brings it closer
 the mean energy of the change vectors (an EMA over training): the small, unpredictable part of a change (the
 two scans' noise) is left out of the tokens, which then say where something changed, the part a model can learn.
 
+One codebook per scale (`per_scale`): scale k looks its residual up in a codebook of its own (token ids stay
+0..V-1 at every scale, as residual VQ in audio codecs). With one codebook shared by all scales (VAR's), the
+residuals that shrink from scale to scale compete with the first scales' large vectors for the same codes: a
+tokenizer with four 20x24x22 stages used 340 codes at its first (perplexity), 85, 18 and 3 at the next three,
+so the last stages' rest mostly fell to one code and more stages stopped carrying more of a change
+(benchmarks/TOKEN_SPACE_ADOLESCENT_STUDY.md). Each codebook starts from its own scale's residuals (the residual
+loop run once at initialisation), and restarts its dead codes from them.
+
 Several processes: the trainer hands the quantizer two functions (`connect`): one that gathers the global
 batch, so that initialisation and restarts see what one process would see, and one that broadcasts rank 0's
 codebook and code-use buffers after each update, so that every rank keeps the same codebook even where their
@@ -59,25 +67,28 @@ def _float32(x: torch.Tensor):
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, scales: tuple[Shape3, ...], beta: float = 0.25,
                  phi_mix: float = 0.5, usage_decay: float = 0.95, dead_usage: float = 0.03, zero_code: bool = False,
-                 dead_zone: float = 0.0):
+                 dead_zone: float = 0.0, per_scale: bool = False):
         super().__init__()
         self.scales = tuple(tuple(s) for s in scales)
         self.latent = self.scales[-1]
         self.beta = beta
         self.phi_mix = phi_mix  # h = (1 - mix) h + mix conv(h): the refinement starts near the identity
-        self.codebook = nn.Embedding(codebook_size, dim)
+        self.size = codebook_size  # V codes in each codebook
+        self.books = len(self.scales) if per_scale else 1
+        self.codebook = nn.Embedding(self.books * codebook_size, dim)  # codebook b is rows b*V .. (b+1)*V-1
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.phis = nn.ModuleList(nn.Conv3d(dim, dim, 3, padding=1, bias=not zero_code) for _ in self.scales)
         self.zero_code, self.dead_zone = zero_code, dead_zone
-        keep = torch.ones(codebook_size)
+        keep = torch.ones(self.books, codebook_size)
         if zero_code:
-            keep[0] = 0.0
-        self.register_buffer("keep", keep, persistent=False)  # 0 for the pinned zero code
+            keep[:, 0] = 0.0
+        self.register_buffer("keep", keep.flatten(), persistent=False)  # 0 for each codebook's pinned zero code
         # EMA of a change vector's squared norm (dead_zone's unit); kept in checkpoints of change coders only.
         self.register_buffer("energy", torch.ones(()), persistent=zero_code)
         self.usage_decay, self.dead_usage = usage_decay, dead_usage
-        # EMA of each code's share of use, relative to uniform use (1.0 = used as often as 1/V of tokens).
-        self.register_buffer("usage", torch.ones(codebook_size))
+        # EMA of each code's share of its codebook's use, relative to uniform use (1.0 = used as often as 1/V of
+        # the tokens that codebook coded).
+        self.register_buffer("usage", torch.ones(self.books * codebook_size))
         self.register_buffer("initialized", torch.tensor(False))
         self.gather_batch: Callable[[torch.Tensor], torch.Tensor] = _same
         self.broadcast: Callable[[torch.Tensor], torch.Tensor] = _same
@@ -90,8 +101,17 @@ class MultiScaleQuantizer(nn.Module):
 
     @property
     def codes(self) -> torch.Tensor:
-        """The code vectors (V, C), the zero code pinned (no gradient reaches it)."""
+        """Every codebook's code vectors (books * V, C), the zero codes pinned (no gradient reaches them)."""
         return self.codebook.weight * self.keep[:, None] if self.zero_code else self.codebook.weight
+
+    def book(self, k: int) -> int:
+        """The codebook that scale k looks its residual up in."""
+        return k if self.books > 1 else 0
+
+    def codes_at(self, k: int) -> torch.Tensor:
+        """Scale k's code vectors (V, C): token i of scale k decodes from row i."""
+        b = self.book(k)
+        return self.codes[b * self.size:(b + 1) * self.size]
 
     @property
     def tokens_per_scale(self) -> list[int]:
@@ -114,7 +134,7 @@ class MultiScaleQuantizer(nn.Module):
         if updates and self.dead_zone > 0:
             with torch.no_grad():
                 self.energy.mul_(self.usage_decay).add_((1 - self.usage_decay) * f_global.square().sum(1).mean())
-        f_hats, tokens, residuals_NC = self._quantize(f_detached)
+        f_hats, tokens, residuals = self._quantize(f_detached)
         # Codebook and refinements move toward the features; the encoder commits to the quantization.
         loss = sum(F.mse_loss(f_hat, f_detached) + self.beta * F.mse_loss(f_hat.detach(), f_BCdhw)
                    for f_hat in f_hats) / len(self.scales)
@@ -122,8 +142,8 @@ class MultiScaleQuantizer(nn.Module):
         if updates:
             if f_global is not f_detached:
                 with torch.no_grad():
-                    _, global_tokens, residuals_NC = self._quantize(f_global)
-            self._update_usage(global_tokens, residuals_NC)
+                    _, global_tokens, residuals = self._quantize(f_global)
+            self._update_usage(global_tokens, residuals)
         # Reported for the global batch, so that several processes report what one process would.
         stats = self.usage_stats(global_tokens) if not f_BCdhw.is_meta else {}
         # Straight-through: the decoder sees f_hat, its gradient reaches the encoder as if quantization were
@@ -137,18 +157,18 @@ class MultiScaleQuantizer(nn.Module):
         with _float32(f_BCdhw):
             return self._quantize(f_BCdhw.float())[1]
 
-    def _quantize(self, f_BCdhw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """The residual loop: cumulative f_hat after each scale, tokens, and the (N, C) vectors that were looked
-        up (the candidates for restarting dead codes). `f_BCdhw` must carry no gradient."""
+    def _quantize(self, f_BCdhw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The residual loop: cumulative f_hat after each scale, tokens, and per scale the (N, C) vectors that were
+        looked up (the candidates for restarting dead codes). `f_BCdhw` must carry no gradient."""
         f_hat, f_hats, tokens, residuals = None, [], [], []
         for k, scale in enumerate(self.scales):
             z_BCdhw = area_down(f_BCdhw if f_hat is None else f_BCdhw - f_hat.detach(), scale)
-            idx_Bdhw = self._nearest(z_BCdhw)
+            idx_Bdhw = self._nearest(z_BCdhw, k)
             f_hat, _ = self.add_scale(k, f_hat, idx_Bdhw)
             f_hats.append(f_hat)
             tokens.append(idx_Bdhw)
             residuals.append(z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, z_BCdhw.shape[1]))
-        return f_hats, tokens, torch.cat(residuals)
+        return f_hats, tokens, residuals
 
     def tokens_to_fhat(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         f_hat = None
@@ -174,7 +194,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def _add_scale(self, k: int, f_hat: torch.Tensor | None, idx_Bdhw: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h_BCdhw = F.embedding(idx_Bdhw, self.codes).permute(0, 4, 1, 2, 3)
+        h_BCdhw = F.embedding(idx_Bdhw, self.codes_at(k)).permute(0, 4, 1, 2, 3)
         if tuple(h_BCdhw.shape[2:]) != self.latent:
             h_BCdhw = F.interpolate(h_BCdhw, size=self.latent, mode="trilinear", align_corners=False)
         h_BCdhw = (1 - self.phi_mix) * h_BCdhw + self.phi_mix * self.phis[k](h_BCdhw)
@@ -186,20 +206,20 @@ class MultiScaleQuantizer(nn.Module):
     def usage_stats(self, tokens: list[torch.Tensor]) -> dict[str, float]:
         """Per scale: the share of the codebook used in this batch, and the perplexity of the code histogram."""
         stats = {}
-        size = self.codebook.num_embeddings
         for k, idx in enumerate(tokens):
-            counts = torch.bincount(idx.flatten(), minlength=size).float()
+            counts = torch.bincount(idx.flatten(), minlength=self.size).float()
             p = counts / counts.sum()
             stats[f"scale{k}_used"] = float((counts > 0).float().mean())
             stats[f"scale{k}_perplexity"] = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
         return stats
 
-    def _nearest(self, z_BCdhw: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        """The nearest code of every vector. |z|^2 is the same for every code of a row and left out; rows go in
-        chunks whose (chunk, V) distances stay in cache (6x faster on a CPU than one (N, V) matrix)."""
+    def _nearest(self, z_BCdhw: torch.Tensor, k: int, chunk: int = 8192) -> torch.Tensor:
+        """The nearest code of scale k's codebook for every vector. |z|^2 is the same for every code of a row and
+        left out; rows go in chunks whose (chunk, V) distances stay in cache (6x faster on a CPU than one (N, V)
+        matrix)."""
         B, C, d, h, w = z_BCdhw.shape
         z_NC = z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, C)
-        codes_VC = self.codes
+        codes_VC = self.codes_at(k)
         cost_V = codes_VC.square().sum(1)
         if self.zero_code and self.dead_zone > 0:  # any code but zero must be worth its cost
             cost_V = cost_V + self.dead_zone * self.energy * (torch.arange(len(cost_V), device=cost_V.device) > 0)
@@ -209,26 +229,41 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def _initialize(self, f_BCdhw: torch.Tensor) -> None:
         C = f_BCdhw.shape[1]
-        vectors_NC = torch.cat([area_down(f_BCdhw, s).permute(0, 2, 3, 4, 1).reshape(-1, C) for s in self.scales])
-        size = self.codebook.num_embeddings
-        pick = torch.randint(len(vectors_NC), (size,), device=vectors_NC.device)
-        noise = 0.01 * vectors_NC.std() * torch.randn(size, C, device=vectors_NC.device)
-        self.codebook.weight.data.copy_(vectors_NC[pick] + noise)
+        if self.books == 1:  # the shared codebook: from the features at every scale
+            vectors_NC = torch.cat([area_down(f_BCdhw, s).permute(0, 2, 3, 4, 1).reshape(-1, C) for s in self.scales])
+            self._fill(0, vectors_NC)
+        else:  # scale k's codebook from the residual that scale k looks up once the coarser scales are coded
+            f_hat = None
+            for k, scale in enumerate(self.scales):
+                z_BCdhw = area_down(f_BCdhw if f_hat is None else f_BCdhw - f_hat, scale)
+                self._fill(k, z_BCdhw.permute(0, 2, 3, 4, 1).reshape(-1, C))
+                f_hat, _ = self.add_scale(k, f_hat, self._nearest(z_BCdhw, k))
         self.broadcast(self.codebook.weight.data)
         self.energy.fill_(float(f_BCdhw.square().sum(1).mean()))
         self.initialized.fill_(True)
 
+    def _fill(self, b: int, vectors_NC: torch.Tensor) -> None:
+        """Codebook b from randomly picked vectors, each with a little noise so that no two codes are equal."""
+        V, C = self.size, vectors_NC.shape[1]
+        pick = torch.randint(len(vectors_NC), (V,), device=vectors_NC.device)
+        noise = 0.01 * vectors_NC.std() * torch.randn(V, C, device=vectors_NC.device)
+        self.codebook.weight.data[b * V:(b + 1) * V] = vectors_NC[pick] + noise
+
     @torch.no_grad()
-    def _update_usage(self, tokens: list[torch.Tensor], residuals_NC: torch.Tensor) -> None:
-        size = self.codebook.num_embeddings
-        counts = sum(torch.bincount(idx.flatten(), minlength=size).float() for idx in tokens)
-        self.usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * counts * size / counts.sum())
-        dead = ((self.usage < self.dead_usage) & (self.keep > 0)).nonzero().flatten()
-        if len(dead):
-            # Restart dead codes on features the encoder produces now, so they can be picked again.
-            pick = torch.randint(len(residuals_NC), (len(dead),), device=residuals_NC.device)
-            self.codebook.weight.data[dead] = residuals_NC[pick].to(self.codebook.weight.dtype)
-            self.usage[dead] = 1.0
+    def _update_usage(self, tokens: list[torch.Tensor], residuals: list[torch.Tensor]) -> None:
+        V = self.size
+        for b in range(self.books):
+            scales = [k for k in range(len(self.scales)) if self.book(k) == b]
+            counts = sum(torch.bincount(tokens[k].flatten(), minlength=V).float() for k in scales)
+            usage, keep = self.usage[b * V:(b + 1) * V], self.keep[b * V:(b + 1) * V]
+            usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * counts * V / counts.sum())
+            dead = ((usage < self.dead_usage) & (keep > 0)).nonzero().flatten()
+            if len(dead):
+                # Restart dead codes on residuals this codebook's scales look up now, so they can be picked again.
+                residuals_NC = torch.cat([residuals[k] for k in scales])
+                pick = torch.randint(len(residuals_NC), (len(dead),), device=residuals_NC.device)
+                self.codebook.weight.data[b * V + dead] = residuals_NC[pick].to(self.codebook.weight.dtype)
+                usage[dead] = 1.0
         # Every rank computed the same use from the same global batch; rank 0's random picks are the ones kept.
         self.broadcast(self.codebook.weight.data)
         self.broadcast(self.usage)

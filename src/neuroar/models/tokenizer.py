@@ -59,7 +59,8 @@ class MSVQVAE(nn.Module):
                                             nn.Conv3d(config.latent_dim, folded, 1)])
         # A change coder pins a zero code ("nothing changed here"), see models/quantizer.py.
         self.quantizer = MultiScaleQuantizer(config.codebook_size, config.latent_dim, config.scales, beta=config.beta,
-                                             zero_code=config.code == "change", dead_zone=config.dead_zone)
+                                             zero_code=config.code == "change", dead_zone=config.dead_zone,
+                                             per_scale=config.codebook_per_scale)
 
     def features(self, x_B1DHW: torch.Tensor) -> torch.Tensor:
         """The continuous latent grid f (B, C, d, h, w) that the quantizer tokenizes."""

@@ -421,7 +421,8 @@ def earlier_scale_features(quantizer: MultiScaleQuantizer, tokens: list[torch.Te
     scales area-downsampled to scale k (C' = C); "none" = zeros (unused). With code "change" see
     `earlier_latent_features`."""
     if kind == "tokens":
-        codes = [F.embedding(idx_Bdhw, quantizer.codes).permute(0, 4, 1, 2, 3) for idx_Bdhw in tokens]
+        codes = [F.embedding(idx_Bdhw, quantizer.codes_at(k)).permute(0, 4, 1, 2, 3)
+                 for k, idx_Bdhw in enumerate(tokens)]
         inputs = [torch.zeros_like(codes[0]), *quantizer.teacher_forcing_inputs(tokens)]
         return [torch.cat([c, i], 1) for c, i in zip(codes, inputs)]
     if kind == "fhat":
