@@ -23,10 +23,10 @@ SCALES = ((1, 1, 1), (2, 2, 2), (3, 4, 3))
 DIM, CODES = 8, 32
 
 
-def build(seed: int = 0, **switches) -> tuple[NeuroAR, MultiScaleQuantizer]:
+def build(seed: int = 0, per_scale: bool = False, **switches) -> tuple[NeuroAR, MultiScaleQuantizer]:
     torch.manual_seed(seed)
     config = TransformerConfig(depth=2, **switches)
-    quantizer = MultiScaleQuantizer(CODES, DIM, SCALES)
+    quantizer = MultiScaleQuantizer(CODES, DIM, SCALES, per_scale=per_scale)
     nn_init_all(quantizer)
     model = NeuroAR(config, DIM, CODES, SCALES)
     nn_init_all(model)
@@ -120,14 +120,17 @@ def test_switches_remove_exactly_their_input(off):
             assert torch.equal(base, other)
 
 
-def test_the_earlier_input_is_the_scans_code_vectors_and_own_input_at_each_scale():
-    """"tokens": scale k's input is the codebook vector of the earlier scan's scale-k token (an independent
-    lookup) beside the f_hat of its scales < k pooled to scale k; "fhat": the f_hat of all its scales pooled."""
-    _, quantizer = build()
+@pytest.mark.parametrize("per_scale", [False, True], ids=["shared", "per_scale"])
+def test_the_earlier_input_is_the_scans_code_vectors_and_own_input_at_each_scale(per_scale):
+    """"tokens": scale k's input is the vector of the earlier scan's scale-k token in scale k's codebook (an
+    independent lookup) beside the f_hat of its scales < k pooled to scale k; "fhat": the f_hat of all its scales
+    pooled."""
+    _, quantizer = build(per_scale=per_scale)
+    books = quantizer.codebook.weight.view(-1, CODES, DIM)  # one codebook, or one per scale
     earlier = random_tokens(2, seed=4)
     features = earlier_scale_features(quantizer, earlier, "tokens")
     for k, idx in enumerate(earlier):
-        codes = quantizer.codebook.weight[idx.flatten()].view(*idx.shape, DIM).permute(0, 4, 1, 2, 3)
+        codes = books[k % len(books)][idx.flatten()].view(*idx.shape, DIM).permute(0, 4, 1, 2, 3)
         assert torch.equal(features[k][:, :DIM], codes)
         coarser = (F.adaptive_avg_pool3d(quantizer.tokens_to_fhat(earlier[:k]), SCALES[k]) if k
                    else torch.zeros_like(codes))
