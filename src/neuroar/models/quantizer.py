@@ -29,9 +29,9 @@ two scans' noise) is left out of the tokens, which then say where something chan
 
 One codebook per scale (`per_scale`): scale k looks its residual up in a codebook of its own (token ids stay
 0..V-1 at every scale, as residual VQ in audio codecs). With one codebook shared by all scales (VAR's), the
-residuals that shrink from scale to scale compete with the first scales' large vectors for the same codes: a
-tokenizer with four 20x24x22 stages used 340 codes at its first (perplexity), 85, 18 and 3 at the next three,
-so the last stages' rest mostly fell to one code and more stages stopped carrying more of a change
+residuals that shrink from scale to scale compete with the first scales' large vectors for the same codes: in a
+tokenizer with four 20x24x22 stages the code histograms' perplexities were 340 at the first, 85, 18 and 3 at the
+next three, so the last stages' rest mostly fell to a few codes and more stages stopped carrying more of a change
 (benchmarks/TOKEN_SPACE_ADOLESCENT_STUDY.md). Each codebook starts from its own scale's residuals (the residual
 loop run once at initialisation), and restarts its dead codes from them.
 
