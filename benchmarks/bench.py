@@ -136,7 +136,7 @@ def case_neuroar_predict(scales: int, repeats: int, samples: int = 4) -> dict:
 
     def sample(use_cache: bool):
         return model.sample(tokenizer.quantizer, earlier, *ages, config.sampling, torch.Generator(_device())
-                            .manual_seed(0), use_cache=use_cache)
+                            .manual_seed(0), use_cache=use_cache)[0]
 
     before = _rss_mb()
     with torch.no_grad():

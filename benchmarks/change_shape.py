@@ -150,8 +150,10 @@ def _draw(predictor, f_earlier: torch.Tensor, earlier_age: float, target_age: fl
     scales = tokenizer.quantizer.scales
     ages = [torch.full((1,), float(age)) for age in (earlier_age, target_age)]
     with torch.no_grad():
-        return model.sample(tokenizer.quantizer, tokenizer.unchanged_tokens(f_earlier), *ages, sampling,
-                            torch.Generator().manual_seed(0), earlier_maps=earlier_latent_features(scales, f_earlier))
+        tokens, _ = model.sample(tokenizer.quantizer, tokenizer.unchanged_tokens(f_earlier), *ages, sampling,
+                                 torch.Generator().manual_seed(0),
+                                 earlier_maps=earlier_latent_features(scales, f_earlier))
+        return tokens
 
 
 def _log_probabilities(predictor, f_earlier: torch.Tensor, tokens: list[torch.Tensor], earlier_age: float,

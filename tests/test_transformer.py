@@ -15,8 +15,8 @@ from neuroar.models.transformer import (
     draw,
     earlier_scale_features,
     flatten,
-    sample_logits,
     teacher_forcing_sequence,
+    token_probabilities,
 )
 
 SCALES = ((1, 1, 1), (2, 2, 2), (3, 4, 3))
@@ -227,12 +227,13 @@ def test_kv_cache_sampling_gives_exactly_the_tokens_of_full_recomputation(sampli
     model, quantizer = model.double(), quantizer.double()  # rounding must not decide a draw
     earlier = random_tokens(3, seed=5)
     ages = torch.tensor([60.0, 70.0, 80.0], dtype=torch.float64), torch.tensor([62.0, 75.0, 81.0], dtype=torch.float64)
-    cached = model.sample(quantizer, earlier, *ages, sampling, torch.Generator().manual_seed(1))
-    full = model.sample(quantizer, earlier, *ages, sampling, torch.Generator().manual_seed(1), use_cache=False)
+    cached, f_hat = model.sample(quantizer, earlier, *ages, sampling, torch.Generator().manual_seed(1))
+    full, _ = model.sample(quantizer, earlier, *ages, sampling, torch.Generator().manual_seed(1), use_cache=False)
     assert [tuple(t.shape) for t in cached] == [(3, *s) for s in SCALES]
     assert all(torch.equal(a, b) for a, b in zip(cached, full))
-    again = model.sample(quantizer, earlier, *ages, sampling, torch.Generator().manual_seed(1))
+    again, _ = model.sample(quantizer, earlier, *ages, sampling, torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip(cached, again))
+    assert torch.equal(f_hat, quantizer.tokens_to_fhat(cached))
 
 
 @LOCAL
@@ -242,14 +243,46 @@ def test_sampling_uses_teacher_forcing_inputs_of_its_own_tokens(local):
     model, quantizer = build(local_scales=local)
     earlier = random_tokens(2, seed=3)
     a1, a2 = torch.tensor([70.0, 71.0]), torch.tensor([73.0, 79.0])
-    tokens = model.sample(quantizer, earlier, a1, a2, SamplingConfig(top_k=1), torch.Generator().manual_seed(0))
+    tokens, _ = model.sample(quantizer, earlier, a1, a2, SamplingConfig(top_k=1), torch.Generator().manual_seed(0))
     logits = model(teacher_forcing_sequence(quantizer, tokens), *earlier_inputs(model, quantizer, earlier), a1, a2)
     assert torch.equal(logits.argmax(-1), sequence(tokens))
+
+
+@LOCAL
+def test_expected_codes_add_the_probability_weighted_codes(local):
+    """With one token certain (top-k 1) the expected codes are the drawn ones: the same tokens and f_hat as greedy
+    drawing. And a position's expected code is the mean of the codes weighted by their probabilities, after the
+    quantizer's interpolation and refinement as well (both are affine, so the weights carry through)."""
+    model, quantizer = build(local_scales=local)
+    earlier = random_tokens(2, seed=3)
+    ages = torch.tensor([70.0, 71.0]), torch.tensor([73.0, 79.0])
+    greedy = SamplingConfig(top_k=1)
+    drawn, f_drawn = model.sample(quantizer, earlier, *ages, greedy, torch.Generator().manual_seed(0))
+    expected, f_expected = model.sample(quantizer, earlier, *ages, dataclasses.replace(greedy, codes="expected"))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    assert torch.allclose(f_drawn, f_expected, atol=1e-6)
+    soft = SamplingConfig(temperature=100.0, codes="expected")  # flat probabilities; no generator: nothing drawn
+    _, f_soft = model.sample(quantizer, earlier, *ages, soft)
+    assert torch.equal(f_soft, model.sample(quantizer, earlier, *ages, soft)[1])
+    assert not torch.allclose(f_soft, f_expected, atol=1e-3)
+    k, scale = 1, SCALES[1]
+    a, b = random_tokens(1, seed=8)[k], random_tokens(1, seed=9)[k]
+    mixed = 0.25 * F.one_hot(a, CODES) + 0.75 * F.one_hot(b, CODES)
+    f_prior = quantizer.tokens_to_fhat(random_tokens(1, seed=4)[:k])
+    f_mixed, next_mixed = quantizer.add_expected(k, f_prior, mixed.float())
+    (f_a, next_a), (f_b, next_b) = quantizer.add_scale(k, f_prior, a), quantizer.add_scale(k, f_prior, b)
+    assert f_mixed.shape == f_a.shape and next_mixed.shape[2:] == SCALES[k + 1] and scale == a.shape[1:]
+    assert torch.allclose(f_mixed, 0.25 * f_a + 0.75 * f_b, atol=1e-5)
+    assert torch.allclose(next_mixed, 0.25 * next_a + 0.75 * next_b, atol=1e-5)
 
 
 def test_top_k_and_top_p_draw_only_from_the_kept_tokens():
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])).expand(1, 2000, 4)
     generator = torch.Generator().manual_seed(0)
+
+    def sample_logits(logits_BlV, sampling, generator):
+        return draw(token_probabilities(logits_BlV, sampling).flatten(0, 1), generator)
+
     top2 = sample_logits(logits, SamplingConfig(top_k=2), generator)
     assert set(top2.unique().tolist()) == {0, 1}
     nucleus = sample_logits(logits, SamplingConfig(top_p=0.75), generator)  # 0.5 + 0.3 crosses 0.75
@@ -291,7 +324,8 @@ def test_it_learns_to_keep_the_earlier_scans_tokens_and_does_so_on_unseen_scans(
     model.eval()
     unseen = random_tokens(8, seed=7)
     a1 = torch.full((8,), 71.0)
-    predicted = model.sample(quantizer, unseen, a1, a1 + 4, SamplingConfig(top_k=1), torch.Generator().manual_seed(0))
+    predicted, _ = model.sample(quantizer, unseen, a1, a1 + 4, SamplingConfig(top_k=1),
+                                torch.Generator().manual_seed(0))
     assert (sequence(predicted) == sequence(unseen)).float().mean().item() >= 0.99
     assert torch.equal(model.copy_logit, torch.zeros(len(SCALES)))
 

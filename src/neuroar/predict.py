@@ -180,6 +180,8 @@ class NeuroARPredictor(Predictor):
                 for i in range(len(ages))]
 
     def _decoded_scan(self, x, age, target_ages, samples, generator, diagnosis):
+        if self.config.sampling.codes == "expected":  # one deterministic prediction: more samples would repeat it
+            samples = 1
         diagnosis_S = self.model.diagnosis_ids([diagnosis]).to(self.device).expand(samples)
         f_earlier = self.tokenizer.latent_scan(x)
         unchanged = self.tokenizer.unchanged_tokens(f_earlier)
@@ -190,10 +192,10 @@ class NeuroARPredictor(Predictor):
                         if self.config.tokenizer.code == "change" else None)
         per_age = []
         for target_age in target_ages:
-            tokens = self.model.sample(self.tokenizer.quantizer, unchanged, self._ages(age, samples),
-                                       self._ages(target_age, samples), self.config.sampling, generator(),
-                                       diagnosis_B=diagnosis_S, earlier_maps=earlier_maps)
-            f_S = self.tokenizer.followup_latent(f_earlier_S, tokens)
+            _, f_hat_S = self.model.sample(self.tokenizer.quantizer, unchanged, self._ages(age, samples),
+                                           self._ages(target_age, samples), self.config.sampling, generator(),
+                                           diagnosis_B=diagnosis_S, earlier_maps=earlier_maps)
+            f_S = self.tokenizer.with_earlier(f_earlier_S, f_hat_S)
             decoded = self.tokenizer.decode_latent(f_S)
             if self.config.sampling.average == "fhat":  # decode the samples' mean latent
                 mean = self.tokenizer.decode_latent(f_S.mean(0, keepdim=True))[0]

@@ -238,6 +238,10 @@ class SamplingConfig:
     guidance: float = 1.0  # classifier-free guidance on the ages; 1.0 = off (conditional logits only)
     # How the samples become one prediction: the mean of the decoded volumes, or the decoded mean f_hat.
     average: Literal["volumes", "fhat"] = "volumes"
+    # What each token position adds to f_hat: a "drawn" token's code, or the "expected" code (the mean of the
+    # scale's codes weighted by the probabilities after temperature, top-k and top-p): the model's mean latent
+    # at each scale given the coarser ones, one deterministic prediction (its samples are identical: one is run).
+    codes: Literal["drawn", "expected"] = "drawn"
 
     def check(self, key: str, fail: Fail) -> None:
         if self.samples < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:

@@ -190,11 +190,18 @@ class MultiScaleQuantizer(nn.Module):
         """Add scale k's tokens to f_hat; return the new f_hat and the input for scale k + 1 (None after the
         last scale). The one step shared by encoding, decoding, teacher forcing and sampling (float32)."""
         with _float32(idx_Bdhw):
-            return self._add_scale(k, f_hat, idx_Bdhw)
+            return self._add_codes(k, f_hat, F.embedding(idx_Bdhw, self.codes_at(k)).permute(0, 4, 1, 2, 3))
 
-    def _add_scale(self, k: int, f_hat: torch.Tensor | None, idx_Bdhw: torch.Tensor
+    def add_expected(self, k: int, f_hat: torch.Tensor | None, probabilities_BdhwV: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`add_scale` with each position's code replaced by the mean of scale k's codes weighted by its
+        probabilities over the tokens (one-hot probabilities give `add_scale`'s result)."""
+        with _float32(probabilities_BdhwV):
+            h_BdhwC = probabilities_BdhwV.float() @ self.codes_at(k)
+            return self._add_codes(k, f_hat, h_BdhwC.permute(0, 4, 1, 2, 3))
+
+    def _add_codes(self, k: int, f_hat: torch.Tensor | None, h_BCdhw: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h_BCdhw = F.embedding(idx_Bdhw, self.codes_at(k)).permute(0, 4, 1, 2, 3)
         if tuple(h_BCdhw.shape[2:]) != self.latent:
             h_BCdhw = F.interpolate(h_BCdhw, size=self.latent, mode="trilinear", align_corners=False)
         h_BCdhw = (1 - self.phi_mix) * h_BCdhw + self.phi_mix * self.phis[k](h_BCdhw)

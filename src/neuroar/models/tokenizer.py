@@ -114,8 +114,12 @@ class MSVQVAE(nn.Module):
         """The latent (B, C, d, h, w) the decoder reads for a follow-up's tokens: their f_hat, on top of the
         earlier scan's latent for code "change"."""
         with full_precision(tokens[0].device):
-            f_hat = self.quantizer.tokens_to_fhat(tokens)
-            return f_hat if self.config.code == "scan" else f_earlier + f_hat
+            return self.with_earlier(f_earlier, self.quantizer.tokens_to_fhat(tokens))
+
+    def with_earlier(self, f_earlier: torch.Tensor | None, f_hat: torch.Tensor) -> torch.Tensor:
+        """The latent the decoder reads for a follow-up's f_hat: f_hat itself (code "scan"), or the change on top
+        of the earlier scan's latent (code "change")."""
+        return f_hat if self.config.code == "scan" else f_earlier + f_hat
 
     @torch.no_grad()
     def decode_latent(self, f_BCdhw: torch.Tensor) -> np.ndarray:

@@ -222,12 +222,13 @@ class NeuroAR(nn.Module):
     def sample(self, quantizer: MultiScaleQuantizer, earlier_tokens: list[torch.Tensor], earlier_age_B: torch.Tensor,
                target_age_B: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
                use_cache: bool = True, diagnosis_B: torch.Tensor | None = None,
-               earlier_maps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Token maps (B, d, h, w) per scale of the predicted follow-ups, one per batch item (`diagnosis_B` as in
-        `forward`). `earlier_tokens`: the unchanged tokens (the earlier scan's own with code "scan", those of no
-        change with code "change"); `earlier_maps`: the earlier scan's input per scale, (B, C', d, h, w), which by
-        default `earlier_scale_features` makes from `earlier_tokens` (code "scan"); with code "change" pass
-        `earlier_latent_features`.
+               earlier_maps: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The predicted follow-ups, one per batch item (`diagnosis_B` as in `forward`): token maps (B, d, h, w) per
+        scale and their f_hat (B, C, d, h, w). With `sampling.codes` "expected", f_hat sums each scale's expected
+        codes and the token maps hold the most probable tokens. `earlier_tokens`: the unchanged tokens (the earlier
+        scan's own with code "scan", those of no change with code "change"); `earlier_maps`: the earlier scan's
+        input per scale, (B, C', d, h, w), which by default `earlier_scale_features` makes from `earlier_tokens`
+        (code "scan"); with code "change" pass `earlier_latent_features`.
 
         Without the cache every scale re-runs the whole prefix, block-causal by scale; both ways give
         the same logits, the cache only saves the work."""
@@ -270,11 +271,15 @@ class NeuroAR(nn.Module):
             if guided:
                 conditional, unconditional = logits_BlV.chunk(2)
                 logits_BlV = unconditional + sampling.guidance * (conditional - unconditional)
-            idx_Bl = sample_logits(logits_BlV, sampling, generator)
-            idx_Bdhw = idx_Bl.view(batch, *scale)
-            f_hat, next_input = quantizer.add_scale(k, f_hat, idx_Bdhw)
-            tokens.append(idx_Bdhw)
-        return tokens
+            probabilities_BlV = token_probabilities(logits_BlV, sampling)
+            if sampling.codes == "expected":
+                idx_Bl = probabilities_BlV.argmax(-1)
+                f_hat, next_input = quantizer.add_expected(k, f_hat, probabilities_BlV.view(batch, *scale, -1))
+            else:
+                idx_Bl = draw(probabilities_BlV.flatten(0, 1), generator).view(batch, -1)
+                f_hat, next_input = quantizer.add_scale(k, f_hat, idx_Bl.view(batch, *scale))
+            tokens.append(idx_Bl.view(batch, *scale))
+        return tokens, f_hat
 
 
 def build_transformer(config: Config) -> NeuroAR:
@@ -449,9 +454,8 @@ def teacher_forcing_sequence(quantizer: MultiScaleQuantizer, tokens: list[torch.
     return torch.cat([first, *map(flatten, inputs)], 1)
 
 
-def sample_logits(logits_BlV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
-                  ) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering, then one draw per token: (B, l)."""
+def token_probabilities(logits_BlV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering: the probabilities (B, l, V) sampling uses."""
     logits = logits_BlV.float() / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = logits.topk(sampling.top_k, dim=-1).values[..., -1:]
@@ -461,8 +465,7 @@ def sample_logits(logits_BlV: torch.Tensor, sampling: SamplingConfig, generator:
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
-    probabilities_NV = logits.softmax(-1).flatten(0, 1)
-    return draw(probabilities_NV, generator).view(logits.shape[:2])
+    return logits.softmax(-1)
 
 
 def draw(probabilities_NV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
