@@ -88,7 +88,7 @@ def score(run: Path, folder: str, split: str | None, sampling: list[str] = ()) -
                               sampling=sampling).set_index("label")
     config = load_config(run / "config.yaml", list(sampling))
     row = {"pairs": int(summary.loc["copy", "pairs"]), "split": split or "test",
-           "temperature": config.sampling.temperature}
+           "temperature": config.sampling.temperature, "codes": config.sampling.codes}
     for output in OUTPUTS:
         label = output.format(name=run.name)
         key = output.format(name="neuroar")
@@ -109,7 +109,8 @@ def _write(results: dict, table: Path) -> None:
              "first rows of 250 steps ran on one thread each, two at once; from demo-lw64 on beside other jobs; the "
              "others on two threads alone). A row's copy and oracle are its own run's: the demo-lw64 rows and after "
              "come from a later `neuroar demo` on another machine, the denoised rows score denoised follow-ups. T: the "
-             "sampling temperature (rows before it was a column: 0.5, then the default); a row \"(model of OLD)\" "
+             "sampling temperature (rows before it was a column: 0.5, then the default); codes: `sampling.codes`, "
+             "drawn tokens or each scale's expected code (one deterministic prediction); a row \"(model of OLD)\" "
              "scores the model of row OLD again with other sampling settings. split: the pairs scored "
              "(val: 42 pairs of other subjects, for choosing settings without looking at the test pairs). "
              "Rows study-adol-*: the study's adolescent cohort (`runs/study-dz0/adolescent`, 180 test pairs; grey "
@@ -128,8 +129,8 @@ def _write(results: dict, table: Path) -> None:
             model = Path(row["design"]).name + (f" (model of {row['resampled_from']})" if "resampled_from" in row
                                                  else "")
             rows.append([label, model, row["steps"], f"{row['train_seconds']:.0f}", row.get("temperature", 0.5),
-                         row.get("split", "test"), f"{row[f'{key}_psnr']:.2f}", *cells])
-    lines.append(markdown_table(["output", "token space", "NeuroAR steps", "train s", "T", "split", "PSNR",
+                         row.get("codes", "drawn"), row.get("split", "test"), f"{row[f'{key}_psnr']:.2f}", *cells])
+    lines.append(markdown_table(["output", "token space", "NeuroAR steps", "train s", "T", "codes", "split", "PSNR",
                                  "ventricles r / error / carried", "grey matter r / error / carried"], rows))
     table.write_text("\n".join(lines) + "\n")
 
