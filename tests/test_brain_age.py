@@ -65,13 +65,14 @@ def run_with_models(tmp_path_factory):
     return run
 
 
-def test_brain_age_compares_real_and_each_models_augmented_training_over_seeds(run_with_models, tmp_path):
+def test_brain_age_compares_real_and_each_models_augmented_training_over_seeds(run_with_models, tmp_path, capsys):
     run = shutil.copytree(run_with_models, tmp_path / "run")
     out = tmp_path / "age"
     args = ["brain-age", "--run", str(run), "--models", str(run / "stargan"), str(run / "ldm"), "--out", str(out),
             "brain_age.channels=[4,8]", "brain_age.steps=5", "brain_age.seeds=3", "brain_age.synthetic_years=[1,2.5]",
             "ldm.ddim_steps=2"]
     assert main(args) == 0
+    log = capsys.readouterr().err
     results = pd.read_csv(out / "results.csv")
     assert sorted(results["seed"].unique()) == [0, 1, 2]
     assert list(results["training"].unique()) == ["real", "real + synthetic (stargan)", "real + synthetic (ldm)"]
@@ -81,6 +82,8 @@ def test_brain_age_compares_real_and_each_models_augmented_training_over_seeds(r
         assert len(real) == len(augmented) == 3
         # two synthetic scans per real one
         assert (augmented["training_scans"].to_numpy() == 3 * real["training_scans"].to_numpy()).all()
+        # the log counts the real scans each model's synthetic ones are made from
+        assert f"synthetic scans ({name}): {real['training_scans'].iloc[0]} scans in " in log
     assert np.isfinite(results[["mae", "r2"]].to_numpy()).all()
     # MAE and R2 are those of each regressor's predictions of the real test scans' ages, computed here.
     scans = pd.read_csv(run / "scans.csv", dtype={"subject_id": str})

@@ -134,20 +134,21 @@ def synthetic_scans(model: str | Path, train: pd.DataFrame, config: Config, out_
     volumes, ages = [], []
     scans = train.to_dict("records")
     # Scan i draws from seed config.seed * 100_003 + i, so its synthetic scans do not depend on the batch it is in.
-    for start in Progress(range(0, len(scans), SYNTHETIC_BATCH), desc=f"synthetic scans ({name})",
-                          unit=f"{SYNTHETIC_BATCH} scans", enabled=progress):
-        chunk = scans[start:start + SYNTHETIC_BATCH]
-        targets = [[scan["age"] + years for years in settings.synthetic_years] for scan in chunk]
-        outputs = predictor.predict_scans([load_preprocessed(scan["preprocessed"])[0] for scan in chunk],
-                                          [scan["age"] for scan in chunk], targets, samples=1,
-                                          seeds=[config.seed * 100_003 + start + i for i in range(len(chunk))],
-                                          diagnoses=[scan.get("diagnosis") for scan in chunk],
-                                          batch=SYNTHETIC_BATCH)
-        for scan_targets, scan_outputs in zip(targets, outputs):
-            for target, (decoded_DHW, _, detail_DHW) in zip(scan_targets, scan_outputs):
-                chosen_DHW = detail_DHW if settings.synthetic_output == "detail" else decoded_DHW
-                volumes.append(_downsample(torch.from_numpy(np.ascontiguousarray(chosen_DHW)), settings.downsample))
-                ages.append(target)
+    with Progress(desc=f"synthetic scans ({name})", unit="scan", total=len(scans), enabled=progress) as bar:
+        for start in range(0, len(scans), SYNTHETIC_BATCH):
+            chunk = scans[start:start + SYNTHETIC_BATCH]
+            targets = [[scan["age"] + years for years in settings.synthetic_years] for scan in chunk]
+            outputs = predictor.predict_scans([load_preprocessed(scan["preprocessed"])[0] for scan in chunk],
+                                              [scan["age"] for scan in chunk], targets, samples=1,
+                                              seeds=[config.seed * 100_003 + start + i for i in range(len(chunk))],
+                                              diagnoses=[scan.get("diagnosis") for scan in chunk],
+                                              batch=SYNTHETIC_BATCH)
+            for scan_targets, scan_outputs in zip(targets, outputs):
+                for target, (decoded_DHW, _, detail_DHW) in zip(scan_targets, scan_outputs):
+                    chosen_DHW = detail_DHW if settings.synthetic_output == "detail" else decoded_DHW
+                    volumes.append(_downsample(torch.from_numpy(np.ascontiguousarray(chosen_DHW)), settings.downsample))
+                    ages.append(target)
+            bar.update(len(chunk))
     tensors = {"volumes": torch.stack(volumes).contiguous(), "ages": torch.tensor(ages, dtype=torch.float32)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
