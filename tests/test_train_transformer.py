@@ -438,32 +438,3 @@ def test_the_verdict_against_copy_needs_two_standard_errors(tmp_path):
     assert [row.split("|")[-2].strip() for row in rows] == ["equal to copy", "not distinguishable from copy",
                                                             "above copy", "below copy"]
     assert "-0.003 +- 0.008" in rows[1]
-
-
-def test_the_expected_code_loss_is_the_relative_squared_error_of_the_expected_codes_per_scales_codebook():
-    """Certain of the true tokens: no error. Uniform: each position's expected code is its scale's mean code, and
-    the loss is the squared distance to the true codes over their squared norm, each scale in its own codebook."""
-    from types import SimpleNamespace
-
-    from neuroar.models.quantizer import MultiScaleQuantizer
-    from neuroar.train.transformer import expected_code_loss
-
-    torch.manual_seed(0)
-    quantizer = MultiScaleQuantizer(6, 3, ((1, 1, 1), (2, 1, 1)), per_scale=True)
-    with torch.no_grad():
-        quantizer.codebook.weight.normal_()
-    model = SimpleNamespace(starts=[0, 1], ends=[1, 3])
-    tokens = torch.tensor([[4, 1, 5], [2, 3, 3]])
-    certain = torch.nn.functional.one_hot(tokens, 6).float() * 50
-    assert expected_code_loss(model, quantizer, certain, tokens).item() < 1e-6
-    error = norm = 0.0
-    for k, positions in enumerate([[0], [1, 2]]):
-        codes = quantizer.codes_at(k)
-        true = codes[tokens[:, positions]]
-        error += (codes.mean(0) - true).square().sum()
-        norm += true.square().sum()
-    uniform = torch.zeros(2, 3, 6, requires_grad=True)
-    loss = expected_code_loss(model, quantizer, uniform, tokens)
-    assert torch.isclose(loss, error / norm)
-    loss.backward()
-    assert uniform.grad.abs().sum() > 0 and quantizer.codebook.weight.grad is None  # the codebook stays fixed

@@ -219,17 +219,12 @@ class TransformerTrainingConfig(TrainingConfig):
     # steps, a 40 % share of such pairs) NeuroAR then learnt no change at all (+detail and +aging ventricles r
     # -0.01, against 0.69 without; benchmarks/CHANGE_NEUROAR.md row toklr3-b4-zerogap).
     zero_gap_pairs: bool = False
-    # Weight of a second loss beside the cross-entropy: the squared distance between each position's expected
-    # code (the codes weighted by the predicted probabilities) and the true token's code, relative to the true
-    # codes' squared norm. The cross-entropy over codes that mostly differ by scanner noise teaches the mean
-    # change slowly; this loss asks for the mean directly (what `sampling.codes: expected` predicts).
-    code_weight: float = 0.0
 
     def check(self, key: str, fail: Fail) -> None:
         super().check(key, fail)
         _at_least_one(self, key, ("val_every",), fail)
-        if self.weight_decay < 0 or self.grad_clip <= 0 or self.code_weight < 0:
-            fail(key, "grad_clip must be positive, weight_decay >= 0 and code_weight >= 0.")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            fail(key, "grad_clip must be positive, weight_decay >= 0.")
 
 
 @dataclass

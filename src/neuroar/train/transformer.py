@@ -50,9 +50,8 @@ from neuroar.train.loop import batch_indices, is_log_step, run_steps
 class ScanSequences:
     """Per scan of the run (N scans, L tokens over all scales, C latent channels): its tokens (N, L), its
     teacher-forcing inputs as a target (N, L, C) and its input as an earlier scan (N, L, C'), as
-    `transformer.earlier` (`earlier`) asks for it; the quantizer that made them."""
+    `transformer.earlier` (`earlier`) asks for it."""
 
-    quantizer: MultiScaleQuantizer
     tokens_NL: torch.Tensor
     inputs_NLC: torch.Tensor
     earlier_NLC: torch.Tensor
@@ -65,7 +64,7 @@ class ScanSequences:
             part = [t[start:start + chunk] for t in tokens]
             inputs.append(teacher_forcing_sequence(quantizer, part))
             features.append(torch.cat([flatten(f) for f in earlier_scale_features(quantizer, part, earlier)], 1))
-        return cls(quantizer, torch.cat([t.flatten(1) for t in tokens], 1), torch.cat(inputs), torch.cat(features))
+        return cls(torch.cat([t.flatten(1) for t in tokens], 1), torch.cat(inputs), torch.cat(features))
 
     def targets(self, pairs: pd.DataFrame, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The unchanged tokens (the earlier scan's) and the target tokens of the chosen pairs, (B, L) each."""
@@ -171,9 +170,6 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                                        batch["earlier_age"], batch["target_age"], drop[positions].to(device),
                                        batch["diagnosis"])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["tokens"].flatten())
-                if settings.code_weight:
-                    loss = loss + settings.code_weight * expected_code_loss(model, sequences.quantizer, logits,
-                                                                            batch["tokens"])
                 (loss / len(micro)).backward()
             # Per-scale metrics only where they are logged: they cost a second pass over the logits.
             values = {"loss": loss.item(), **(per_scale_metrics(model, logits.detach(), batch["tokens"],
@@ -193,20 +189,6 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                      meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
                            "scales": [list(s) for s in config.tokenizer.scales]},
                      val_every=settings.val_every, config_path=run_dir / name / "config.yaml", progress=progress)
-
-
-def expected_code_loss(model: NeuroAR, quantizer: MultiScaleQuantizer, logits_BLV: torch.Tensor,
-                       tokens_BL: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of |expected code - true token's code|^2 over the sum of |true code|^2 (see
-    `TransformerTrainingConfig.code_weight`); each scale looked up in its own codebook, held fixed."""
-    error, norm = 0.0, 0.0
-    for k, (start, end) in enumerate(zip(model.starts, model.ends)):
-        codes_VC = quantizer.codes_at(k).detach().float().to(logits_BLV.device)
-        expected_BlC = logits_BLV[:, start:end].float().softmax(-1) @ codes_VC
-        true_BlC = codes_VC[tokens_BL[:, start:end]]
-        error = error + (expected_BlC - true_BlC).square().sum()
-        norm = norm + true_BlC.square().sum()
-    return error / norm.clamp_min(1e-12)
 
 
 def training_data(run_dir: Path, config: Config) -> tuple[ScanSequences | ChangeSequences, pd.DataFrame,
