@@ -117,7 +117,9 @@ def _write(results: dict, table: Path) -> None:
              "matter is what ages there) on a token space of `TOKEN_SPACE_ADOLESCENT_STUDY.md`, NeuroAR 750 steps "
              "at batch 4 as the study's; study-adol-thrice at learning rate 0.001 (the study's: 0.003; "
              "token_space.py's base set 0.001 then, fixed since), beside another job; study-adol-four-books at the "
-             "study's 0.003, alone (`transformer.local_scales=4`). The study's own NeuroAR on its two-stage space: "
+             "study's 0.003, alone (`transformer.local_scales=4`); study-adol-five-books on row five-books-2 (a cohort "
+             "made anew, `runs/study/adolescent`) at 0.003 with `transformer.local_scales=5`, beside other jobs. The "
+             "study's own NeuroAR on its two-stage space: "
              "+detail grey matter r 0.70, error 39.02 mL, PSNR 26.28 (`results/study/models.csv`).", ""]
     rows = []
     for name, row in results.items():
