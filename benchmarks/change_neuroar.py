@@ -34,7 +34,8 @@ from neuroar.train.transformer import train_transformer
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["transformer.earlier=latent", "transformer.local_scales=2"]
 REGIONS = ("ventricles", "grey_matter")
-OUTPUTS = ("copy", "tokenizer-oracle", "{name}+detail")
+# mean-change: in evaluations since it was added (the cohort's mean aging, no model)
+OUTPUTS = ("copy", "tokenizer-oracle", "mean-change", "{name}+detail")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +93,8 @@ def score(run: Path, folder: str, split: str | None, sampling: list[str] = ()) -
     for output in OUTPUTS:
         label = output.format(name=run.name)
         key = output.format(name="neuroar")
+        if label not in summary.index:
+            continue
         row[f"{key}_psnr"] = round(float(summary.loc[label, "psnr_mean"]), 2)
         for region in REGIONS:
             for column in ("change_r", "change_mae", "carried"):
@@ -126,6 +129,8 @@ def _write(results: dict, table: Path) -> None:
         for output in OUTPUTS:
             key = output.format(name="neuroar")
             label = output.format(name=name)
+            if f"{key}_psnr" not in row:
+                continue
             cells = [f"{_number(row[f'{key}_{r}_change_r'])} / {row[f'{key}_{r}_change_mae']:.2f} / "
                      f"{row[f'{key}_{r}_carried']:.0%}" for r in REGIONS]
             model = Path(row["design"]).name + (f" (model of {row['resampled_from']})" if "resampled_from" in row

@@ -15,12 +15,13 @@ from conftest import ball, make_tokenized_run
 from neuroar.config import load_config
 from neuroar.data.pairs import token_pairs
 from neuroar.data.preprocess import load_preprocessed
-from neuroar.data.tokens import load_tokens, pair_tokens
+from neuroar.data.tokens import load_tokens, pair_rows, pair_tokens, training_tokens
 from neuroar.errors import NeuroARError
 from neuroar.evaluate.forecasters import TokenizerCopy, TokenizerOracle
+from neuroar.models.mean_change import advance, fit_mean_change
 from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.tokenizer import MSVQVAE
-from neuroar.predict import Predictor
+from neuroar.predict import Predictor, with_change
 from neuroar.runs import load_tokenizer
 from neuroar.train.tokenizer import change_l1, item_batch, train_tokenizer, training_items
 from neuroar.train.transformer import train_transformer
@@ -178,11 +179,60 @@ def test_neuroar_trains_on_change_tokens_and_predicts_the_earlier_scan_when_it_p
     assert predictor.predict(image, 70.0, [74.0], samples=2)[0].mean.shape == image.shape
 
 
+def test_the_mean_change_is_the_change_per_year_that_every_pair_shares():
+    generator = torch.Generator().manual_seed(0)
+    rate_Cdhw = torch.randn(2, 3, 4, 3, generator=generator)
+    base_Cdhw = torch.randn(2, 3, 4, 3, generator=generator)
+    ages = torch.tensor([60.0, 61.5, 64.0, 70.0, 72.5])
+    latents_NCdhw = base_Cdhw + (ages - 60.0)[:, None, None, None, None] * rate_Cdhw
+    earlier, later = torch.tensor([0, 0, 1, 3, 2]), torch.tensor([1, 2, 2, 4, 2])  # the last: zero years
+    fitted = fit_mean_change(latents_NCdhw, earlier, later, ages[later] - ages[earlier], chunk=2)
+    assert torch.allclose(fitted, rate_Cdhw, atol=1e-5)
+    assert torch.allclose(advance(latents_NCdhw[:2], torch.tensor([1.5, 2.5]), fitted), latents_NCdhw[[1, 2]],
+                          atol=1e-5)
+    with pytest.raises(NeuroARError, match="zero years"):
+        fit_mean_change(latents_NCdhw, earlier[-1:], later[-1:], torch.zeros(1))
+
+
+def test_with_the_cohorts_mean_change_neuroar_codes_and_predicts_the_deviation_from_it(run_dir):
+    config = load_config(run_dir / "config.yaml", ["train_transformer.steps=4", "transformer.mean_change=true"])
+    metrics = train_transformer(run_dir, config, progress=False)
+    tokenizer = load_tokenizer(run_dir, config)
+    latents, train_pairs, val_pairs = training_tokens(run_dir, config.train_transformer.mirror)
+    assert len(train_pairs) > len(token_pairs(run_dir, load_tokens(run_dir)[1], "train"))  # mirrored pairs too
+    # The mean change per year, by its formula, over every training pair NeuroAR learns from.
+    years = (train_pairs["later_age"] - train_pairs["earlier_age"]).to_numpy()
+    change = (latents[0][train_pairs["later_index"]] - latents[0][train_pairs["earlier_index"]]).numpy()
+    mean_change = np.einsum("p,p...->...", years, change) / (years ** 2).sum()
+    g_Cdhw = torch.from_numpy(mean_change).float()
+    predictor = Predictor.from_checkpoint(run_dir)
+    assert np.allclose(predictor.model.mean_change_Cdhw.numpy(), mean_change, atol=1e-6)
+    assert np.abs(mean_change).max() > 1e-3
+    # Training coded the validation pairs against the earlier latents advanced by it: "copy" is zero change there.
+    earlier, later, years_P = pair_rows(val_pairs)
+    advanced = latents[0][earlier] + years_P[:, None, None, None, None] * g_Cdhw
+    tokens = tokenizer.followup_tokens(advanced, latents[0][later])
+    for k, maps in enumerate(tokens):
+        assert metrics[f"scale{k}_copy_accuracy"] == pytest.approx((maps == 0).float().mean().item(), abs=1e-6)
+    # Predicting "no change" from there gives the cohort's mean aging, and at the earlier scan's own age nothing.
+    volume_DHW = load_preprocessed(load_tokens(run_dir)[1]["preprocessed"].iloc[0])[0]
+    with torch.no_grad():
+        predictor.model.copy_logit.fill_(50.0)
+    ((same, _, _), (aged, _, detail)) = predictor.predict_preprocessed(volume_DHW, 70.0, [70.0, 73.0], samples=1)
+    f_earlier = tokenizer.latent_scan(volume_DHW)
+    assert np.allclose(same, tokenizer.decode_unchanged(f_earlier)[0], atol=1e-5)
+    expected = tokenizer.decode_latent(f_earlier + 3.0 * g_Cdhw)[0]
+    assert np.allclose(aged, expected, atol=1e-5) and not np.allclose(aged, same, atol=1e-3)
+    assert np.allclose(detail, with_change(volume_DHW, expected, same), atol=1e-5)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["tokenizer.code=scan", "tokenizer.dead_zone=0", "train_tokenizer.change_weight=0"], "transformer.earlier"),
     (["transformer.earlier=tokens"], "transformer.earlier"),
     (["transformer.local_scales=6"], "transformer.local_scales"),
     (["tokenizer.code=delta"], "tokenizer.code"),
+    (["tokenizer.code=scan", "tokenizer.dead_zone=0", "transformer.earlier=tokens", "train_tokenizer.change_weight=0",
+      "transformer.mean_change=true"], "transformer.mean_change"),
     (["tokenizer.code=scan", "tokenizer.dead_zone=0", "transformer.earlier=tokens", "train_tokenizer.change_weight=1"],
      "train_tokenizer.change_weight"),
     (["tokenizer.code=scan", "tokenizer.dead_zone=1", "train_tokenizer.change_weight=0", "transformer.earlier=tokens"],

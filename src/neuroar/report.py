@@ -141,6 +141,12 @@ def verdict(summary: pd.DataFrame, model: str, names: dict[str, str], split: str
                  f"{oracle[f'{region}_change_mae']:.2f} mL, r {_number(oracle[f'{region}_change_r'])}, "
                  f"{_percent(oracle[f'{region}_carried'])} of the true mean change carried: what the token space "
                  "carries.")
+    if "mean-change" in rows.index:
+        mean = rows.loc["mean-change"]
+        lead += (f" The cohort's mean change (the earlier scan advanced by the training pairs' mean aging per year, "
+                 f"no model of the subject) has {_words(region)} change error {mean[f'{region}_change_mae']:.2f} mL, "
+                 f"r {_number(mean[f'{region}_change_r'])}: a model that does not beat it has learnt nothing of the "
+                 "subject's own aging.")
     return f"<section id='verdict'>{title}{''.join(sentences)}<p class='note'>{lead}</p></section>"
 
 

@@ -175,6 +175,10 @@ class TransformerConfig:
     # tokens) is beyond a CPU's budget.
     local_scales: int = 0
     local_width: int = 32
+    # With tokenizer.code=change: code each follow-up against its earlier latent advanced by the cohort's mean
+    # latent change per year of the gap (models/mean_change.py, fitted on the training pairs) instead of against
+    # the earlier latent itself, so that the tokens code the pair's deviation from the cohort's mean aging.
+    mean_change: bool = False
     # Ablation switches: age tokens reached by cross-attention, the age embedding modulating every block
     # through AdaLN.
     cross_attention: bool = True
@@ -423,6 +427,9 @@ class Config:
         if self.train_tokenizer.change_weight > 0 and tok.code != "change":
             fail("train_tokenizer.change_weight", "needs tokenizer.code=change (the loss reads a pair's decoded "
                                                   "change); set it to 0 or code the change.")
+        if self.transformer.mean_change and tok.code != "change":
+            fail("transformer.mean_change", "needs tokenizer.code=change (the cohort's mean change is one of the "
+                                            "latent); set it to false or code the change.")
         readable = ("latent", "none") if tok.code == "change" else ("tokens", "fhat", "none")
         if self.transformer.earlier not in readable:
             fail("transformer.earlier", f"{self.transformer.earlier!r} does not go with tokenizer.code={tok.code}; "

@@ -27,9 +27,11 @@ from neuroar.checkpoint import weights_path
 from neuroar.config import Config
 from neuroar.data.fingerprint import check_model_fits_run, scan_fingerprint
 from neuroar.data.nifti import write_volume
+from neuroar.data.pairs import token_pairs
 from neuroar.data.preprocess import load_preprocessed, to_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_file, sha256_json, write_json
+from neuroar.models.mean_change import advance, fit_mean_change
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.progress import Progress
 from neuroar.runs import load_tokenizer, tokenizer_checkpoint
@@ -94,12 +96,51 @@ def load_tokens(run_dir: str | Path, mirrored: bool = False) -> tuple[list[torch
 
 @torch.no_grad()
 def pair_tokens(tokenizer: MSVQVAE, latents_NCdhw: torch.Tensor, earlier_N: torch.Tensor, later_N: torch.Tensor,
+                years_N: torch.Tensor | None = None, mean_change_Cdhw: torch.Tensor | None = None,
                 chunk: int = 32) -> list[torch.Tensor]:
     """Code "change": the token maps (P, d, h, w) per scale of P follow-ups against their earlier scans, from
-    the cached latents (rows `later_N` against rows `earlier_N`), by `followup_tokens` as every other path."""
-    parts = [tokenizer.followup_tokens(latents_NCdhw[earlier_N[i:i + chunk]], latents_NCdhw[later_N[i:i + chunk]])
-             for i in range(0, len(earlier_N), chunk)]
+    the cached latents (rows `later_N` against rows `earlier_N`), by `followup_tokens` as every other path.
+    Given the cohort's mean change (models/mean_change.py) and the pairs' years, against the earlier latents
+    advanced by it."""
+    parts = []
+    for i in range(0, len(earlier_N), chunk):
+        f_earlier = latents_NCdhw[earlier_N[i:i + chunk]]
+        if mean_change_Cdhw is not None:
+            f_earlier = advance(f_earlier, years_N[i:i + chunk], mean_change_Cdhw)
+        parts.append(tokenizer.followup_tokens(f_earlier, latents_NCdhw[later_N[i:i + chunk]]))
     return [torch.cat(maps) for maps in zip(*parts)]
+
+
+def training_tokens(run_dir: str | Path, mirror: bool) -> tuple[list[torch.Tensor], pd.DataFrame, pd.DataFrame]:
+    """What NeuroAR learns from: the run's tokens (code "change": [its latents]) and its training and validation
+    pairs (rows as `token_pairs` gives them); with `mirror` the training pairs once more with both scans mirrored,
+    whose tokens follow the run's own scans'."""
+    tokens, scans = load_tokens(run_dir)
+    train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
+    if train_pairs.empty:
+        raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; NeuroAR needs subjects with at least two "
+                           "scans at different ages in the training split.")
+    if mirror:
+        mirrored_tokens, mirrored_scans = load_tokens(run_dir, mirrored=True)
+        mirrored = token_pairs(run_dir, mirrored_scans, "train")
+        mirrored[["earlier_index", "later_index"]] += len(scans)
+        tokens = [torch.cat([a, b]) for a, b in zip(tokens, mirrored_tokens)]
+        train_pairs = pd.concat([train_pairs, mirrored], ignore_index=True)
+    return tokens, train_pairs, val_pairs
+
+
+def pair_rows(pairs: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs' earlier and later rows in the token table, and their years (later age - earlier age)."""
+    return (torch.as_tensor(pairs["earlier_index"].to_numpy(copy=True)),
+            torch.as_tensor(pairs["later_index"].to_numpy(copy=True)),
+            torch.tensor((pairs["later_age"] - pairs["earlier_age"]).to_numpy(), dtype=torch.float32))
+
+
+def run_mean_change(run_dir: str | Path, mirror: bool) -> torch.Tensor:
+    """The cohort's mean latent change per year (C, d, h, w) over the training pairs NeuroAR learns from
+    (`training_tokens`) of a change-coding run."""
+    tokens, train_pairs, _ = training_tokens(run_dir, mirror)
+    return fit_mean_change(tokens[0], *pair_rows(train_pairs))
 
 
 def decode_scan(run_dir: str | Path, config: Config, subject_id: str, session_id: str) -> nib.Nifti1Image:

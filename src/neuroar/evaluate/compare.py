@@ -402,14 +402,15 @@ COPY_COLOUR = "#999999"
 
 
 def compared_labels(per_pair: pd.DataFrame) -> list[str]:
-    """The outputs a reader compares: copy, the tokenizer-oracle and each trained model's change outputs (+aging,
-    then +detail), in the evaluation's order. The others (tokenizer-copy, a model's decoded prediction) are in
-    the full tables."""
+    """The outputs a reader compares: copy, the tokenizer-oracle, the cohort's mean change and each trained model's
+    change outputs (+aging, then +detail), in the evaluation's order. The others (tokenizer-copy, a model's
+    decoded prediction) are in the full tables."""
     outputs = per_pair.drop_duplicates("label")
     models = list(outputs["model"].unique())
     chosen = [(models.index(model), CHANGE_VARIANTS.index(variant) if variant in CHANGE_VARIANTS else -1, label)
               for label, model, variant in outputs[["label", "model", "variant"]].itertuples(index=False)
-              if model in (COPY.model, "tokenizer-oracle") or (model not in TRIVIAL and variant in CHANGE_VARIANTS)]
+              if model in (COPY.model, "tokenizer-oracle", "mean-change")
+              or (model not in TRIVIAL and variant in CHANGE_VARIANTS)]
     return [label for *_, label in sorted(chosen)]
 
 

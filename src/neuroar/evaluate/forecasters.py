@@ -10,6 +10,10 @@ predicted preprocessed scan per target age out, each under an `Output` (a model 
   earlier scan back (to float rounding), so no decoder bias counts as change. It is
   no bound on what a token model delivers: its change carries the tokenizer's decoding noise as well, and where
   the truth barely changes (the adolescents' ventricles) copy beats it.
+- `mean-change` (change-coding runs): the earlier scan + decode(its latent advanced by the cohort's mean latent
+  change per year x the years) - decode(its latent), the training pairs' mean change fitted in closed form
+  (models/mean_change.py): what knowing only the cohort's average aging predicts. A model that does not beat it
+  has learnt nothing of the subject's own aging.
 - a trained model: a run folder (its NeuroAR model), an ablation's folder, RUN/ldm or RUN/stargan: the
   sample mean of its predictions; the earlier scan plus its prediction minus the earlier scan through the
   model's own encoder and decoder (variant "detail"); and the earlier scan plus its prediction minus its
@@ -30,11 +34,13 @@ import torch
 from neuroar import distributed
 from neuroar.config import Config
 from neuroar.data.fingerprint import check_model_fits_run
+from neuroar.data.tokens import run_mean_change, token_path
 from neuroar.errors import NeuroARError
+from neuroar.models.mean_change import advance
 from neuroar.predict import Predictor, with_change
 from neuroar.runs import MODEL_NAME, load_tokenizer, resolve_model, tokenizer_checkpoint
 
-TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle")
+TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle", "mean-change")
 PLAIN = "plain"  # a model's own output, not one of its variants
 
 
@@ -97,6 +103,23 @@ class TokenizerOracle:
             earlier_DHW, later_DHW), unchanged_DHW) for later_DHW in later_DHWs]}
 
 
+class MeanChange:
+    """The earlier scan advanced by the cohort's mean change (see the module's text), through `tokenizer_copy`'s
+    tokenizer."""
+
+    def __init__(self, tokenizer_copy: TokenizerCopy, mean_change_Cdhw: torch.Tensor):
+        self.tokenizer = tokenizer_copy.tokenizer
+        self.mean_change_Cdhw = mean_change_Cdhw.to(next(self.tokenizer.parameters()).device)
+
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None, later_DHWs=None):
+        f_earlier = self.tokenizer.latent_scan(earlier_DHW)
+        unchanged_DHW = self.tokenizer.decode_unchanged(f_earlier)[0]
+        years_T = torch.tensor([age - earlier_age for age in target_ages], dtype=torch.float32)
+        aged_TDHW = self.tokenizer.decode_latent(advance(f_earlier.expand(len(years_T), -1, -1, -1, -1), years_T,
+                                                         self.mean_change_Cdhw))
+        return {Output("mean-change"): [with_change(earlier_DHW, aged_DHW, unchanged_DHW) for aged_DHW in aged_TDHW]}
+
+
 class ModelForecaster:
     """The sample mean of a model's predictions and its variants "detail" and "aging" (see the module's text).
     The model is named by the run's name for its NeuroAR model, RUN/MODEL otherwise."""
@@ -152,4 +175,7 @@ def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, sample
             check_model_fits_run(Path.joinpath(*resolve_model(spec)) / "last", resolve_model(spec)[0])
     models = [ModelForecaster.load(Path(spec), samples, sampling) for spec in specs if spec not in TRIVIAL]
     tokenizer_copy = TokenizerCopy(run_dir, config)
-    return [Copy(), tokenizer_copy, TokenizerOracle(tokenizer_copy), *models]
+    trivial = [Copy(), tokenizer_copy, TokenizerOracle(tokenizer_copy)]
+    if config.tokenizer.code == "change" and token_path(run_dir).with_suffix(".json").is_file():
+        trivial.append(MeanChange(tokenizer_copy, run_mean_change(run_dir, config.train_transformer.mirror)))
+    return [*trivial, *models]

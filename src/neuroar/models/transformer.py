@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from neuroar.config import Config, SamplingConfig, TransformerConfig
 from neuroar.errors import NeuroARError
 from neuroar.models.conditioning import AgeEmbedding
+from neuroar.models.mean_change import advance
 from neuroar.models.quantizer import MultiScaleQuantizer, Shape3, area_down
 
 
@@ -78,8 +79,18 @@ class NeuroAR(nn.Module):
                       if config.local_scales else None)
         levels_L = torch.cat([torch.full((n,), k) for k, n in enumerate(self.lengths)])
         self.register_buffer("levels", levels_L, persistent=False)
+        # The cohort's mean latent change per year (transformer.mean_change; set by training, saved with the model).
+        if config.mean_change:
+            self.register_buffer("mean_change_Cdhw", torch.zeros(latent_dim, *self.scales[-1]))
         self.activation_checkpointing = False  # trade compute for memory when training: blocks recompute
         self._init_weights()
+
+    def change_base(self, f_earlier_BCdhw: torch.Tensor, years_B: torch.Tensor) -> torch.Tensor:
+        """The latent a follow-up's change tokens are coded against: the earlier latent, advanced by the cohort's
+        mean change over `years_B` with `transformer.mean_change`."""
+        if not self.config.mean_change:
+            return f_earlier_BCdhw
+        return advance(f_earlier_BCdhw, years_B, self.mean_change_Cdhw)
 
     def _init_weights(self) -> None:
         """As GPT-2 and VAR: every linear map and embedding N(0, 0.02), biases zero, the projections back into

@@ -28,10 +28,9 @@ from neuroar import distributed
 from neuroar.checkpoint import weights_path
 from neuroar.config import Config
 from neuroar.data.fingerprint import data_fingerprint
-from neuroar.data.pairs import token_pairs
-from neuroar.data.tokens import load_tokens, pair_tokens, token_path
-from neuroar.errors import NeuroARError
+from neuroar.data.tokens import pair_rows, pair_tokens, token_path, training_tokens
 from neuroar.files import sha256_file
+from neuroar.models.mean_change import fit_mean_change
 from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.models.transformer import (
@@ -87,22 +86,28 @@ class ChangeSequences:
     """With `tokenizer.code: change`: per scan its continuous latent (N, C, d, h, w), per pair the tokens of its
     change (P, L), and the tokens of no change (L,), the "copy" of this token space. A batch's teacher-forcing
     inputs and earlier-scan inputs are made from them on the fly: stored for every pair and scale they would
-    take ~1.5 MB per pair at a 20x24x22 grid, made per batch they cost a few pooling and 3x3x3 convolutions."""
+    take ~1.5 MB per pair at a 20x24x22 grid, made per batch they cost a few pooling and 3x3x3 convolutions.
+    With the cohort's mean change (C, d, h, w; `transformer.mean_change`) the tokens code each follow-up against
+    its earlier latent advanced by it, and "copy" is then the cohort's mean aging."""
 
     quantizer: MultiScaleQuantizer
     latents_NCdhw: torch.Tensor
     tokens_PL: torch.Tensor
     row: dict[tuple[int, int], int]
     unchanged_L: torch.Tensor
+    mean_change_Cdhw: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, tokenizer: MSVQVAE, latents_NCdhw: torch.Tensor, pairs: list[pd.DataFrame]) -> ChangeSequences:
-        keys = sorted({key for frame in pairs for key in zip(frame["earlier_index"], frame["later_index"])})
-        earlier_P, later_P = (torch.tensor([key[i] for key in keys], dtype=torch.long) for i in (0, 1))
-        tokens = pair_tokens(tokenizer, latents_NCdhw, earlier_P, later_P)
+    def build(cls, tokenizer: MSVQVAE, latents_NCdhw: torch.Tensor, pairs: list[pd.DataFrame],
+              mean_change_Cdhw: torch.Tensor | None = None) -> ChangeSequences:
+        every = pd.concat(pairs).drop_duplicates(["earlier_index", "later_index"])
+        every = every.sort_values(["earlier_index", "later_index"]).reset_index(drop=True)
+        tokens = pair_tokens(tokenizer, latents_NCdhw, *pair_rows(every), mean_change_Cdhw)
         unchanged = tokenizer.unchanged_tokens(latents_NCdhw[:1])
+        keys = zip(every["earlier_index"], every["later_index"])
         return cls(tokenizer.quantizer, latents_NCdhw, torch.cat([t.flatten(1) for t in tokens], 1),
-                   {key: i for i, key in enumerate(keys)}, torch.cat([t.flatten(1) for t in unchanged], 1)[0])
+                   {key: i for i, key in enumerate(keys)}, torch.cat([t.flatten(1) for t in unchanged], 1)[0],
+                   mean_change_Cdhw)
 
     def targets(self, pairs: pd.DataFrame, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens of no change and the chosen pairs' change tokens, (B, L) each."""
@@ -144,6 +149,8 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     sequences, train_pairs, val_pairs = training_data(run_dir, config)
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
+    if config.transformer.mean_change:  # kept with the model: its predictions are coded against it
+        model.mean_change_Cdhw.copy_(sequences.mean_change_Cdhw)
     for pairs in (train_pairs, val_pairs):
         pairs["diagnosis_id"] = model.diagnosis_ids(list(pairs.get("diagnosis", [""] * len(pairs)))).numpy()
     rates, log_priors = token_statistics(model, sequences, train_pairs)
@@ -196,22 +203,14 @@ def training_data(run_dir: Path, config: Config) -> tuple[ScanSequences | Change
     """What NeuroAR trains and validates on: the run's token sequences, its training pairs (with their mirrored
     copies and zero-gap pairs where the config asks for them) and its validation pairs."""
     settings = config.train_transformer
-    tokens, scans = load_tokens(run_dir)
-    train_pairs, val_pairs = token_pairs(run_dir, scans, "train"), token_pairs(run_dir, scans, "val")
-    if train_pairs.empty:
-        raise NeuroARError(f"{run_dir}/pairs.csv has no training pairs; NeuroAR needs subjects with at least two "
-                           "scans at different ages in the training split.")
-    if settings.mirror:  # the same pairs once more, both scans mirrored: rows after the run's own scans
-        mirrored_tokens, mirrored_scans = load_tokens(run_dir, mirrored=True)
-        mirrored = token_pairs(run_dir, mirrored_scans, "train")
-        mirrored[["earlier_index", "later_index"]] += len(scans)
-        tokens = [torch.cat([a, b]) for a, b in zip(tokens, mirrored_tokens)]
-        train_pairs = pd.concat([train_pairs, mirrored], ignore_index=True)
+    tokens, train_pairs, val_pairs = training_tokens(run_dir, settings.mirror)
     if settings.zero_gap_pairs:
         train_pairs = pd.concat([train_pairs, zero_gap_pairs(train_pairs)], ignore_index=True)
     tokenizer = load_tokenizer(run_dir, config)
     if config.tokenizer.code == "change":  # `tokens` holds the scans' latents: see data/tokens.py
-        sequences = ChangeSequences.build(tokenizer, tokens[0], [train_pairs, val_pairs])
+        # Zero-gap pairs add nothing to the mean change's fit: it weighs each pair by its years.
+        mean_change = fit_mean_change(tokens[0], *pair_rows(train_pairs)) if config.transformer.mean_change else None
+        sequences = ChangeSequences.build(tokenizer, tokens[0], [train_pairs, val_pairs], mean_change)
     else:
         sequences = ScanSequences.build(tokenizer.quantizer, tokens, config.transformer.earlier)
     return sequences, train_pairs, val_pairs
