@@ -227,7 +227,8 @@ def test_with_the_cohorts_mean_change_neuroar_codes_and_predicts_the_deviation_f
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["tokenizer.code=scan", "tokenizer.dead_zone=0", "train_tokenizer.change_weight=0"], "transformer.earlier"),
+    (["tokenizer.code=scan", "tokenizer.dead_zone=0", "train_tokenizer.change_weight=0",
+      "transformer.mean_change=false"], "transformer.earlier"),
     (["transformer.earlier=tokens"], "transformer.earlier"),
     (["transformer.local_scales=6"], "transformer.local_scales"),
     (["tokenizer.code=delta"], "tokenizer.code"),

@@ -428,8 +428,8 @@ class Config:
             fail("train_tokenizer.change_weight", "needs tokenizer.code=change (the loss reads a pair's decoded "
                                                   "change); set it to 0 or code the change.")
         if self.transformer.mean_change and tok.code != "change":
-            fail("transformer.mean_change", "needs tokenizer.code=change (the cohort's mean change is one of the "
-                                            "latent); set it to false or code the change.")
+            fail("transformer.mean_change", "needs tokenizer.code=change (the cohort's mean change is a change of "
+                                            "the earlier scan's latent); set it to false or code the change.")
         readable = ("latent", "none") if tok.code == "change" else ("tokens", "fhat", "none")
         if self.transformer.earlier not in readable:
             fail("transformer.earlier", f"{self.transformer.earlier!r} does not go with tokenizer.code={tok.code}; "
