@@ -61,13 +61,11 @@ from neuroar.tables import markdown_table
 # by under 0.03x); the LDM diffusing the change from the earlier latent (`ldm.target=change`: one that has learnt
 # little stays near the earlier scan, where the paper's kind, diffusing the follow-up from noise, scattered far from
 # it: docs/study.md); brain age over 5 seeds with a regressor trained longer; and a fifth of the subjects held out
-# for testing (30 of 150). NeuroAR's tokens code the change against the earlier scan alone, not against the cohort's
-# mean aging as the demo's do: on the elderly cohort that coding gave +detail ventricles r 0.50, an error of 3.95 mL
-# against 2.78 without it (one seed each, not yet paired on one tokenizer: benchmarks/MEAN_CHANGE.md).
+# for testing (30 of 150).
 STUDY = ["baselines=[ldm,stargan]", "data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=750",
          "train_transformer.val_every=375", "train_transformer.checkpoint_every=150", "train_autoencoder.steps=2400",
          "train_ldm.steps=600", "ldm.target=change", "train_stargan.steps=2000", "brain_age.seeds=5",
-         "brain_age.steps=300", "transformer.mean_change=false"]
+         "brain_age.steps=300"]
 CHANGE_REGION = {"elderly": "ventricles", "adolescent": "grey_matter"}  # where each cohort's aging shows most
 
 
