@@ -373,10 +373,10 @@ def test_a_trained_models_detail_output_and_the_oracle_match_an_independent_reco
     per_pair = pd.read_csv(tmp_path / "out" / "pairs.csv", dtype={"subject_id": str})
     pairs = pd.read_csv(trained_run / "pairs.csv", dtype={"subject_id": str})
     pair = pairs[pairs["split"] == "val"].iloc[0]
-    assert len(per_pair) == 6 and (per_pair["subject_id"] == pair["subject_id"]).all()
+    assert len(per_pair) == 7 and (per_pair["subject_id"] == pair["subject_id"]).all()
     run = trained_run.name
-    assert list(per_pair["label"]) == ["copy", "tokenizer-copy", "tokenizer-oracle", run, f"{run}+detail",
-                                       f"{run}+aging"]
+    assert list(per_pair["label"]) == ["copy", "tokenizer-copy", "tokenizer-oracle", "volume-trend", run,
+                                       f"{run}+detail", f"{run}+aging"]
     earlier_DHW, later_DHW = load_preprocessed(pair["earlier_path"])[0], load_preprocessed(pair["later_path"])[0]
     model = ModelForecaster.load(trained_run, samples=2)
     outputs = model.predict(earlier_DHW, pair["earlier_age"], [pair["later_age"]], seed=0)
@@ -392,6 +392,48 @@ def test_a_trained_models_detail_output_and_the_oracle_match_an_independent_reco
     scored = per_pair.set_index("label")["psnr"]
     assert scored[f"{run}+detail"] == pytest.approx(masked_psnr(detail_DHW, later_DHW, brain), rel=1e-5)
     assert scored["tokenizer-oracle"] == pytest.approx(masked_psnr(oracle_DHW, later_DHW, brain), rel=1e-5)
+
+    # The volume trend: the training pairs' change per year (all start at 70 here, so no age term), no image.
+    regions, training = template_regions(config.data), pairs[pairs["split"] == "train"]
+    change = {r: np.array([regional_volumes(load_preprocessed(later)[0], regions)[r]
+                           - regional_volumes(load_preprocessed(earlier)[0], regions)[r]
+                           for earlier, later in zip(training["earlier_path"], training["later_path"])])
+              for r in REGIONS}
+    years = (training["later_age"] - training["earlier_age"]).to_numpy()
+    trend = per_pair.set_index("label").loc["volume-trend"]
+    for r in REGIONS:
+        rate = (years @ change[r]) / (years @ years)
+        assert trend[f"predicted_change_{r}"] == pytest.approx(rate * pair["years"], rel=1e-5, abs=1e-9)
+    assert np.isnan(trend[["psnr", "ssim", "mae"]].to_numpy(dtype=float)).all()
+    assert "| volume-trend | – | – | – |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_the_volume_trend_recovers_a_rate_that_changes_with_age():
+    """Volumes whose change is years x (a + b x (earlier age - mean earlier age)), pairs of several gaps and ages
+    (one of zero years): the fit recovers a and b per region, and the rows predict with them."""
+    from neuroar.evaluate.volume_trend import fit_volume_trend, trend_rows
+
+    rates = {r: (1.0 + i, 0.1 * (i - 2)) for i, r in enumerate(REGIONS)}
+    earlier_age, years = np.array([60.0, 70, 75, 80, 80]), np.array([1.0, 3, 0, 2, 5])
+    mean_age = earlier_age.mean()
+    pairs = pd.DataFrame({"earlier_path": [f"e{i}" for i in range(5)], "later_path": [f"l{i}" for i in range(5)],
+                          "earlier_age": earlier_age, "later_age": earlier_age + years})
+    volumes = {f"e{i}": dict.fromkeys(REGIONS, 100.0) for i in range(5)}
+    volumes |= {f"l{i}": {r: 100 + years[i] * (a + b * (earlier_age[i] - mean_age)) for r, (a, b) in rates.items()}
+                for i in range(5)}
+
+    trend = fit_volume_trend(pairs, volumes)
+
+    assert trend.mean_age == pytest.approx(mean_age)
+    for region, rate in rates.items():
+        assert trend.rates[region] == pytest.approx(rate)
+    per_pair = pd.DataFrame({"pair": [0, 0, 1], "label": ["copy", "m", "copy"], "earlier_age": [62.0, 62, 90],
+                             "years": [2.0, 2, 4], "psnr": 25.0, "ssim": 0.9, "mae": 0.1})
+    rows = trend_rows(trend, per_pair)
+    assert list(rows["pair"]) == [0, 1]
+    a, b = rates["ventricles"]
+    np.testing.assert_allclose(rows["predicted_change_ventricles"], [2 * (a + b * (62 - mean_age)),
+                                                                    4 * (a + b * (90 - mean_age))])
 
 
 def test_image_figures_draw_pairs_of_identical_scans(tmp_path):

@@ -19,7 +19,8 @@ PAIRS = 12
 # change (closer than copy on every pair: better), none of grey matter's (copy itself: no test, no different) and
 # three times white matter's (worse); +detail predicts the ventricles the wrong way (worse).
 FACTORS = {"copy": dict.fromkeys(REGIONS, 0.0), "tokenizer-copy": dict.fromkeys(REGIONS, -0.5),
-           "tokenizer-oracle": dict.fromkeys(REGIONS, 0.8), "run": dict.fromkeys(REGIONS, -1.0),
+           "tokenizer-oracle": dict.fromkeys(REGIONS, 0.8), "volume-trend": dict.fromkeys(REGIONS, 0.9),
+           "run": dict.fromkeys(REGIONS, -1.0),
            "run+detail": {"ventricles": -1.5, "grey_matter": 0.5, "white_matter": 0.9, "hippocampus": 0.2,
                           "whole_brain": 2.5},
            "run+aging": {"ventricles": 0.6, "grey_matter": 0.0, "white_matter": 3.0, "hippocampus": 0.9,
@@ -44,6 +45,7 @@ def per_pair_table(subjects: list[str]) -> pd.DataFrame:
             rows.append({"label": label, "model": model, "variant": variant or "plain", "pair": p,
                          "subject_id": subjects[p % len(subjects)], "earlier_age": 70.0, "later_age": 71.0 + p % 3,
                          "years": 1.0 + p % 3, "psnr": 25 + factors["ventricles"] + p / 10, "ssim": 0.9, "mae": 0.04,
+                         **(dict.fromkeys(("psnr", "ssim", "mae"), np.nan) if label == "volume-trend" else {}),
                          **{f"earlier_volume_{r}": 30.0 if r == "ventricles" else 900.0 for r in REGIONS},
                          **{f"true_change_{r}": true[r][p] for r in REGIONS},
                          **{f"predicted_change_{r}": factors[r] * true[r][p] for r in REGIONS}})
@@ -123,6 +125,20 @@ def test_the_report_opens_with_the_verdict_per_region_in_the_evaluations_numbers
                                            f"cohort's aging region {numbers}, {carried:.0%} of the true mean change")
             else:
                 assert f"{region.replace('_', ' ')} {judged} {numbers})" in sentence, (region, sentence)
+
+
+def test_the_verdict_gives_the_volume_trends_error_and_the_tables_no_image_metrics_for_it(evaluated_run):
+    """The volume trend (no image) is judged on its change alone: the verdict's note has its error and r, recomputed
+    here; the compared table shows it without image metrics."""
+    _, page = evaluated_run
+    true = true_changes()["ventricles"]
+    predicted = FACTORS["volume-trend"]["ventricles"] * true
+    note = re.sub(r"<[^>]+>", "", page.split("<p class='note'>", 1)[1].split("</p>", 1)[0])
+    assert (f"The ages alone (the training pairs' linear trend of each region's volume with the years and the earlier "
+            f"age, no image) have ventricles change error {np.abs(predicted - true).mean():.2f} mL, r "
+            f"{np.corrcoef(predicted, true)[0, 1]:.2f}") in note
+    compared = page.split("<h2>Evaluation", 1)[1].split("<details>", 1)[0]
+    assert re.search(r"<td>volume-trend</td><td>–</td><td>–</td><td>–</td>", compared)
 
 
 def test_the_report_shows_one_subject_then_the_compared_tables_then_captioned_figures(evaluated_run):

@@ -147,6 +147,12 @@ def verdict(summary: pd.DataFrame, model: str, names: dict[str, str], split: str
                  f"no model of the subject) has {_words(region)} change error {mean[f'{region}_change_mae']:.2f} mL, "
                  f"r {_number(mean[f'{region}_change_r'])}: a model that does not beat it has learnt nothing of the "
                  "subject's own aging.")
+    if compare.VOLUME_TREND.label in rows.index:
+        trend = rows.loc[compare.VOLUME_TREND.label]
+        lead += (f" The ages alone (the training pairs' linear trend of each region's volume with the years and the "
+                 f"earlier age, no image) have {_words(region)} change error {trend[f'{region}_change_mae']:.2f} mL, "
+                 f"r {_number(trend[f'{region}_change_r'])}: a model with a larger error predicts that change less "
+                 "well than two numbers fitted on the training pairs.")
     return f"<section id='verdict'>{title}{''.join(sentences)}<p class='note'>{lead}</p></section>"
 
 

@@ -38,6 +38,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
@@ -219,6 +220,8 @@ def brain_age_table(run_dir: Path, cohort: str) -> pd.DataFrame:
 
 def _markdown(table: pd.DataFrame) -> str:
     def cell(value) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return "–" if np.isnan(value) else f"{value:.4g}"  # NaN: no such measure (the volume trend's image)
+        return str(value)
 
     return markdown_table(list(table.columns), [[cell(v) for v in row] for row in table.itertuples(index=False)])

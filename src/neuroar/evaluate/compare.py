@@ -3,7 +3,9 @@
 Per pair (earlier -> later scan of a subject of the split) and output (forecasters.py: copy, tokenizer-copy,
 the tokenizer-oracle, each model's outputs): PSNR, SSIM (3D, data range 1) and MAE inside MNI152's brain mask,
 and per region the earlier scan's volume and the predicted and true change (both measured by
-`volumes.regional_volumes`; predicted change = volume of the prediction - volume of the earlier scan).
+`volumes.regional_volumes`; predicted change = volume of the prediction - volume of the earlier scan). Beside
+them, where the run has training pairs, the volume trend (volume_trend.py): each region's change from the two ages
+alone, no image, so no image metrics.
 
 The headline is the cohort's own aging region: the one given, or else the candidate whose mean true change
 over the evaluated pairs is largest relative to its mean volume (`aging_region`; measured on the synthetic
@@ -52,6 +54,7 @@ from neuroar.evaluate.forecasters import (
     load_forecasters,
     predict_many,
 )
+from neuroar.evaluate.volume_trend import VolumeTrend, run_volume_trend, trend_rows
 from neuroar.evaluate.volumes import REGIONS, TemplateRegions, regional_volumes, template_regions
 from neuroar.files import write_text
 from neuroar.metrics import masked_mae, masked_psnr, masked_ssim
@@ -62,6 +65,7 @@ from neuroar.tables import markdown_table
 IMAGE_METRICS = ("psnr", "ssim", "mae")
 TESTED_METRICS = ("psnr", "ssim")  # tested against copy, beside each region's change error
 COPY = Output("copy")
+VOLUME_TREND = Output("volume-trend")  # no image: a region's change from the ages alone (volume_trend.py)
 # Earlier scans predicted together (the baselines batch them: the LDM's 8x faster 16 at a time at 4 mm), as many as
 # keep their pairs' outputs (up to ~70 volumes a scan) within a few hundred MB: 16 at 4 mm, 6 at 2 mm, 1 at 1 mm.
 MAX_SCANS_AT_ONCE, VOXELS_AT_ONCE = 16, 2**22
@@ -105,6 +109,9 @@ def evaluate_models(models: Sequence[str], out_dir: str | Path, run_dir: str | P
     brain, regions = template_brain_mask(config.data), template_regions(config.data)
     forecasters = load_forecasters(trained, run_dir, config, samples, sampling)
     per_pair = score_pairs(predict_pairs(forecasters, pairs, seed, progress), brain, regions)
+    trend = run_volume_trend(run_dir, regions)
+    if trend is not None:
+        per_pair = with_volume_trend(per_pair, trend)
     chosen = region is None
     region = region or aging_region(per_pair)
     # A few subjects show the sweep's curves; all of them would cost nearly as much as the pairs themselves.
@@ -195,6 +202,19 @@ def score_pairs(predictions: Iterable[PairPrediction], brain: np.ndarray, region
     return pd.DataFrame(rows).sort_values("pair", kind="stable", ignore_index=True)
 
 
+def with_volume_trend(per_pair: pd.DataFrame, trend: VolumeTrend) -> pd.DataFrame:
+    """`per_pair` with the volume trend's rows, each pair's after its trivial baselines' (the tables' order)."""
+    rows = trend_rows(trend, per_pair).assign(label=VOLUME_TREND.label, model=VOLUME_TREND.model,
+                                              variant=VOLUME_TREND.variant)
+    labels = list(per_pair["label"].unique())
+    trivial = [i for i, model in enumerate(per_pair.drop_duplicates("label")["model"]) if model in TRIVIAL]
+    labels.insert(trivial[-1] + 1 if trivial else 0, VOLUME_TREND.label)
+    rank = {label: i for i, label in enumerate(labels)}
+    both = pd.concat([per_pair, rows], ignore_index=True)
+    return both.sort_values(["pair", "label"], key=lambda c: c.map(rank) if c.name == "label" else c,
+                            kind="stable", ignore_index=True)
+
+
 def aging_region_scores(per_pair: pd.DataFrame) -> pd.Series:
     """Per candidate region (AGING_CANDIDATES): the mean true change over the evaluated pairs, in % of its mean
     volume in their earlier scans."""
@@ -279,6 +299,8 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
 
 
 def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    if np.isnan(values).all():  # an output without this metric (the volume trend has no image)
+        return np.nan, np.nan
     if len(values) < 2 or np.ptp(values) == 0:
         return float(values.mean()), float(values.mean())
     result = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=2000,
@@ -335,6 +357,8 @@ def summary_markdown(summary: pd.DataFrame, per_pair: pd.DataFrame, split: str, 
     """The summary's tables, with what they compare against and how the aging region was chosen (`chosen`) or
     that it was given."""
     def cell(row, metric, digits):
+        if np.isnan(row[f"{metric}_mean"]):  # the volume trend: no image
+            return "–"
         return (f"{row[f'{metric}_mean']:.{digits}f} ± {row[f'{metric}_std']:.{digits}f} "
                 f"[{row[f'{metric}_ci_low']:.{digits}f}, {row[f'{metric}_ci_high']:.{digits}f}]")
 
@@ -402,14 +426,14 @@ COPY_COLOUR = "#999999"
 
 
 def compared_labels(per_pair: pd.DataFrame) -> list[str]:
-    """The outputs a reader compares: copy, the tokenizer-oracle, the cohort's mean change and each trained model's
-    change outputs (+aging, then +detail), in the evaluation's order. The others (tokenizer-copy, a model's
-    decoded prediction) are in the full tables."""
+    """The outputs a reader compares: copy, the tokenizer-oracle, the cohort's mean change, the volume trend and
+    each trained model's change outputs (+aging, then +detail), in the evaluation's order. The others
+    (tokenizer-copy, a model's decoded prediction) are in the full tables."""
     outputs = per_pair.drop_duplicates("label")
     models = list(outputs["model"].unique())
     chosen = [(models.index(model), CHANGE_VARIANTS.index(variant) if variant in CHANGE_VARIANTS else -1, label)
               for label, model, variant in outputs[["label", "model", "variant"]].itertuples(index=False)
-              if model in (COPY.model, "tokenizer-oracle", "mean-change")
+              if model in (COPY.model, "tokenizer-oracle", "mean-change", VOLUME_TREND.model)
               or (model not in TRIVIAL and variant in CHANGE_VARIANTS)]
     return [label for *_, label in sorted(chosen)]
 
@@ -447,13 +471,15 @@ FIGURES = ("change", "age_sweep", "psnr_vs_years", "metrics", "change_all")  # F
 
 
 def plot_all(per_pair: pd.DataFrame, sweep: pd.DataFrame, region: str, folder: Path) -> None:
-    """FOLDER/metrics.png, change.png, psnr_vs_years.png and (with a sweep) age_sweep.png of the compared outputs,
-    and change_all.png of every output; the report shows these files."""
+    """FOLDER/metrics.png, change.png, psnr_vs_years.png and (with a sweep) age_sweep.png of the compared outputs
+    (the image metrics' of those with an image), and change_all.png of every output; the report shows these
+    files."""
     folder.mkdir(parents=True, exist_ok=True)
     labels, names = compared_labels(per_pair), display_names(per_pair)
-    figures = {"metrics": metrics_figure(per_pair, labels, names),
+    imaged = [label for label in labels if per_pair.loc[per_pair["label"] == label, "psnr"].notna().any()]
+    figures = {"metrics": metrics_figure(per_pair, imaged, names),
                "change": change_figure(per_pair, region, labels, names),
-               "psnr_vs_years": psnr_figure(per_pair, labels, names),
+               "psnr_vs_years": psnr_figure(per_pair, imaged, names),
                "change_all": change_figure(per_pair, region, list(per_pair["label"].unique()), names)}
     if len(sweep):
         figures["age_sweep"] = sweep_figure(sweep, per_pair, region, labels, names)

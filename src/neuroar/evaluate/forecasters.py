@@ -14,6 +14,8 @@ predicted preprocessed scan per target age out, each under an `Output` (a model 
   change per year x the years) - decode(its latent), the training pairs' mean change fitted in closed form
   (models/mean_change.py): what knowing only the cohort's average aging predicts. A model that does not beat it
   has learnt nothing of the subject's own aging.
+- `volume-trend` (evaluate/volume_trend.py; no image, so no image metrics): each region's change as the training
+  pairs' linear trend of the volumes with the years and the earlier age: what the ages alone say of the volumes.
 - a trained model: a run folder (its NeuroAR model), an ablation's folder, RUN/ldm or RUN/stargan: the
   sample mean of its predictions; the earlier scan plus its prediction minus the earlier scan through the
   model's own encoder and decoder (variant "detail"); and the earlier scan plus its prediction minus its
@@ -40,7 +42,7 @@ from neuroar.models.mean_change import advance
 from neuroar.predict import Predictor, with_change
 from neuroar.runs import MODEL_NAME, load_tokenizer, resolve_model, tokenizer_checkpoint
 
-TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle", "mean-change")
+TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle", "mean-change", "volume-trend")
 PLAIN = "plain"  # a model's own output, not one of its variants
 
 
