@@ -1,7 +1,8 @@
 """What a continuous change predictor delivers in a run's latent space: the change regressed, not coded in tokens.
 
-    python benchmarks/change_regression.py runs/demo --steps 600
-    -> benchmarks/CHANGE_REGRESSION.md and benchmarks/results/change_regression.json (the last invocation)
+    python benchmarks/change_regression.py runs/demo --steps 600 [--from-mean]
+    -> benchmarks/CHANGE_REGRESSION.md and benchmarks/results/change_regression.json (one block per run, split and
+       mode, kept across invocations)
 
 A small 3D convolutional network reads the earlier scan's continuous latent (the run's change-coding tokenizer's
 encoder) and the earlier age, and regresses the follow-up's latent change f(later) - f(earlier) per year of the
@@ -11,6 +12,11 @@ scored on the pairs of --split beside copy, the tokenizer-oracle, the same oracl
 NeuroAR's "+detail" (the run's model, as the evaluation predicts it). The question it answers: does NeuroAR's
 wrong-signed grey matter come from coding the finest change in tokens it cannot predict (CHANGE_SHAPE.md), or
 would any predictor of the change from the earlier scan and ages spread it the same way?
+
+With --from-mean the regressor starts at the cohort's mean latent change per year (models/mean_change.py, fitted on
+the same training pairs; its last layer zero-initialised, its input and output scaled to the latents' spread) and
+learns the subject's deviation from it, as NeuroAR's tokens do with `transformer.mean_change`; the mean change
+alone and the volume trend (evaluate/volume_trend.py: the ages alone, no image) are scored beside it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from torch import nn
 
 from neuroar.config import load_config
 from neuroar.data.preprocess import load_preprocessed
+from neuroar.evaluate.volume_trend import run_volume_trend
 from neuroar.evaluate.volumes import regional_volumes, template_regions
+from neuroar.models.mean_change import fit_mean_change
 from neuroar.predict import Predictor, with_change
 from neuroar.tables import markdown_table
 
@@ -38,16 +46,22 @@ REGIONS = ("ventricles", "grey_matter")
 class ChangeRegressor(nn.Module):
     """The latent change per year (B, C, d, h, w) from the earlier latent and the earlier age."""
 
-    def __init__(self, channels: int, width: int):
+    def __init__(self, channels: int, width: int, base_Cdhw: torch.Tensor | None = None, scale: float = 1.0):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv3d(channels + 1, width, 3, padding=1), nn.SiLU()]
         for _ in range(3):
             layers += [nn.Conv3d(width, width, 3, padding=1), nn.SiLU()]
         self.net = nn.Sequential(*layers, nn.Conv3d(width, channels, 1))
+        self.base_Cdhw, self.scale = base_Cdhw, scale
+        if base_Cdhw is not None:  # start exactly at the mean change
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, f_BCdhw: torch.Tensor, age_B: torch.Tensor) -> torch.Tensor:
         age = age_B[:, None, None, None, None].expand(-1, 1, *f_BCdhw.shape[2:])
-        return self.net(torch.cat([f_BCdhw, age], 1))
+        rate = self.net(torch.cat([f_BCdhw / self.scale, age], 1))
+        # From the mean: a deviation of a tenth of the latents' spread per year at the head's unit output.
+        return rate if self.base_Cdhw is None else self.base_Cdhw + 0.1 * self.scale * rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--split", default="val", help="the pairs scored (default: val)")
+    parser.add_argument("--from-mean", action="store_true", help="start at the cohort's mean change (see above)")
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "CHANGE_REGRESSION.md")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
@@ -71,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     train = pairs[pairs["split"] == "train"].reset_index(drop=True)
     ages = train["earlier_age"].to_numpy()
     age_mean, age_std = float(ages.mean()), float(ages.std() or 1.0)
-    model = ChangeRegressor(config.tokenizer.latent_dim, args.width)
+    base_Cdhw = scale = None
+    if args.from_mean:
+        stacked = torch.stack([latents[p] for p in paths])
+        row = {path: i for i, path in enumerate(paths)}
+        base_Cdhw = fit_mean_change(stacked, torch.tensor([row[p] for p in train["earlier_path"]]),
+                                    torch.tensor([row[p] for p in train["later_path"]]),
+                                    torch.tensor(train["years"].to_numpy(), dtype=torch.float32))
+        scale = float(stacked.std())
+    model = ChangeRegressor(config.tokenizer.latent_dim, args.width, base_Cdhw, scale or 1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     start = time.perf_counter()
@@ -90,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = time.perf_counter() - start
     model.eval()
     regions = template_regions(config.data)
+    trend = run_volume_trend(args.run, regions) if args.from_mean else None
     scored = pairs[pairs["split"] == args.split].reset_index(drop=True)
     changes: dict[str, list[list[float]]] = {}
     for _, pair in scored.iterrows():
@@ -109,17 +133,25 @@ def main(argv: list[str] | None = None) -> int:
             "regressed change": with_change(earlier_DHW, tokenizer.decode_latent(f_earlier + regressed)[0],
                                             unchanged_DHW),
         }
+        if base_Cdhw is not None:
+            outputs["mean change"] = with_change(earlier_DHW, tokenizer.decode_latent(
+                f_earlier + pair["years"] * base_Cdhw)[0], unchanged_DHW)
         before = regional_volumes(earlier_DHW, regions)
         for label, volume_DHW in outputs.items():
             after = regional_volumes(volume_DHW, regions)
             changes.setdefault(label, []).append([after[r] - before[r] for r in REGIONS])
+        if trend is not None:
+            changes.setdefault("volume trend (no image)", []).append(
+                [float(trend.change(r, np.array(pair["earlier_age"]), np.array(pair["years"]))) for r in REGIONS])
     results = {"run": str(args.run), "split": args.split, "pairs": len(scored), "steps": args.steps,
-               "batch": args.batch, "width": args.width, "train_seconds": round(trained, 1),
-               "final_loss": float(loss), "outputs": _scores(changes)}
+               "batch": args.batch, "width": args.width, "from_mean": args.from_mean,
+               "train_seconds": round(trained, 1), "final_loss": float(loss), "outputs": _scores(changes)}
     json_path = args.table.with_name("results") / "change_regression.json"
+    every = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    every[f"{args.run} {args.split}{' from-mean' if args.from_mean else ''}"] = results
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    args.table.write_text(_markdown(results))
+    json_path.write_text(json.dumps(every, indent=2) + "\n")
+    args.table.write_text(_markdown(every))
     print(args.table.read_text())
     return 0
 
@@ -138,19 +170,22 @@ def _scores(changes: dict[str, list[list[float]]]) -> dict:
     return scores
 
 
-def _markdown(results: dict) -> str:
-    command = (f"python benchmarks/change_regression.py {results['run']} --steps {results['steps']} --batch "
-               f"{results['batch']} --width {results['width']} --split {results['split']}")
+def _markdown(every: dict) -> str:
     lines = ["# A continuous change predictor in the token space's latent", "",
-             f"Written by `{command}` (see its docstring); numbers in results/change_regression.json. "
-             f"{results['pairs']} {results['split']} pairs; the regressor trained {results['train_seconds']:.0f} s "
-             "(2 cores). Per region: r with the true change / error (mL, mean absolute) / carried (mean predicted "
-             "/ mean true change).", ""]
-    rows = [[label, *[f"{'–' if s[r]['r'] is None else format(s[r]['r'], '.2f')} / {s[r]['error_ml']:.2f} / "
-                      f"{s[r]['carried']:.0%}" for r in REGIONS]]
-            for label, s in results["outputs"].items() if label != "truth"]
-    lines += [markdown_table(["output", "ventricles: r / error / carried", "grey matter: r / error / carried"], rows),
-              ""]
+             "Written by `python benchmarks/change_regression.py RUN ...` (see its docstring; each block's command "
+             "below); numbers in results/change_regression.json. Per region: r with the true change / error (mL, "
+             "mean absolute) / carried (mean predicted / mean true change).", ""]
+    for key, results in every.items():
+        command = (f"python benchmarks/change_regression.py {results['run']} --steps {results['steps']} --batch "
+                   f"{results['batch']} --width {results['width']} --split {results['split']}"
+                   + (" --from-mean" if results.get("from_mean") else ""))
+        rows = [[label, *[f"{'–' if s[r]['r'] is None else format(s[r]['r'], '.2f')} / {s[r]['error_ml']:.2f} / "
+                          f"{s[r]['carried']:.0%}" for r in REGIONS]]
+                for label, s in results["outputs"].items() if label != "truth"]
+        lines += [f"## {key}", "", f"`{command}`: {results['pairs']} {results['split']} pairs; the regressor trained "
+                  f"{results['train_seconds']:.0f} s (2 cores).", "",
+                  markdown_table(["output", "ventricles: r / error / carried", "grey matter: r / error / carried"],
+                                 rows), ""]
     return "\n".join(lines)
 
 
