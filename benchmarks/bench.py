@@ -205,6 +205,38 @@ def case_baseline_scans(repeats: int, scans: int = 32, batch: int = 16) -> dict:
     return result
 
 
+def case_volumes(repeats: int, subjects: int = 8, visits: int = 4, chunk: int = 16) -> dict:
+    """The evaluation's volume measure (`regional_volumes`) of a small synthetic cohort's scans on the demo's
+    grid: one scan at a time against `chunk` at a time (`regional_volumes_many`, as the evaluation measures a
+    pair's outputs); the same numbers either way (the largest relative difference is reported)."""
+    import tempfile
+
+    from neuroar.config import load_config
+    from neuroar.data.nifti import read_volume
+    from neuroar.data.preprocess import preprocess_image
+    from neuroar.data.synth.cohort import SynthOptions, make_cohort
+    from neuroar.evaluate.volumes import regional_volumes, regional_volumes_many, template_regions
+
+    config = load_config("demo").data
+    with tempfile.TemporaryDirectory() as folder:
+        manifest = make_cohort(folder, SynthOptions(subjects=subjects, visits=visits, seed=7), progress=False)
+        volumes = [preprocess_image(read_volume(Path(folder) / path), config)[0] for path in manifest["path"]]
+    regions = template_regions(config)
+    measured = {}
+
+    def one_by_one():
+        measured["one"] = [regional_volumes(volume, regions) for volume in volumes]
+
+    def together():
+        measured["together"] = [v for start in range(0, len(volumes), chunk)
+                                for v in regional_volumes_many(volumes[start:start + chunk], regions)]
+
+    return {"scans": len(volumes), "chunk": chunk, "one_by_one_s": _timed(one_by_one, repeats),
+            "together_s": _timed(together, repeats),
+            "largest_relative_difference": max(abs(a[k] - b[k]) / abs(a[k]) for a, b in
+                                               zip(measured["one"], measured["together"]) for k in a)}
+
+
 def case_neuroar_training(repeats: int, batch: int = 8) -> dict:
     """Training steps per second on cached tokens vs tokenizing both scans of each pair on the fly."""
     from neuroar.models.transformer import earlier_scale_features, flatten, teacher_forcing_sequence
@@ -295,6 +327,7 @@ CASES = {
     "neuroar_predict_7_scales": lambda r: case_neuroar_predict(7, r),
     "ldm_predict": lambda r: case_ldm_predict(r),
     "baseline_scans": lambda r: case_baseline_scans(r),
+    "volumes": lambda r: case_volumes(r),
     "neuroar_training": lambda r: case_neuroar_training(r),
     "neuroar_attention": lambda r: case_neuroar_attention(r),
     "raw_preprocessing_2mm": lambda r: case_raw_preprocessing(2),
@@ -439,6 +472,13 @@ def results_markdown(machine: dict, results: dict) -> str:
         lines.append(f"| {name} | {one:.2f} | {batched:.2f} | {one / batched:.1f}x | "
                      f"{get('baseline_scans', f'{kind}_largest_difference'):.1e} |")
     lines.append("")
+    volumes = results.get("volumes", {})
+    lines += [f"## The evaluation's volume measure of {volumes.get('scans', '?')} preprocessed scans (demo grid)", "",
+              f"| one scan at a time (s) | {volumes.get('chunk', '?')} at a time (s) | speed-up | largest relative "
+              "difference |", "|---|---|---|---|",
+              f"| {get('volumes', 'one_by_one_s'):.2f} | {get('volumes', 'together_s'):.2f} | "
+              f"{get('volumes', 'one_by_one_s') / get('volumes', 'together_s'):.1f}x | "
+              f"{get('volumes', 'largest_relative_difference'):.1e} |", ""]
     lines += ["## Raw scans: seconds per step (`preprocess` with data.raw=true, one synthetic raw scan)", "",
               "Accuracy against the truth (Dice, pose, volumes): `benchmarks/RAW_PREPROCESSING.md`.", "",
               "| scan | voxels | N4 | skull stripping (deepbet) | affine registration (ANTs) |",

@@ -7,7 +7,14 @@ import pytest
 from neuroar.config import load_config
 from neuroar.data.nifti import read_volume
 from neuroar.data.preprocess import preprocess_image
-from neuroar.evaluate.volumes import REGIONS, intensity_mixture, regional_volumes, template_regions, true_volumes
+from neuroar.evaluate.volumes import (
+    REGIONS,
+    intensity_mixture,
+    intensity_mixtures,
+    regional_volumes,
+    template_regions,
+    true_volumes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +73,25 @@ def test_the_histogram_mixture_recovers_known_components_and_agrees_with_scikit_
     np.testing.assert_allclose(np.sqrt(fitted_variances), sds, atol=0.005)
     reference = GaussianMixture(3, means_init=means[:, None], tol=1e-8, max_iter=2000).fit(values[:, None])
     np.testing.assert_allclose(fitted_means, reference.means_[:, 0], atol=0.002)
+
+
+def test_mixtures_fitted_together_stop_each_where_it_would_alone():
+    """Three samples whose EM converges after different numbers of iterations: fitted side by side, each gives what
+    it gives alone (an EM that ran on for the slowest, or stopped with the fastest, would not)."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for means, sds in (((0.3, 0.6, 0.9), (0.05, 0.05, 0.05)), ((0.35, 0.5, 0.62), (0.08, 0.06, 0.05)),
+                       ((0.2, 0.7, 0.75), (0.04, 0.05, 0.03))):
+        component = rng.choice(3, 30_000, p=[0.3, 0.4, 0.3])
+        samples.append(rng.normal(np.array(means)[component], np.array(sds)[component]))
+    iterations = [intensity_mixture(v, max_iter=n) for v in samples for n in (20, 200)]
+    assert not all(np.allclose(a, b) for a, b in zip(iterations[::2], iterations[1::2]))  # still moving at 20
+
+    together = intensity_mixtures(samples)
+
+    for values, fitted in zip(samples, together):
+        for mine, alone in zip(fitted, intensity_mixture(values)):
+            np.testing.assert_allclose(mine, alone, rtol=1e-12)
 
 
 def first_to_last(measured: pd.DataFrame) -> pd.DataFrame:

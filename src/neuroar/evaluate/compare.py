@@ -55,7 +55,13 @@ from neuroar.evaluate.forecasters import (
     predict_many,
 )
 from neuroar.evaluate.volume_trend import VolumeTrend, run_volume_trend, trend_rows
-from neuroar.evaluate.volumes import REGIONS, TemplateRegions, regional_volumes, template_regions
+from neuroar.evaluate.volumes import (
+    REGIONS,
+    TemplateRegions,
+    regional_volumes,
+    regional_volumes_many,
+    template_regions,
+)
 from neuroar.files import write_text
 from neuroar.metrics import masked_mae, masked_psnr, masked_ssim
 from neuroar.progress import Progress
@@ -188,8 +194,9 @@ def score_pairs(predictions: Iterable[PairPrediction], brain: np.ndarray, region
         pair, later_DHW = prediction.pair, prediction.later_DHW
         before = volumes_of(pair["earlier_path"], prediction.earlier_DHW)
         after = volumes_of(pair["later_path"], later_DHW)
-        for output, predicted_DHW in prediction.outputs.items():
-            predicted = regional_volumes(predicted_DHW, regions)
+        outputs = prediction.outputs  # measured together: faster (volumes.regional_volumes_many)
+        for (output, predicted_DHW), predicted in zip(outputs.items(),
+                                                      regional_volumes_many(list(outputs.values()), regions)):
             rows.append({"label": output.label, "model": output.model, "variant": output.variant,
                          "pair": prediction.index, "subject_id": pair["subject_id"],
                          "earlier_age": pair["earlier_age"], "later_age": pair["later_age"], "years": pair["years"],
@@ -243,10 +250,9 @@ def age_sweep(forecasters: Sequence[Forecaster], scans: pd.DataFrame, years: Seq
         for forecaster in forecasters:
             for output, predictions in forecaster.predict(volume_DHW, scan["age"], targets, seed,
                                                           scan.get("diagnosis")).items():
-                for target, predicted_DHW in zip(targets, predictions):
+                for target, predicted in zip(targets, regional_volumes_many(predictions, regions)):
                     rows.append([output.label, output.model, output.variant, scan["subject_id"], scan["age"],
-                                 target, target - scan["age"], region, start,
-                                 regional_volumes(predicted_DHW, regions)[region]])
+                                 target, target - scan["age"], region, start, predicted[region]])
     return pd.DataFrame(rows, columns=columns)
 
 
