@@ -320,8 +320,8 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     assert main(["evaluate", "--models", str(run_dir), str(run_dir / "no-earlier"), "--split", "val",
                  "--samples", "2", "--out", str(out)]) == 0
     per_pair = pd.read_csv(out / "pairs.csv", dtype={"subject_id": str})
-    names = ["copy", "tokenizer-copy", "tokenizer-oracle", "run", "run+detail", "run+aging", "run/no-earlier",
-             "run/no-earlier+detail", "run/no-earlier+aging"]
+    names = ["copy", "tokenizer-copy", "tokenizer-oracle", "volume-trend", "run", "run+detail", "run+aging",
+             "run/no-earlier", "run/no-earlier+detail", "run/no-earlier+aging"]
     assert list(per_pair["label"].unique()) == names
     pairs = pd.read_csv(run_dir / "pairs.csv", dtype={"subject_id": str})
     assert (per_pair.groupby("label").size() == (pairs["split"] == "val").sum()).all()
@@ -355,7 +355,7 @@ def test_evaluate_compares_every_model_on_the_same_pairs_with_the_copy_baselines
     table = (out / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in names)
     sweep = pd.read_csv(out / "sweep.csv")
-    assert set(sweep["label"]) == set(names[3:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}
+    assert set(sweep["label"]) == set(names[4:]) and set(sweep["years"].round(6)) == {1, 2, 4, 6, 8}  # models only
     assert {p.name for p in (out / "figures").iterdir()} == {"metrics.png", "change.png",
                                                            "psnr_vs_years.png", "age_sweep.png", "change_all.png"}
 
@@ -387,7 +387,8 @@ def test_evaluate_can_take_the_splits_first_subjects_only(run_dir, tmp_path):
     first_two = sorted(pairs.loc[pairs["split"] == "train", "subject_id"].unique())[:2]
     per_pair = pd.read_csv(out / "pairs.csv", dtype={"subject_id": str})
     assert sorted(per_pair["subject_id"].unique()) == first_two
-    assert len(per_pair) == 3 * pairs["subject_id"].isin(first_two).sum()  # copy, tokenizer-copy, oracle
+    # copy, tokenizer-copy, the oracle and the volume trend
+    assert len(per_pair) == 4 * (pairs["subject_id"].isin(first_two) & (pairs["split"] == "train")).sum()
 
 
 def test_no_command_writes_into_the_folders_of_its_inputs(run_dir, tmp_path):
