@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.run / args.model / "config.yaml")
     model = Predictor.from_checkpoint(args.run / args.model if args.model != MODEL_NAME else args.run).model
-    sequences, train_pairs, val_pairs = training_data(args.run, config)
+    sequences, train_pairs, val_pairs = training_data(args.run, config, model)
     for pairs in (train_pairs, val_pairs):
         pairs["diagnosis_id"] = model.diagnosis_ids(list(pairs.get("diagnosis", [""] * len(pairs)))).numpy()
     _, log_priors = token_statistics(model, sequences, train_pairs)

@@ -18,6 +18,7 @@ from neuroar.data.preprocess import load_preprocessed
 from neuroar.data.tokens import load_tokens, pair_rows, pair_tokens, training_tokens
 from neuroar.errors import NeuroARError
 from neuroar.evaluate.forecasters import TokenizerCopy, TokenizerOracle
+from neuroar.models.change_regressor import ChangeRegressor
 from neuroar.models.mean_change import advance, fit_mean_change
 from neuroar.models.quantizer import MultiScaleQuantizer
 from neuroar.models.tokenizer import MSVQVAE
@@ -226,9 +227,71 @@ def test_with_the_cohorts_mean_change_neuroar_codes_and_predicts_the_deviation_f
     assert np.allclose(detail, with_change(volume_DHW, expected, same), atol=1e-5)
 
 
+def test_the_change_regressor_learns_each_scans_own_rate_that_the_mean_change_cannot():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    f_NCdhw = torch.randn(24, 2, 4, 5, 4, generator=generator)
+    ages = torch.linspace(60.0, 80.0, 24)
+    # Each subject's change per year: its own latent, more so the older it is; over subjects it averages ~0.
+    rate_NCdhw = 0.2 * f_NCdhw * (1 + (ages - 70.0) / 10)[:, None, None, None, None]
+    years = torch.rand(24, generator=generator) * 3 + 1
+    latents_NCdhw = torch.cat([f_NCdhw, f_NCdhw + years[:, None, None, None, None] * rate_NCdhw])
+    earlier, later = torch.arange(24), torch.arange(24, 48)
+    mean_Cdhw = fit_mean_change(latents_NCdhw, earlier, later, years)
+    regressor = ChangeRegressor(latent_dim=2, width=16)
+    assert not regressor(f_NCdhw, ages).any()  # untrained: the mean change alone
+    losses = regressor.fit(latents_NCdhw, torch.cat([earlier, earlier[:2]]), torch.cat([later, earlier[:2]]),
+                           torch.cat([years, torch.zeros(2)]), torch.cat([ages, ages[:2]]), mean_Cdhw, steps=300,
+                           batch_size=8, lr=3e-3, seed=0, progress=False)
+    with torch.no_grad():
+        predicted_NCdhw = mean_Cdhw + regressor(f_NCdhw, ages)
+    mean_error = (mean_Cdhw - rate_NCdhw).square().mean()
+    assert (predicted_NCdhw - rate_NCdhw).square().mean() < 0.2 * mean_error
+    assert losses["mse"] < 0.2 * losses["mean_change_mse"]
+    assert not any(p.requires_grad for p in regressor.parameters())  # fixed: what tokens are coded against
+
+
+def test_with_a_change_regressor_neuroar_codes_against_each_scans_own_predicted_change(run_dir, monkeypatch):
+    overrides = ["train_transformer.steps=2", "transformer.mean_change=true", "transformer.change_width=8",
+                 "train_transformer.change_steps=40", "train_transformer.change_lr=0.003"]
+    metrics = train_transformer(run_dir, load_config(run_dir / "config.yaml", overrides), progress=False)
+    predictor = Predictor.from_checkpoint(run_dir)
+    model, tokenizer = predictor.model, predictor.tokenizer
+    latents, train_pairs, val_pairs = training_tokens(run_dir, True)
+    # The validation pairs were coded against each one's own base: "copy" is zero change from there.
+    earlier, later, years_P = pair_rows(val_pairs)
+    ages_P = torch.tensor(val_pairs["earlier_age"].to_numpy(), dtype=torch.float32)
+    with torch.no_grad():
+        deviation = model.change_regressor(latents[0][earlier], ages_P)
+        tokens = tokenizer.followup_tokens(latents[0][earlier] + years_P[:, None, None, None, None] * (
+            model.mean_change_Cdhw + deviation), latents[0][later])
+    assert deviation.abs().max() > 1e-4  # trained: its last layer started at zero
+    for k, maps in enumerate(tokens):
+        assert metrics[f"scale{k}_copy_accuracy"] == pytest.approx((maps == 0).float().mean().item(), abs=1e-6)
+    # Predicting "no change" from there gives the scan's own expected aging.
+    volume_DHW = load_preprocessed(load_tokens(run_dir)[1]["preprocessed"].iloc[0])[0]
+    with torch.no_grad():
+        model.copy_logit.fill_(50.0)
+        f_volume = tokenizer.latent_scan(volume_DHW)
+        expected = tokenizer.decode_latent(f_volume + 3.0 * (model.mean_change_Cdhw + model.change_regressor(
+            f_volume, torch.tensor([70.0]))))[0]
+    ((aged, _, _),) = predictor.predict_preprocessed(volume_DHW, 70.0, [73.0], samples=1)
+    assert np.allclose(aged, expected, atol=1e-5)
+    # Resumed, training keeps the regressor the checkpoint's tokens were coded against: it is not fitted again.
+    def refit(*args, **kwargs):
+        raise AssertionError("the change regressor was fitted again on resuming")
+
+    monkeypatch.setattr(ChangeRegressor, "fit", refit)
+    train_transformer(run_dir, load_config(run_dir / "config.yaml", [*overrides, "train_transformer.steps=3"]),
+                      progress=False)
+    resumed = Predictor.from_checkpoint(run_dir).model.change_regressor.state_dict()
+    assert all(torch.equal(resumed[k], v) for k, v in model.change_regressor.state_dict().items())
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["tokenizer.code=scan", "tokenizer.dead_zone=0", "train_tokenizer.change_weight=0",
       "transformer.mean_change=false"], "transformer.earlier"),
+    (["transformer.mean_change=false", "transformer.change_width=8"], "transformer.change_width"),
     (["transformer.earlier=tokens"], "transformer.earlier"),
     (["transformer.local_scales=6"], "transformer.local_scales"),
     (["tokenizer.code=delta"], "tokenizer.code"),

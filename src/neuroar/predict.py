@@ -196,7 +196,8 @@ class NeuroARPredictor(Predictor):
                                            self._ages(target_age, samples), self.config.sampling, generator(),
                                            diagnosis_B=diagnosis_S, earlier_maps=earlier_maps)
             years_S = self._ages(target_age, samples) - self._ages(age, samples)
-            f_S = self.tokenizer.with_earlier(self.model.change_base(f_earlier_S, years_S), f_hat_S)
+            f_S = self.tokenizer.with_earlier(self.model.change_base(f_earlier_S, years_S, self._ages(age, samples)),
+                                              f_hat_S)
             decoded = self.tokenizer.decode_latent(f_S)
             if self.config.sampling.average == "fhat":  # decode the samples' mean latent
                 mean = self.tokenizer.decode_latent(f_S.mean(0, keepdim=True))[0]

@@ -179,6 +179,10 @@ class TransformerConfig:
     # latent change per year of the gap (models/mean_change.py, fitted on the training pairs) instead of against
     # the earlier latent itself, so that the tokens code the pair's deviation from the cohort's mean aging.
     mean_change: bool = False
+    # With mean_change: a small 3D convolutional network of this width (models/change_regressor.py), trained on
+    # the training pairs before the transformer, adds each scan's own deviation from the mean change, read from
+    # its latent and age, to the base the tokens are coded against; 0: the mean change alone.
+    change_width: int = 0
     # Ablation switches: age tokens reached by cross-attention, the age embedding modulating every block
     # through AdaLN.
     cross_attention: bool = True
@@ -203,6 +207,8 @@ class TransformerConfig:
                 fail(f"{key}.{name}", f"must be in [0, 1), got {getattr(self, name)}.")
         if len(set(self.diagnoses)) != len(self.diagnoses) or not all(d.strip() for d in self.diagnoses):
             fail(f"{key}.diagnoses", f"must be distinct, non-empty labels, got {list(self.diagnoses)}.")
+        if self.change_width < 0:
+            fail(f"{key}.change_width", f"must be >= 0 (0: no change regressor), got {self.change_width}.")
         if self.local_scales < 0 or self.local_width < 1:
             fail(f"{key}.local_scales", f"local_scales must be >= 0 and local_width >= 1, got {self.local_scales} "
                                         f"and {self.local_width}.")
@@ -223,10 +229,16 @@ class TransformerTrainingConfig(TrainingConfig):
     # steps, a 40 % share of such pairs) NeuroAR then learnt no change at all (+detail and +aging ventricles r
     # -0.01, against 0.69 without; benchmarks/CHANGE_NEUROAR.md row toklr3-b4-zerogap).
     zero_gap_pairs: bool = False
+    # The change regressor's training (transformer.change_width): AdamW, cosine schedule from change_lr.
+    change_steps: int = 400
+    change_batch_size: int = 8
+    change_lr: float = 1e-3
 
     def check(self, key: str, fail: Fail) -> None:
         super().check(key, fail)
-        _at_least_one(self, key, ("val_every",), fail)
+        _at_least_one(self, key, ("val_every", "change_steps", "change_batch_size"), fail)
+        if self.change_lr <= 0:
+            fail(f"{key}.change_lr", f"must be positive, got {self.change_lr}.")
         if self.weight_decay < 0 or self.grad_clip <= 0:
             fail(key, "grad_clip must be positive, weight_decay >= 0.")
 
@@ -430,6 +442,9 @@ class Config:
         if self.transformer.mean_change and tok.code != "change":
             fail("transformer.mean_change", "needs tokenizer.code=change (the cohort's mean change is a change of "
                                             "the earlier scan's latent); set it to false or code the change.")
+        if self.transformer.change_width and not self.transformer.mean_change:
+            fail("transformer.change_width", "regresses a scan's deviation from the cohort's mean change; set "
+                                             "transformer.mean_change=true or change_width=0.")
         readable = ("latent", "none") if tok.code == "change" else ("tokens", "fhat", "none")
         if self.transformer.earlier not in readable:
             fail("transformer.earlier", f"{self.transformer.earlier!r} does not go with tokenizer.code={tok.code}; "

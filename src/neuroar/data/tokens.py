@@ -15,6 +15,7 @@ training subjects may now be test subjects) is refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -31,12 +32,14 @@ from neuroar.data.pairs import token_pairs
 from neuroar.data.preprocess import load_preprocessed, to_input_space
 from neuroar.errors import NeuroARError
 from neuroar.files import atomic_path, sha256_file, sha256_json, write_json
-from neuroar.models.mean_change import advance, fit_mean_change
+from neuroar.models.mean_change import fit_mean_change
 from neuroar.models.tokenizer import MSVQVAE
 from neuroar.progress import Progress
 from neuroar.runs import load_tokenizer, tokenizer_checkpoint
 
 SCAN_COLUMNS = ["subject_id", "session_id", "age", "split", "preprocessed"]
+# (earlier latents (B, C, d, h, w), years (B,), earlier ages (B,)) -> the latents the follow-ups are coded against
+ChangeBase = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def tokenize_run(run_dir: str | Path, config: Config, progress: bool = True) -> Path:
@@ -96,17 +99,17 @@ def load_tokens(run_dir: str | Path, mirrored: bool = False) -> tuple[list[torch
 
 @torch.no_grad()
 def pair_tokens(tokenizer: MSVQVAE, latents_NCdhw: torch.Tensor, earlier_N: torch.Tensor, later_N: torch.Tensor,
-                years_N: torch.Tensor | None = None, mean_change_Cdhw: torch.Tensor | None = None,
-                chunk: int = 32) -> list[torch.Tensor]:
+                years_N: torch.Tensor | None = None, earlier_age_N: torch.Tensor | None = None,
+                change_base: ChangeBase | None = None, chunk: int = 32) -> list[torch.Tensor]:
     """Code "change": the token maps (P, d, h, w) per scale of P follow-ups against their earlier scans, from
     the cached latents (rows `later_N` against rows `earlier_N`), by `followup_tokens` as every other path.
-    Given the cohort's mean change (models/mean_change.py) and the pairs' years, against the earlier latents
-    advanced by it."""
+    Given a `change_base` (`NeuroAR.change_base`: the earlier latents advanced by the aging expected over the
+    pairs' years, from their earlier ages), against that instead."""
     parts = []
     for i in range(0, len(earlier_N), chunk):
         f_earlier = latents_NCdhw[earlier_N[i:i + chunk]]
-        if mean_change_Cdhw is not None:
-            f_earlier = advance(f_earlier, years_N[i:i + chunk], mean_change_Cdhw)
+        if change_base is not None:
+            f_earlier = change_base(f_earlier, years_N[i:i + chunk], earlier_age_N[i:i + chunk])
         parts.append(tokenizer.followup_tokens(f_earlier, latents_NCdhw[later_N[i:i + chunk]]))
     return [torch.cat(maps) for maps in zip(*parts)]
 
@@ -134,6 +137,11 @@ def pair_rows(pairs: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return (torch.as_tensor(pairs["earlier_index"].to_numpy(copy=True)),
             torch.as_tensor(pairs["later_index"].to_numpy(copy=True)),
             torch.tensor((pairs["later_age"] - pairs["earlier_age"]).to_numpy(), dtype=torch.float32))
+
+
+def earlier_ages(pairs: pd.DataFrame) -> torch.Tensor:
+    """The pairs' earlier ages (P,) float32."""
+    return torch.tensor(pairs["earlier_age"].to_numpy(), dtype=torch.float32)
 
 
 def run_mean_change(run_dir: str | Path, mirror: bool) -> torch.Tensor:

@@ -31,6 +31,7 @@ def fit_mean_change(latents_NCdhw: torch.Tensor, earlier_P: torch.Tensor, later_
     return total_Cdhw / denominator
 
 
-def advance(f_earlier_BCdhw: torch.Tensor, years_B: torch.Tensor, mean_change_Cdhw: torch.Tensor) -> torch.Tensor:
-    """The earlier latents advanced by the mean change over each one's years."""
-    return f_earlier_BCdhw + years_B.to(f_earlier_BCdhw)[:, None, None, None, None] * mean_change_Cdhw
+def advance(f_earlier_BCdhw: torch.Tensor, years_B: torch.Tensor, rate_Cdhw: torch.Tensor) -> torch.Tensor:
+    """The earlier latents advanced over each one's years by a change per year: the mean change (C, d, h, w), or
+    one per scan (B, C, d, h, w)."""
+    return f_earlier_BCdhw + years_B.to(f_earlier_BCdhw)[:, None, None, None, None] * rate_Cdhw

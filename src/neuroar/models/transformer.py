@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from neuroar.config import Config, SamplingConfig, TransformerConfig
 from neuroar.errors import NeuroARError
+from neuroar.models.change_regressor import ChangeRegressor
 from neuroar.models.conditioning import AgeEmbedding
 from neuroar.models.mean_change import advance
 from neuroar.models.quantizer import MultiScaleQuantizer, Shape3, area_down
@@ -79,18 +80,26 @@ class NeuroAR(nn.Module):
                       if config.local_scales else None)
         levels_L = torch.cat([torch.full((n,), k) for k, n in enumerate(self.lengths)])
         self.register_buffer("levels", levels_L, persistent=False)
-        # The cohort's mean latent change per year (transformer.mean_change; set by training, saved with the model).
+        # The cohort's mean latent change per year (transformer.mean_change) and the regressor of a scan's deviation
+        # from it (transformer.change_width); both set by training before the transformer, saved with the model.
         if config.mean_change:
             self.register_buffer("mean_change_Cdhw", torch.zeros(latent_dim, *self.scales[-1]))
+        self.change_regressor = (ChangeRegressor(latent_dim, config.change_width).requires_grad_(False)
+                                 if config.change_width else None)
         self.activation_checkpointing = False  # trade compute for memory when training: blocks recompute
         self._init_weights()
 
-    def change_base(self, f_earlier_BCdhw: torch.Tensor, years_B: torch.Tensor) -> torch.Tensor:
-        """The latent a follow-up's change tokens are coded against: the earlier latent, advanced by the cohort's
-        mean change over `years_B` with `transformer.mean_change`."""
+    def change_base(self, f_earlier_BCdhw: torch.Tensor, years_B: torch.Tensor, earlier_age_B: torch.Tensor
+                    ) -> torch.Tensor:
+        """The latent a follow-up's change tokens are coded against: the earlier latent, advanced over `years_B`
+        by the cohort's mean change with `transformer.mean_change`, plus the scan's own deviation from it (read
+        from its latent and `earlier_age_B`) with `transformer.change_width`."""
         if not self.config.mean_change:
             return f_earlier_BCdhw
-        return advance(f_earlier_BCdhw, years_B, self.mean_change_Cdhw)
+        rate = self.mean_change_Cdhw
+        if self.change_regressor is not None:
+            rate = rate + self.change_regressor(f_earlier_BCdhw, earlier_age_B)
+        return advance(f_earlier_BCdhw, years_B, rate)
 
     def _init_weights(self) -> None:
         """As GPT-2 and VAR: every linear map and embedding N(0, 0.02), biases zero, the projections back into
@@ -115,7 +124,7 @@ class NeuroAR(nn.Module):
         """AdamW groups as nanoGPT forms them: weight decay on the weights of linear maps only; none on biases,
         norms, embeddings, positions or the age and "no age" tokens (the last train on 10 % of pairs only)."""
         decayed = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
-        params = list(self.parameters())
+        params = [p for p in self.parameters() if p.requires_grad]  # not the change regressor: trained before
         return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
                 {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
 

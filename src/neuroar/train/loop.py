@@ -47,7 +47,7 @@ def run_steps(run_dir: Path, name: str, config: Config, settings_name: str, chec
     settings = getattr(config, settings_name)
     start, metrics = 0, {}
     if checkpoint.with_suffix(".json").is_file():
-        _check_trained_on(run_dir, name, checkpoint, fingerprint, retrain, ctx)  # may set it aside
+        check_trained_on(run_dir, name, checkpoint, fingerprint, retrain, ctx)  # may set it aside
     if checkpoint.with_suffix(".json").is_file():
         resumed = load_checkpoint(checkpoint, modules, optimizers, restore_rng=True)
         start, metrics = resumed["step"], resumed.get("validation", {})
@@ -91,7 +91,7 @@ def run_steps(run_dir: Path, name: str, config: Config, settings_name: str, chec
     return metrics
 
 
-def _check_trained_on(run_dir: Path, name: str, checkpoint: Path, fingerprint: dict[str, str], retrain: bool,
+def check_trained_on(run_dir: Path, name: str, checkpoint: Path, fingerprint: dict[str, str], retrain: bool,
                       ctx: Context) -> None:
     """Refuse a checkpoint trained on other data, or with `retrain` set its folder and logs aside."""
     aside = checkpoint.parent.with_name(f"{checkpoint.parent.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")

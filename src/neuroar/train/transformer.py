@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from neuroar import distributed
-from neuroar.checkpoint import weights_path
+from neuroar.checkpoint import load_checkpoint, weights_path
 from neuroar.config import Config
 from neuroar.data.fingerprint import data_fingerprint
-from neuroar.data.tokens import pair_rows, pair_tokens, token_path, training_tokens
+from neuroar.data.tokens import ChangeBase, earlier_ages, pair_rows, pair_tokens, token_path, training_tokens
 from neuroar.files import sha256_file
 from neuroar.models.mean_change import fit_mean_change
 from neuroar.models.quantizer import MultiScaleQuantizer
@@ -42,7 +42,7 @@ from neuroar.models.transformer import (
     teacher_forcing_sequence,
 )
 from neuroar.runs import MODEL_NAME, load_tokenizer, model_checkpoint, tokenizer_checkpoint
-from neuroar.train.loop import batch_indices, is_log_step, run_steps
+from neuroar.train.loop import batch_indices, check_trained_on, is_log_step, run_steps
 
 
 @dataclass
@@ -87,27 +87,25 @@ class ChangeSequences:
     change (P, L), and the tokens of no change (L,), the "copy" of this token space. A batch's teacher-forcing
     inputs and earlier-scan inputs are made from them on the fly: stored for every pair and scale they would
     take ~1.5 MB per pair at a 20x24x22 grid, made per batch they cost a few pooling and 3x3x3 convolutions.
-    With the cohort's mean change (C, d, h, w; `transformer.mean_change`) the tokens code each follow-up against
-    its earlier latent advanced by it, and "copy" is then the cohort's mean aging."""
+    Given a change base (`NeuroAR.change_base`, with `transformer.mean_change`) the tokens code each follow-up
+    against its earlier latent advanced by the aging it expects, and "copy" is then that expected aging."""
 
     quantizer: MultiScaleQuantizer
     latents_NCdhw: torch.Tensor
     tokens_PL: torch.Tensor
     row: dict[tuple[int, int], int]
     unchanged_L: torch.Tensor
-    mean_change_Cdhw: torch.Tensor | None = None
 
     @classmethod
     def build(cls, tokenizer: MSVQVAE, latents_NCdhw: torch.Tensor, pairs: list[pd.DataFrame],
-              mean_change_Cdhw: torch.Tensor | None = None) -> ChangeSequences:
+              change_base: ChangeBase | None = None) -> ChangeSequences:
         every = pd.concat(pairs).drop_duplicates(["earlier_index", "later_index"])
         every = every.sort_values(["earlier_index", "later_index"]).reset_index(drop=True)
-        tokens = pair_tokens(tokenizer, latents_NCdhw, *pair_rows(every), mean_change_Cdhw)
+        tokens = pair_tokens(tokenizer, latents_NCdhw, *pair_rows(every), earlier_ages(every), change_base)
         unchanged = tokenizer.unchanged_tokens(latents_NCdhw[:1])
         keys = zip(every["earlier_index"], every["later_index"])
         return cls(tokenizer.quantizer, latents_NCdhw, torch.cat([t.flatten(1) for t in tokens], 1),
-                   {key: i for i, key in enumerate(keys)}, torch.cat([t.flatten(1) for t in unchanged], 1)[0],
-                   mean_change_Cdhw)
+                   {key: i for i, key in enumerate(keys)}, torch.cat([t.flatten(1) for t in unchanged], 1)[0])
 
     def targets(self, pairs: pd.DataFrame, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens of no change and the chosen pairs' change tokens, (B, L) each."""
@@ -146,18 +144,25 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
     settings = config.train_transformer
     ctx = distributed.init()
     device = ctx.device
-    sequences, train_pairs, val_pairs = training_data(run_dir, config)
+    checkpoint = model_checkpoint(run_dir, name)
+    fingerprint = {**data_fingerprint(run_dir), "tokens": token_path(run_dir).stem}
     torch.manual_seed(config.seed)
-    model = build_transformer(config).to(device)
-    if config.transformer.mean_change:  # kept with the model: its predictions are coded against it
-        model.mean_change_Cdhw.copy_(sequences.mean_change_Cdhw)
+    model = build_transformer(config)
+    if checkpoint.with_suffix(".json").is_file():
+        check_trained_on(run_dir, name, checkpoint, fingerprint, retrain, ctx)  # may set it aside
+    # Resuming, the change base the checkpoint's tokens were coded against is the checkpoint's; anew, it is fitted.
+    resumed = checkpoint.with_suffix(".json").is_file()
+    if resumed:
+        load_checkpoint(checkpoint, {"model": model})
+    sequences, train_pairs, val_pairs = training_data(run_dir, config, model, fit_base=not resumed,
+                                                      progress=progress and ctx.main)
+    model.to(device)
     for pairs in (train_pairs, val_pairs):
         pairs["diagnosis_id"] = model.diagnosis_ids(list(pairs.get("diagnosis", [""] * len(pairs)))).numpy()
     rates, log_priors = token_statistics(model, sequences, train_pairs)
     model.init_copy_logits(rates)
     model.activation_checkpointing = settings.activation_checkpointing
     optimizer = torch.optim.AdamW(model.parameter_groups(settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
-    checkpoint = model_checkpoint(run_dir, name)
     tokenizer_sha = sha256_file(weights_path(tokenizer_checkpoint(run_dir)))
     model_ddp = ctx.wrap(model)
 
@@ -191,29 +196,50 @@ def train_transformer(run_dir: str | Path, config: Config, progress: bool = True
                      {"model": optimizer}, train_step,
                      lambda: evaluate_teacher_forced(model, sequences, val_pairs if len(val_pairs) else train_pairs,
                                                      device, log_priors=log_priors), ctx,
-                     {**data_fingerprint(run_dir), "tokens": token_path(run_dir).stem},
-                     "val" if len(val_pairs) else "train", retrain,
+                     fingerprint, "val" if len(val_pairs) else "train", retrain,
                      meta={"model": MODEL_NAME, "tokenizer_sha256": tokenizer_sha,
                            "scales": [list(s) for s in config.tokenizer.scales]},
                      val_every=settings.val_every, config_path=run_dir / name / "config.yaml", progress=progress)
 
 
-def training_data(run_dir: Path, config: Config) -> tuple[ScanSequences | ChangeSequences, pd.DataFrame,
-                                                          pd.DataFrame]:
+def training_data(run_dir: Path, config: Config, model: NeuroAR, fit_base: bool = False, progress: bool = True
+                  ) -> tuple[ScanSequences | ChangeSequences, pd.DataFrame, pd.DataFrame]:
     """What NeuroAR trains and validates on: the run's token sequences, its training pairs (with their mirrored
-    copies and zero-gap pairs where the config asks for them) and its validation pairs."""
+    copies and zero-gap pairs where the config asks for them) and its validation pairs. With
+    `transformer.mean_change` the change tokens are coded against `model.change_base`, which `fit_base` first
+    fits to the training pairs (on the CPU, where the model must be then)."""
     settings = config.train_transformer
     tokens, train_pairs, val_pairs = training_tokens(run_dir, settings.mirror)
     if settings.zero_gap_pairs:
         train_pairs = pd.concat([train_pairs, zero_gap_pairs(train_pairs)], ignore_index=True)
     tokenizer = load_tokenizer(run_dir, config)
     if config.tokenizer.code == "change":  # `tokens` holds the scans' latents: see data/tokens.py
-        # Zero-gap pairs add nothing to the mean change's fit: it weighs each pair by its years.
-        mean_change = fit_mean_change(tokens[0], *pair_rows(train_pairs)) if config.transformer.mean_change else None
-        sequences = ChangeSequences.build(tokenizer, tokens[0], [train_pairs, val_pairs], mean_change)
+        if fit_base and config.transformer.mean_change:
+            fit_change_base(model, tokens[0], train_pairs, config, progress)
+        sequences = ChangeSequences.build(tokenizer, tokens[0], [train_pairs, val_pairs],
+                                          model.change_base if config.transformer.mean_change else None)
     else:
         sequences = ScanSequences.build(tokenizer.quantizer, tokens, config.transformer.earlier)
     return sequences, train_pairs, val_pairs
+
+
+@torch.no_grad()
+def fit_change_base(model: NeuroAR, latents_NCdhw: torch.Tensor, train_pairs: pd.DataFrame, config: Config,
+                    progress: bool = True) -> None:
+    """The model's mean change per year over the training pairs and, with `transformer.change_width`, its
+    change regressor (models/change_regressor.py) trained on them; both printed beside no change at all."""
+    earlier, later, years = pair_rows(train_pairs)  # zero-gap pairs add nothing: both weigh a pair by its years
+    model.mean_change_Cdhw.copy_(fit_mean_change(latents_NCdhw, earlier, later, years))
+    if model.change_regressor is None:
+        return
+    settings = config.train_transformer
+    with torch.enable_grad():
+        losses = model.change_regressor.fit(latents_NCdhw, earlier, later, years, earlier_ages(train_pairs),
+                                            model.mean_change_Cdhw, settings.change_steps,
+                                            settings.change_batch_size, settings.change_lr, config.seed, progress)
+    if progress:
+        print(f"change regressor: latent change's mean squared error {losses['mse']:.3g} over its last steps' "
+              f"pairs, against the mean change's {losses['mean_change_mse']:.3g}")
 
 
 def zero_gap_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
