@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                "train_seconds": round(trained, 1), "final_loss": float(loss), "outputs": _scores(changes)}
     json_path = args.table.with_name("results") / "change_regression.json"
     every = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    every[f"{args.run} {args.split}{' from-mean' if args.from_mean else ''}"] = results
+    mode = " from-mean" if args.from_mean else ""
+    every[f"{args.run} {args.split}{mode} width {args.width}, {args.steps} steps"] = results
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(every, indent=2) + "\n")
     args.table.write_text(_markdown(every))
