@@ -17,7 +17,7 @@ from neuroar.data.pairs import token_pairs
 from neuroar.data.preprocess import load_preprocessed
 from neuroar.data.tokens import load_tokens, pair_rows, pair_tokens, training_tokens
 from neuroar.errors import NeuroARError
-from neuroar.evaluate.forecasters import TokenizerCopy, TokenizerOracle
+from neuroar.evaluate.forecasters import ChangeBase, TokenizerCopy, TokenizerOracle, load_forecasters
 from neuroar.models.change_regressor import ChangeRegressor
 from neuroar.models.mean_change import advance, fit_mean_change
 from neuroar.models.quantizer import MultiScaleQuantizer
@@ -277,6 +277,13 @@ def test_with_a_change_regressor_neuroar_codes_against_each_scans_own_predicted_
             f_volume, torch.tensor([70.0]))))[0]
     ((aged, _, _),) = predictor.predict_preprocessed(volume_DHW, 70.0, [73.0], samples=1)
     assert np.allclose(aged, expected, atol=1e-5)
+    # The evaluation scores that base alone beside the model's outputs, as the earlier scan plus its decoded change.
+    forecasters = load_forecasters([str(run_dir)], run_dir, load_config(run_dir / "config.yaml"))
+    (base,) = [f for f in forecasters if isinstance(f, ChangeBase)]
+    ((output, (based_DHW,)),) = base.predict(volume_DHW, 70.0, [73.0], seed=0).items()
+    assert output.label == f"{run_dir.name}+base"
+    unchanged_DHW = tokenizer.decode_unchanged(f_volume)[0]
+    assert np.allclose(based_DHW, with_change(volume_DHW, expected, unchanged_DHW), atol=1e-5)
     # Resumed, training keeps the regressor the checkpoint's tokens were coded against: it is not fitted again.
     def refit(*args, **kwargs):
         raise AssertionError("the change regressor was fitted again on resuming")

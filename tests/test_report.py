@@ -20,7 +20,7 @@ PAIRS = 12
 # three times white matter's (worse); +detail predicts the ventricles the wrong way (worse).
 FACTORS = {"copy": dict.fromkeys(REGIONS, 0.0), "tokenizer-copy": dict.fromkeys(REGIONS, -0.5),
            "tokenizer-oracle": dict.fromkeys(REGIONS, 0.8), "volume-trend": dict.fromkeys(REGIONS, 0.9),
-           "run": dict.fromkeys(REGIONS, -1.0),
+           "run": dict.fromkeys(REGIONS, -1.0), "run+base": dict.fromkeys(REGIONS, 0.4),
            "run+detail": {"ventricles": -1.5, "grey_matter": 0.5, "white_matter": 0.9, "hippocampus": 0.2,
                           "whole_brain": 2.5},
            "run+aging": {"ventricles": 0.6, "grey_matter": 0.0, "white_matter": 3.0, "hippocampus": 0.9,
@@ -139,6 +139,19 @@ def test_the_verdict_gives_the_volume_trends_error_and_the_tables_no_image_metri
             f"{np.corrcoef(predicted, true)[0, 1]:.2f}") in note
     compared = page.split("<h2>Evaluation", 1)[1].split("<details>", 1)[0]
     assert re.search(r"<td>volume-trend</td><td>–</td><td>–</td><td>–</td>", compared)
+
+
+def test_the_verdict_gives_neuroars_change_base_alone_and_the_tables_compare_it(evaluated_run):
+    _, page = evaluated_run
+    true = true_changes()["ventricles"]
+    predicted = FACTORS["run+base"]["ventricles"] * true
+    note = re.sub(r"<[^>]+>", "", page.split("<p class='note'>", 1)[1].split("</p>", 1)[0])
+    assert (f"This NeuroAR's change base alone (the earlier scan advanced by its change regressor's prediction from "
+            f"the scan and its age, before any token) has ventricles change error "
+            f"{np.abs(predicted - true).mean():.2f} mL, r {np.corrcoef(predicted, true)[0, 1]:.2f}") in note
+    compared = page.split("<h2>Evaluation", 1)[1].split("<details>", 1)[0]
+    rows = re.findall(r"<tr><td>([^<]+)</td>", compared)
+    assert rows.index("NeuroAR (+base)") + 1 == rows.index("NeuroAR (+aging)")  # the base first, then what adds
 
 
 def test_the_report_shows_one_subject_then_the_compared_tables_then_captioned_figures(evaluated_run):

@@ -147,6 +147,12 @@ def verdict(summary: pd.DataFrame, model: str, names: dict[str, str], split: str
                  f"no model of the subject) has {_words(region)} change error {mean[f'{region}_change_mae']:.2f} mL, "
                  f"r {_number(mean[f'{region}_change_r'])}: a model that does not beat it has learnt nothing of the "
                  "subject's own aging.")
+    if f"{model}+{compare.BASE}" in rows.index:
+        base = rows.loc[f"{model}+{compare.BASE}"]
+        lead += (f" This NeuroAR's change base alone (the earlier scan advanced by its change regressor's prediction "
+                 f"from the scan and its age, before any token) has {_words(region)} change error "
+                 f"{base[f'{region}_change_mae']:.2f} mL, r {_number(base[f'{region}_change_r'])}: what its tokens "
+                 "add to.")
     if compare.VOLUME_TREND.label in rows.index:
         trend = rows.loc[compare.VOLUME_TREND.label]
         lead += (f" The ages alone (the training pairs' linear trend of each region's volume with the years and the "

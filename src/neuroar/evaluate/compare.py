@@ -46,6 +46,7 @@ from neuroar.data.pairs import held_out_split
 from neuroar.data.preprocess import load_preprocessed, template_brain_mask
 from neuroar.errors import NeuroARError
 from neuroar.evaluate.forecasters import (
+    BASE,
     PLAIN,
     TRIVIAL,
     Forecaster,
@@ -433,14 +434,14 @@ COPY_COLOUR = "#999999"
 
 def compared_labels(per_pair: pd.DataFrame) -> list[str]:
     """The outputs a reader compares: copy, the tokenizer-oracle, the cohort's mean change, the volume trend and
-    each trained model's change outputs (+aging, then +detail), in the evaluation's order. The others
-    (tokenizer-copy, a model's decoded prediction) are in the full tables."""
+    each trained model's change outputs (its change base where it has one, +aging, then +detail), in the
+    evaluation's order. The others (tokenizer-copy, a model's decoded prediction) are in the full tables."""
     outputs = per_pair.drop_duplicates("label")
     models = list(outputs["model"].unique())
     chosen = [(models.index(model), CHANGE_VARIANTS.index(variant) if variant in CHANGE_VARIANTS else -1, label)
               for label, model, variant in outputs[["label", "model", "variant"]].itertuples(index=False)
               if model in (COPY.model, "tokenizer-oracle", "mean-change", VOLUME_TREND.model)
-              or (model not in TRIVIAL and variant in CHANGE_VARIANTS)]
+              or (model not in TRIVIAL and variant in (BASE, *CHANGE_VARIANTS))]
     return [label for *_, label in sorted(chosen)]
 
 

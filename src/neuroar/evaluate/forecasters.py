@@ -20,7 +20,8 @@ predicted preprocessed scan per target age out, each under an `Output` (a model 
   sample mean of its predictions; the earlier scan plus its prediction minus the earlier scan through the
   model's own encoder and decoder (variant "detail"); and the earlier scan plus its prediction minus its
   prediction at the earlier scan's own age, drawn from the same random numbers (variant "aging": what the model
-  says the years change, without what it changes in any scan at zero years).
+  says the years change, without what it changes in any scan at zero years); for a NeuroAR model with a change
+  regressor (`transformer.change_width`) also its change base alone (variant "base", `ChangeBase`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from neuroar.data.fingerprint import check_model_fits_run
 from neuroar.data.tokens import run_mean_change, token_path
 from neuroar.errors import NeuroARError
 from neuroar.models.mean_change import advance
-from neuroar.predict import Predictor, with_change
+from neuroar.predict import NeuroARPredictor, Predictor, with_change
 from neuroar.runs import MODEL_NAME, load_tokenizer, resolve_model, tokenizer_checkpoint
 
 TRIVIAL = ("copy", "tokenizer-copy", "tokenizer-oracle", "mean-change", "volume-trend")
 PLAIN = "plain"  # a model's own output, not one of its variants
+BASE = "base"  # a NeuroAR model's change base alone (`ChangeBase`)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,27 @@ class MeanChange:
         return {Output("mean-change"): [with_change(earlier_DHW, aged_DHW, unchanged_DHW) for aged_DHW in aged_TDHW]}
 
 
+class ChangeBase:
+    """A NeuroAR model's change base alone (with `transformer.change_width`): the earlier scan + decode(its latent
+    advanced by the aging the model's change regressor expects) - decode(its latent), output MODEL+base. What the
+    model predicts before any token: its tokens must add to it."""
+
+    def __init__(self, name: str, predictor: NeuroARPredictor):
+        self.name, self.tokenizer, self.model = name, predictor.tokenizer, predictor.model
+
+    @torch.no_grad()
+    def predict(self, earlier_DHW, earlier_age, target_ages, seed, diagnosis=None, later_DHWs=None):
+        f_earlier = self.tokenizer.latent_scan(earlier_DHW)
+        unchanged_DHW = self.tokenizer.decode_unchanged(f_earlier)[0]
+        device = f_earlier.device
+        years_T = torch.tensor([age - earlier_age for age in target_ages], dtype=torch.float32, device=device)
+        ages_T = torch.full_like(years_T, float(earlier_age))
+        aged_TDHW = self.tokenizer.decode_latent(self.model.change_base(
+            f_earlier.expand(len(years_T), -1, -1, -1, -1), years_T, ages_T))
+        return {Output(self.name, BASE): [with_change(earlier_DHW, aged_DHW, unchanged_DHW)
+                                            for aged_DHW in aged_TDHW]}
+
+
 class ModelForecaster:
     """The sample mean of a model's predictions and its variants "detail" and "aging" (see the module's text).
     The model is named by the run's name for its NeuroAR model, RUN/MODEL otherwise."""
@@ -180,4 +203,6 @@ def load_forecasters(specs: Sequence[str], run_dir: Path, config: Config, sample
     trivial = [Copy(), tokenizer_copy, TokenizerOracle(tokenizer_copy)]
     if config.tokenizer.code == "change" and token_path(run_dir).with_suffix(".json").is_file():
         trivial.append(MeanChange(tokenizer_copy, run_mean_change(run_dir, config.train_transformer.mirror)))
-    return [*trivial, *models]
+    bases = [ChangeBase(m.name, m.predictor) for m in models
+             if isinstance(m.predictor, NeuroARPredictor) and m.predictor.model.change_regressor is not None]
+    return [*trivial, *models, *bases]
