@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--split", default="val", help="the pairs scored (default: val)")
     parser.add_argument("--from-mean", action="store_true", help="start at the cohort's mean change (see above)")
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "CHANGE_REGRESSION.md")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                     torch.tensor(train["years"].to_numpy(), dtype=torch.float32))
         scale = float(stacked.std())
     model = ChangeRegressor(config.tokenizer.latent_dim, args.width, base_Cdhw, scale or 1.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     start = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -144,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             changes.setdefault("volume trend (no image)", []).append(
                 [float(trend.change(r, np.array(pair["earlier_age"]), np.array(pair["years"]))) for r in REGIONS])
     results = {"run": str(args.run), "split": args.split, "pairs": len(scored), "steps": args.steps,
-               "batch": args.batch, "width": args.width, "from_mean": args.from_mean,
+               "batch": args.batch, "width": args.width, "lr": args.lr, "from_mean": args.from_mean,
                "train_seconds": round(trained, 1), "final_loss": float(loss), "outputs": _scores(changes)}
     json_path = args.table.with_name("results") / "change_regression.json"
     every = json.loads(json_path.read_text()) if json_path.is_file() else {}
     mode = " from-mean" if args.from_mean else ""
-    every[f"{args.run} {args.split}{mode} width {args.width}, {args.steps} steps"] = results
+    lr = "" if args.lr == 1e-3 else f", lr {args.lr:g}"
+    every[f"{args.run} {args.split}{mode} width {args.width}, {args.steps} steps{lr}"] = results
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(every, indent=2) + "\n")
     args.table.write_text(_markdown(every))
@@ -178,7 +180,8 @@ def _markdown(every: dict) -> str:
              "mean absolute) / carried (mean predicted / mean true change).", ""]
     for key, results in every.items():
         command = (f"python benchmarks/change_regression.py {results['run']} --steps {results['steps']} --batch "
-                   f"{results['batch']} --width {results['width']} --split {results['split']}"
+                   f"{results['batch']} --width {results['width']} --lr {results.get('lr', 1e-3):g} --split "
+                   f"{results['split']}"
                    + (" --from-mean" if results.get("from_mean") else ""))
         rows = [[label, *[f"{'–' if s[r]['r'] is None else format(s[r]['r'], '.2f')} / {s[r]['error_ml']:.2f} / "
                           f"{s[r]['carried']:.0%}" for r in REGIONS]]
