@@ -227,7 +227,8 @@ def training_data(run_dir: Path, config: Config, model: NeuroAR, fit_base: bool 
 def fit_change_base(model: NeuroAR, latents_NCdhw: torch.Tensor, train_pairs: pd.DataFrame, config: Config,
                     progress: bool = True) -> None:
     """The model's mean change per year over the training pairs and, with `transformer.change_width`, its
-    change regressor (models/change_regressor.py) trained on them; both printed beside no change at all."""
+    change regressor (models/change_regressor.py) trained on them, its last error printed beside the mean
+    change's."""
     earlier, later, years = pair_rows(train_pairs)  # zero-gap pairs add nothing: both weigh a pair by its years
     model.mean_change_Cdhw.copy_(fit_mean_change(latents_NCdhw, earlier, later, years))
     if model.change_regressor is None:
