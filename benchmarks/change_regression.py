@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     every = json.loads(json_path.read_text()) if json_path.is_file() else {}
     mode = " from-mean" if args.from_mean else ""
     lr = "" if args.lr == 1e-3 else f", lr {args.lr:g}"
-    every[f"{args.run} {args.split}{mode} width {args.width}, {args.steps} steps{lr}"] = results
+    batch = "" if args.batch == 8 else f", batch {args.batch}"
+    every[f"{args.run} {args.split}{mode} width {args.width}, {args.steps} steps{batch}{lr}"] = results
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(every, indent=2) + "\n")
     args.table.write_text(_markdown(every))
@@ -177,7 +178,8 @@ def _markdown(every: dict) -> str:
     lines = ["# A continuous change predictor in the token space's latent", "",
              "Written by `python benchmarks/change_regression.py RUN ...` (see its docstring; each block's command "
              "below); numbers in results/change_regression.json. Per region: r with the true change / error (mL, "
-             "mean absolute) / carried (mean predicted / mean true change).", ""]
+             "mean absolute) / carried (mean predicted / mean true change). Training seconds as they ran, several "
+             "beside other jobs: compare them only where a block says it ran alone.", ""]
     for key, results in every.items():
         command = (f"python benchmarks/change_regression.py {results['run']} --steps {results['steps']} --batch "
                    f"{results['batch']} --width {results['width']} --lr {results.get('lr', 1e-3):g} --split "

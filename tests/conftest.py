@@ -35,6 +35,7 @@ def run_neuroar(*args, cwd=None) -> subprocess.CompletedProcess:
 SMALL_DEMO = ["data.spacing=4", "data.shape=[40,48,40]", "tokenizer.downsample=8", "tokenizer.patch=8",
               "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]",
               "train_tokenizer.steps=4", "train_transformer.steps=4", "train_transformer.batch_size=2",
+              "train_transformer.change_steps=10",
               "train_autoencoder.steps=3", "train_ldm.steps=4", "train_stargan.steps=4", "ldm.ddim_steps=3",
               "brain_age.steps=4"]
 

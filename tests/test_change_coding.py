@@ -297,7 +297,7 @@ def test_with_a_change_regressor_neuroar_codes_against_each_scans_own_predicted_
 
 @pytest.mark.parametrize("overrides, message", [
     (["tokenizer.code=scan", "tokenizer.dead_zone=0", "train_tokenizer.change_weight=0",
-      "transformer.mean_change=false"], "transformer.earlier"),
+      "transformer.mean_change=false", "transformer.change_width=0"], "transformer.earlier"),
     (["transformer.mean_change=false", "transformer.change_width=8"], "transformer.change_width"),
     (["transformer.earlier=tokens"], "transformer.earlier"),
     (["transformer.local_scales=6"], "transformer.local_scales"),

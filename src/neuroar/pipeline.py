@@ -73,6 +73,7 @@ def prepare_dataset(source: str | Path, config: Config, out_dir: str | Path, pro
 # --quick: a smaller cohort and shorter training, for a first look in under 4 minutes on 2 cores (NeuroAR at batch
 # 4: its 70 steps at the demo's batch 8 took 166 s of the 333 measured with them).
 QUICK = ["train_tokenizer.steps=200", "train_tokenizer.val_every=200", "train_transformer.steps=70",
+         "train_transformer.change_steps=300",
          "train_transformer.batch_size=4", "train_transformer.val_every=35", "train_autoencoder.steps=50",
          "train_ldm.steps=40", "train_stargan.steps=20", "ldm.ddim_steps=10", "brain_age.seeds=2", "brain_age.steps=60"]
 

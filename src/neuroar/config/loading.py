@@ -32,7 +32,7 @@ DEMO_SCAN_CODING = ("tokenizer.code=scan", "tokenizer.shortcut=false", "tokenize
                     "tokenizer.attention=true", "tokenizer.downsample=4",
                     "tokenizer.scales=[[1,1,1],[3,4,3],[5,6,6],[8,9,8],[10,12,11]]", "train_tokenizer.change_weight=0",
                     "transformer.earlier=tokens", "transformer.local_scales=0", "train_transformer.lr=0.001",
-                    "transformer.mean_change=false", "sampling.temperature=0.5")
+                    "transformer.mean_change=false", "transformer.change_width=0", "sampling.temperature=0.5")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
