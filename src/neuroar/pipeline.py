@@ -310,7 +310,12 @@ def versus_copy(run_dir: Path) -> str:
         lines[0] += (" The tokens code the change, and where a change is uncertain its most likely token stays "
                      "\"no change\": accuracy barely moves even when the sampled change is right. The evaluation's "
                      "change columns below say what the model learned.")
-        if load_config(config).transformer.mean_change:
+        transformer = load_config(config).transformer
+        if transformer.change_width:
+            lines[0] += (" They code it against the scan's own expected aging (the cohort's mean change plus the "
+                         "change regressor's deviation from it, `transformer.change_width`): here \"copy\" is that "
+                         "expected change, not the earlier scan; the evaluation's +base row scores it alone.")
+        elif transformer.mean_change:
             lines[0] += (" They code it against the cohort's mean aging (`transformer.mean_change`): here \"copy\" "
                          "is the cohort's mean change, not the earlier scan.")
     rows = []
