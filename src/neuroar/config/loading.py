@@ -25,14 +25,15 @@ from neuroar.files import write_text
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 # Overrides that turn the demo config back into the paper's scan coding, as the demo was until it coded the change:
 # each scan tokenized on its own (10x12x11, five scales, bottleneck attention), NeuroAR reading the earlier scan's
-# tokens (no cohort mean change), with that demo's NeuroAR learning rate and sampling temperature. For the tests
+# tokens (no cohort mean change), with that demo's NeuroAR learning rate and sampling (drawn). For the tests
 # and benchmarks of the scan coder at the demo's size (configs/paper.yaml and reference.yaml are scan coders of
 # their own).
 DEMO_SCAN_CODING = ("tokenizer.code=scan", "tokenizer.shortcut=false", "tokenizer.dead_zone=0",
                     "tokenizer.attention=true", "tokenizer.downsample=4",
                     "tokenizer.scales=[[1,1,1],[3,4,3],[5,6,6],[8,9,8],[10,12,11]]", "train_tokenizer.change_weight=0",
                     "transformer.earlier=tokens", "transformer.local_scales=0", "train_transformer.lr=0.001",
-                    "transformer.mean_change=false", "transformer.change_width=0", "sampling.temperature=0.5")
+                    "transformer.mean_change=false", "transformer.change_width=0", "sampling.codes=drawn",
+                    "sampling.temperature=0.5")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
