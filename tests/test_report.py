@@ -127,30 +127,37 @@ def test_the_report_opens_with_the_verdict_per_region_in_the_evaluations_numbers
                 assert f"{region.replace('_', ' ')} {judged} {numbers})" in sentence, (region, sentence)
 
 
+def verdict_note(page: str) -> str:
+    return re.sub(r"<[^>]+>", "", page.split("<p class='note'>", 1)[1].split("</p>", 1)[0])
+
+
+def compared_tables(page: str) -> str:
+    return page.split("<h2>Evaluation", 1)[1].split("<details>", 1)[0]
+
+
+def ventricles_error_and_r(label: str) -> str:
+    """The note's words for an output's ventricles change, recomputed from FACTORS."""
+    true = true_changes()["ventricles"]
+    predicted = FACTORS[label]["ventricles"] * true
+    return (f"change error {np.abs(predicted - true).mean():.2f} mL, r "
+            f"{np.corrcoef(predicted, true)[0, 1]:.2f}")
+
+
 def test_the_verdict_gives_the_volume_trends_error_and_the_tables_no_image_metrics_for_it(evaluated_run):
     """The volume trend (no image) is judged on its change alone: the verdict's note has its error and r, recomputed
     here; the compared table shows it without image metrics."""
     _, page = evaluated_run
-    true = true_changes()["ventricles"]
-    predicted = FACTORS["volume-trend"]["ventricles"] * true
-    note = re.sub(r"<[^>]+>", "", page.split("<p class='note'>", 1)[1].split("</p>", 1)[0])
     assert (f"The ages alone (the training pairs' linear trend of each region's volume with the years and the earlier "
-            f"age, no image) have ventricles change error {np.abs(predicted - true).mean():.2f} mL, r "
-            f"{np.corrcoef(predicted, true)[0, 1]:.2f}") in note
-    compared = page.split("<h2>Evaluation", 1)[1].split("<details>", 1)[0]
-    assert re.search(r"<td>volume-trend</td><td>–</td><td>–</td><td>–</td>", compared)
+            f"age, no image) have ventricles {ventricles_error_and_r('volume-trend')}") in verdict_note(page)
+    assert re.search(r"<td>volume-trend</td><td>–</td><td>–</td><td>–</td>", compared_tables(page))
 
 
 def test_the_verdict_gives_neuroars_change_base_alone_and_the_tables_compare_it(evaluated_run):
     _, page = evaluated_run
-    true = true_changes()["ventricles"]
-    predicted = FACTORS["run+base"]["ventricles"] * true
-    note = re.sub(r"<[^>]+>", "", page.split("<p class='note'>", 1)[1].split("</p>", 1)[0])
     assert (f"This NeuroAR's change base alone (the earlier scan advanced by its change regressor's prediction from "
-            f"the scan and its age, before any token) has ventricles change error "
-            f"{np.abs(predicted - true).mean():.2f} mL, r {np.corrcoef(predicted, true)[0, 1]:.2f}") in note
-    compared = page.split("<h2>Evaluation", 1)[1].split("<details>", 1)[0]
-    rows = re.findall(r"<tr><td>([^<]+)</td>", compared)
+            f"the scan and its age, before any token) has ventricles {ventricles_error_and_r('run+base')}"
+            ) in verdict_note(page)
+    rows = re.findall(r"<tr><td>([^<]+)</td>", compared_tables(page))
     assert rows.index("NeuroAR (+base)") + 1 == rows.index("NeuroAR (+aging)")  # the base first, then what adds
 
 
