@@ -50,13 +50,13 @@ def test_preprocess_writes_only_into_its_run_and_cache(tmp_path):
 def test_study_takes_overrides_after_its_cohorts_and_refuses_unknown_cohorts(tmp_path, monkeypatch, capsys):
     called = {}
 
-    def fake_study(out, cohorts, subjects, visits, seed, overrides, retrain):
-        called.update(cohorts=cohorts, overrides=overrides)
+    def fake_study(out, cohorts, subjects, visits, seed, overrides, retrain, seeds):
+        called.update(cohorts=cohorts, overrides=overrides, seeds=seeds)
         (tmp_path / "results.md").write_text("study")
         return tmp_path / "results.md"
 
     monkeypatch.setattr("neuroar.study.run_study", fake_study)
-    assert main(["study", "seed=2", "--cohorts", "adolescent", "data.denoise=true"]) == 0
-    assert called == {"cohorts": ["adolescent"], "overrides": ["seed=2", "data.denoise=true"]}
+    assert main(["study", "seed=2", "--seeds", "3", "--cohorts", "adolescent", "data.denoise=true"]) == 0
+    assert called == {"cohorts": ["adolescent"], "overrides": ["seed=2", "data.denoise=true"], "seeds": 3}
     assert main(["study", "--cohorts", "adolescnt"]) == 2
     assert "adolescnt" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from conftest import seed_results
+from neuroar.errors import NeuroARError
 from neuroar.study import brain_age_table, change_figure, run_study
 
 TINY_STUDY = ["data.spacing=4", "data.shape=[40,48,40]", "data.split_fractions=[0.6,0.2,0.2]",
@@ -28,14 +29,16 @@ COHORTS = ("elderly", "adolescent")
 @pytest.mark.slow
 def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_csvs(tmp_path):
     out = tmp_path / "study"
-    results = run_study(out, COHORTS, subjects=6, visits=3, overrides=TINY_STUDY)
+    results = run_study(out, COHORTS, subjects=6, visits=3, overrides=TINY_STUDY, seeds=2)
     text = results.read_text()
     assert "## elderly" in text and "## adolescent" in text and text.count("`neuroar study --out") == 2
     assert all((out / "results" / f"{cohort}_change.png").stat().st_size > 10_000 for cohort in COHORTS)
     models = pd.read_csv(out / "results" / "models.csv")
     elderly, adolescent = (set(models.loc[models["cohort"] == c, "model"]) for c in COHORTS)
-    assert {"copy", "tokenizer-copy", "tokenizer-oracle", "neuroar", "neuroar+aging", "no-earlier", "diagnosis",
-            "ldm", "stargan"} <= elderly
+    assert {"copy", "tokenizer-copy", "tokenizer-oracle", "neuroar", "neuroar+aging", "seed-1", "seed-1+aging",
+            "no-earlier", "diagnosis", "ldm", "stargan"} <= elderly
+    assert_seed_spread(models, pd.read_csv(out / "results" / "seeds.csv"))
+    assert "over its training seeds" in text
     assert "no-earlier" in adolescent and "diagnosis" not in adolescent  # one diagnosis (TD): nothing to condition on
     brain_age = pd.read_csv(out / "results" / "brain_age.csv")
     trainings = ["real", *(f"real + synthetic ({name})" for name in ("neuroar", "ldm", "stargan"))]
@@ -52,17 +55,18 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
 
     produced = [out / c / "evaluation" / name for c in COHORTS for name in ("pairs.csv", "summary.csv", "sweep.csv")]
     produced += [out / c / "brain_age" / "results.csv" for c in COHORTS]
-    produced += [out / "results" / name for name in ("models.csv", "brain_age.csv")]
+    produced += [out / "results" / name for name in ("models.csv", "brain_age.csv", "seeds.csv")]
     first = {path: path.read_bytes() for path in produced}
     checkpoints = {path: path.stat().st_mtime_ns for path in out.rglob("last.*.safetensors")}
-    # tokenizer, NeuroAR, its ablation, autoencoder, LDM and StarGAN per cohort, and the elderly's diagnosis model
-    assert len(checkpoints) == 2 * 6 + 1
+    # tokenizer, NeuroAR, its second seed, its ablation, autoencoder, LDM and StarGAN per cohort, and the elderly's
+    # diagnosis model
+    assert len(checkpoints) == 2 * 7 + 1
     seconds = json.loads((out / "elderly" / "stage_seconds.json").read_text())
     assert seconds["evaluation"] > 0 and "NeuroAR diagnosis" in seconds
     # The elderly's evaluation and brain age again (the adolescents' run the same code and stay up to date).
     shutil.rmtree(out / "elderly" / "evaluation")
     shutil.rmtree(out / "elderly" / "brain_age")
-    run_study(out, COHORTS, subjects=6, visits=3, overrides=TINY_STUDY)
+    run_study(out, COHORTS, subjects=6, visits=3, overrides=TINY_STUDY, seeds=2)
     assert {path: path.stat().st_mtime_ns for path in checkpoints} == checkpoints  # nothing retrained
     for path, content in first.items():
         assert path.read_bytes() == content, path
@@ -70,18 +74,30 @@ def test_a_tiny_study_runs_both_cohorts_and_its_evaluation_repeats_to_the_same_c
     assert again["evaluation"] > seconds["evaluation"] and again["tokenizer"] >= seconds["tokenizer"]
 
     # One cohort re-run on its own: the other cohort's results stay, in the same place.
-    run_study(out, ["adolescent"], subjects=6, visits=3, overrides=TINY_STUDY)
+    run_study(out, ["adolescent"], subjects=6, visits=3, overrides=TINY_STUDY, seeds=2)
     for name in ("models.csv", "brain_age.csv"):
         assert (out / "results" / name).read_bytes() == first[out / "results" / name]
     runs = json.loads((out / "results" / "machine.json").read_text())["cohorts"]
     assert set(runs) == set(COHORTS) and "--cohorts elderly adolescent" in runs["elderly"]["command"]
-    assert runs["adolescent"]["command"].endswith("--cohorts adolescent --subjects 6 --visits 3 --seed 0 "
+    assert runs["adolescent"]["command"].endswith("--cohorts adolescent --subjects 6 --visits 3 --seed 0 --seeds 2 "
                                                   + " ".join(TINY_STUDY))
     assert "## elderly" in (out / "results" / "results.md").read_text()
     # The code's version beside the machine: this checkout's commit (a clean clone in CI, maybe edited here).
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     if head.returncode == 0:
         assert runs["adolescent"]["machine"]["commit"].split("+")[0] == head.stdout.strip()
+
+
+def assert_seed_spread(models: pd.DataFrame, spread: pd.DataFrame) -> None:
+    """seeds.csv: per cohort and output, the mean and std of the main model's and its second seed's rows."""
+    assert set(spread["output"]) >= {"plain", "detail", "aging"} and (spread["seeds"] == 2).all()
+    for row in spread.itertuples():
+        suffix = "" if row.output == "plain" else f"+{row.output}"
+        mine = models[(models["cohort"] == row.cohort) & models["model"].isin([f"neuroar{suffix}", f"seed-1{suffix}"])]
+        assert len(mine) == 2
+        for metric in ("psnr", "change_r", "change_mae", "carried"):
+            assert np.isclose(getattr(row, f"{metric}_mean"), mine[metric].mean(), equal_nan=True)
+            assert np.isclose(getattr(row, f"{metric}_std"), mine[metric].std(), equal_nan=True)
 
 
 def assert_recomputable(models: pd.DataFrame, pairs: pd.DataFrame, region: str) -> None:
@@ -172,3 +188,9 @@ def test_a_cohort_interrupted_mid_study_keeps_the_seconds_of_the_stages_it_ran(t
     seconds = json.loads((tmp_path / "adolescent" / "stage_seconds.json").read_text())
     assert set(seconds) == {"synthetic cohort", "validate, split, preprocess", "tokenizer"}
     assert seconds["synthetic cohort"] > 0 and seconds["tokenizer"] >= 0.2
+
+
+def test_a_study_needs_its_main_models_seed(tmp_path):
+    with pytest.raises(NeuroARError, match="--seeds must be at least 1"):
+        run_study(tmp_path, ["adolescent"], seeds=0)
+    assert not any(tmp_path.iterdir())  # refused before anything was made

@@ -193,6 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--subjects", type=int, default=150, help="per cohort")
     study.add_argument("--visits", type=int, default=4)
     study.add_argument("--seed", type=int, default=0)
+    study.add_argument("--seeds", type=int, default=1,
+                       help="train the main NeuroAR model with this many seeds (--seed, --seed + 1, ...): mean and "
+                            "std over them in results/seeds.csv")
     study.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
     study.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=config_help)
     study.set_defaults(handler=_study)
@@ -341,7 +344,8 @@ def _study(args: argparse.Namespace) -> None:
     unknown = sorted(set(cohorts) - set(CHANGE_REGION))
     if unknown or not cohorts:
         raise NeuroARError(f"--cohorts takes {' and/or '.join(CHANGE_REGION)}, not {', '.join(unknown) or 'none'}")
-    print(run_study(args.out, cohorts, args.subjects, args.visits, args.seed, overrides, args.retrain).read_text())
+    print(run_study(args.out, cohorts, args.subjects, args.visits, args.seed, overrides, args.retrain,
+                    args.seeds).read_text())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ then both cohorts' results side by side in OUT/results:
                    with seed: raw p, and (columns METRIC_p_vs_real_holm) Holm-Bonferroni-adjusted over every
                    test of the file, both cohorts' (evaluate/brain_age.py)
     machine.json   per cohort: the command and machine that ran it and the seconds each stage took
-    results.md     both tables, per cohort with the command, seed, machine and stage times that made them
+    seeds.csv      per cohort and output of the main NeuroAR model (plain, +base, +detail, +aging): mean and std over
+                   its training seeds of PSNR and the change r / MAE / carried (`--seeds`; models.csv has each seed)
+    results.md     the tables, per cohort with the command, seed, machine and stage times that made them
     COHORT_change.png  predicted against true change of the cohort's aging region, per model, over the test pairs
 
 A study may run its cohorts one invocation at a time (`--cohorts elderly`, later `--cohorts adolescent`, on the
@@ -22,8 +24,9 @@ ends: a re-run that skips what is done adds seconds, not replaces the cost by th
 stage interrupted by Ctrl-C adds the seconds it ran, and its training resumes from its last checkpoint) costs what
 it took, a little more than one run at once. A process killed outright loses its unfinished stage's seconds.
 
-Per cohort: NeuroAR, its ablation without the earlier scan, NeuroAR conditioned on diagnosis as well (in a cohort
-with more than one diagnosis), LDM, latent StarGAN, copy, tokenizer-copy and the tokenizer-oracle, all on the
+Per cohort: NeuroAR, the same model trained again with other seeds (`seeds`: seed-K, other initial weights, batch
+order and change regressor on the same data and tokens, so that its spread is part of the result), its ablation
+without the earlier scan, NeuroAR conditioned on diagnosis as well (in a cohort with more than one diagnosis), LDM, latent StarGAN, copy, tokenizer-copy and the tokenizer-oracle, all on the
 same pairs. The models are the demo's (4 mm); the cohorts are three times the demo's and the training longer
 (`STUDY`).
 """
@@ -49,6 +52,7 @@ from neuroar.data.synth.aging import COHORTS
 from neuroar.data.synth.cohort import SynthOptions
 from neuroar.evaluate import compare
 from neuroar.evaluate.brain_age import compare_with_real, holm_adjusted
+from neuroar.errors import NeuroARError
 from neuroar.files import write_json, write_text
 from neuroar.pipeline import run_cohort
 from neuroar.tables import markdown_table
@@ -70,31 +74,43 @@ STUDY = ["baselines=[ldm,stargan]", "data.split_fractions=[0.6,0.2,0.2]", "train
          "train_ldm.steps=600", "ldm.target=change", "train_stargan.steps=2000", "brain_age.seeds=5",
          "brain_age.steps=300"]
 CHANGE_REGION = {"elderly": "ventricles", "adolescent": "grey_matter"}  # where each cohort's aging shows most
+SEED_MODEL = r"seed-\d+"  # the main NeuroAR model trained again with another seed (`seed_model`)
 
 
-def variants(cohort: str) -> dict[str, list[str]]:
-    """The NeuroAR models trained beside the main one: the ablation without the earlier scan and, where the
-    cohort has several diagnoses, the model conditioned on them."""
+def variants(cohort: str, seed: int = 0, seeds: int = 1) -> dict[str, list[str]]:
+    """The NeuroAR models trained beside the main one (of `seed`): the main one again with the next `seeds` - 1
+    seeds, the ablation without the earlier scan and, where the cohort has several diagnoses, the model
+    conditioned on them."""
     groups = list(COHORTS[cohort].groups)
-    chosen = {"no-earlier": ["transformer.earlier=none"]}
+    chosen = {seed_model(seed + k): [f"seed={seed + k}"] for k in range(1, seeds)}
+    chosen["no-earlier"] = ["transformer.earlier=none"]
     if len(groups) > 1:
         chosen["diagnosis"] = [f"transformer.diagnoses=[{','.join(groups)}]"]
     return chosen
 
 
+def seed_model(seed: int) -> str:
+    """The folder (and models.csv name) of the main NeuroAR model trained again with `seed`."""
+    return f"seed-{seed}"  # matches SEED_MODEL
+
+
 def run_study(out_dir: str | Path = "runs/study", cohorts: Sequence[str] = tuple(CHANGE_REGION), subjects: int = 150,
-              visits: int = 4, seed: int = 0, overrides: Sequence[str] = (), retrain: bool = False) -> Path:
-    """Run every cohort, then write OUT/results; returns OUT/results/results.md. Models trained on other data
-    are refused, or with `retrain` set aside and trained anew."""
+              visits: int = 4, seed: int = 0, overrides: Sequence[str] = (), retrain: bool = False, seeds: int = 1
+              ) -> Path:
+    """Run every cohort, then write OUT/results; returns OUT/results/results.md. The main NeuroAR model is
+    trained with `seeds` seeds (`seed`, `seed` + 1, ...). Models trained on other data are refused, or with
+    `retrain` set aside and trained anew."""
+    if seeds < 1:
+        raise NeuroARError(f"--seeds must be at least 1 (the main model), not {seeds}")
     out_dir = Path(out_dir)
     for cohort in cohorts:
         run_dir = out_dir / cohort
         config = load_config("demo", [f"seed={seed}", f"data.cache_dir={run_dir / 'cache'}", *STUDY, *overrides])
         options = SynthOptions(subjects=subjects, visits=visits, cohort=cohort, seed=seed)
-        run_cohort(run_dir, config, options, variants(cohort), retrain=retrain,
+        run_cohort(run_dir, config, options, variants(cohort, seed, seeds), retrain=retrain,
                    on_stage=functools.partial(_add_stage_seconds, run_dir))
     command = ["neuroar", "study", "--out", str(out_dir), "--cohorts", *cohorts, "--subjects", str(subjects),
-               "--visits", str(visits), "--seed", str(seed), *overrides]
+               "--visits", str(visits), "--seed", str(seed), *(["--seeds", str(seeds)] if seeds > 1 else []), *overrides]
     return write_results(out_dir, cohorts, " ".join(command))
 
 
@@ -113,6 +129,8 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
                                      [brain_age_table(out_dir / cohort, cohort) for cohort in cohorts], order))
     write_text(results / "models.csv", models.to_csv(index=False))
     write_text(results / "brain_age.csv", brain_age.to_csv(index=False))
+    spread = seed_table(models)
+    write_text(results / "seeds.csv", spread.to_csv(index=False))
     for cohort in cohorts:
         change_figure(out_dir / cohort, cohort).savefig(results / f"{cohort}_change.png", dpi=compare.FIGURE_DPI)
         pairs = pair_table(out_dir / cohort).to_csv(index=False, float_format="%.6g")  # 6 digits: half the size
@@ -125,7 +143,7 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
         lines += [f"## {cohort}", "", f"`{run['command']}`", "", f"Machine: {json.dumps(run['machine'])}", "",
                   _markdown(models[models["cohort"] == cohort].drop(columns="cohort")), "",
                   f"Change: predicted against true change of the {region.replace('_', ' ')} (mL) over the test pairs.",
-                  "", _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
+                  "", *_seed_lines(spread[spread["cohort"] == cohort].drop(columns="cohort")), _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
                   "Seconds per stage, longest first (summed over the invocations that ran the cohort; "
                   f"{sum(seconds.values()) / 60:.0f} min in all): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])), ""]
@@ -193,12 +211,40 @@ def pair_table(run_dir: Path) -> pd.DataFrame:
     return table
 
 
+def seed_table(models: pd.DataFrame) -> pd.DataFrame:
+    """Per cohort and output of the main NeuroAR model (plain, +base, +detail, +aging): how many seeds it was
+    trained with, and the mean and std over them of PSNR and the change r / MAE / carried, beside copy's MAE."""
+    parts = models["model"].str.partition("+")  # NAME+OUTPUT: columns NAME, "+", OUTPUT
+    model, output = parts[0], parts[2].replace("", "plain")
+    mine = models.assign(output=output)[(model == "neuroar") | model.str.fullmatch(SEED_MODEL)]
+    copy = models[models["model"] == "copy"].set_index("cohort")["change_mae"].rename("copy_change_mae")
+    metrics = ["psnr", "change_r", "change_mae", "carried"]
+    table = mine.groupby(["cohort", "output"], sort=False)[metrics].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    seeds = mine.groupby(["cohort", "output"], sort=False).size().rename("seeds")
+    return pd.concat([seeds, table], axis=1).reset_index().join(copy, on="cohort")
+
+
+def _seed_lines(spread: pd.DataFrame) -> list[str]:
+    """results.md's lines for a cohort's seed table: none when the main model was trained with one seed."""
+    if spread.empty or spread["seeds"].max() < 2:
+        return []
+    rows = [[row.output, str(row.seeds), *(f"{getattr(row, f'{m}_mean'):.2f} ± {getattr(row, f'{m}_std'):.2f}"
+                                           for m in ("psnr", "change_r", "change_mae")),
+             f"{100 * row.carried_mean:.0f} ± {100 * row.carried_std:.0f} %", f"{row.copy_change_mae:.2f}"]
+            for row in spread.itertuples(index=False)]
+    return ["The main NeuroAR model over its training seeds (mean ± std; each seed's rows above):", "",
+            markdown_table(["output", "seeds", "psnr", "change_r", "change_mae", "carried", "copy's change_mae"],
+                           rows), ""]
+
+
 def change_figure(run_dir: Path, cohort: str) -> Figure:
     """Predicted against true change of the cohort's aging region over the test pairs, one panel per output a
     reader compares (copy, the tokenizer-oracle, each model's +aging and +detail), coloured by diagnosis where
     the cohort has several: the evaluation's change figure."""
     per_pair = compare.with_diagnosis(pd.read_csv(run_dir / "evaluation" / "pairs.csv", dtype={"subject_id": str}),
                                       run_dir)
+    per_pair = per_pair[~per_pair["model"].str.split("/").str[-1].str.fullmatch(SEED_MODEL)]  # one panel per model
     return compare.change_figure(per_pair, CHANGE_REGION[cohort], compare.compared_labels(per_pair),
                                  compare.display_names(per_pair), f"{cohort}: {per_pair['pair'].nunique()} test pairs")
 
