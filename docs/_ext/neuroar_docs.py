@@ -32,7 +32,8 @@ from sphinx.util.docutils import SphinxDirective, SphinxRole
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "results" / "study"
-FILES = {"models": "models.csv", "brain_age": "brain_age.csv", "machine": "machine.json"}
+FILES = {"models": "models.csv", "brain_age": "brain_age.csv", "seeds": "seeds.csv", "machine": "machine.json"}
+ROW_KEYS = {"models": "model", "brain_age": "training", "seeds": "output"}  # the column that names a row
 
 # -- tables -----------------------------------------------------------------------------------------------------
 
@@ -239,12 +240,11 @@ def machine() -> dict:
 
 
 def lookup(name: str, cohort: str, row: str, column: str) -> float:
-    """One cell: FILE (models, brain_age, machine), COHORT, ROW (model, training set, or `stage_seconds` for
-    machine.json) and COLUMN (a CSV column, or a stage)."""
+    """One cell: FILE (models, brain_age, seeds, machine), COHORT, ROW (model, training set, output of the main
+    model, or `stage_seconds` for machine.json) and COLUMN (a CSV column, or a stage)."""
     if name == "machine":
         return float(machine()[cohort][row][column])
-    label = "model" if name == "models" else "training"
-    matches = [r for r in study_rows(name) if r["cohort"] == cohort and r[label] == row]
+    matches = [r for r in study_rows(name) if r["cohort"] == cohort and r[ROW_KEYS[name]] == row]
     if len(matches) != 1 or column not in matches[0]:
         raise KeyError(f"{FILES[name]} has no single row {cohort!r} / {row!r} with a column {column!r}")
     cell = matches[0][column]
@@ -281,9 +281,11 @@ BASE_NAMES = {"neuroar": "NeuroAR", "no-earlier": "NeuroAR without the earlier s
 
 
 def model_name(label: str) -> str:
-    """`diagnosis+detail` -> `NeuroAR with diagnosis +detail`; copy and the tokenizer baselines as they are."""
+    """`diagnosis+detail` -> `NeuroAR with diagnosis +detail`, `seed-1` -> `NeuroAR, seed 1`; copy and the
+    tokenizer baselines as they are."""
     base, _, variant = label.partition("+")
-    return BASE_NAMES.get(base, base) + (f" +{variant}" if variant else "")
+    name = f"NeuroAR, seed {base.removeprefix('seed-')}" if re.fullmatch(r"seed-\d+", base) else BASE_NAMES.get(base, base)
+    return name + (f" +{variant}" if variant else "")
 
 
 def _cohorts(name: str) -> list[str]:
@@ -300,7 +302,7 @@ def _has(name: str, cohort: str, key: str, label: str) -> bool:
 
 class StudyTable(SphinxDirective):
     """A table of the study's results: ``:table: images`` (PSNR and SSIM), ``change`` (the aging region's change),
-    ``brain_age`` or ``stages`` (seconds per stage)."""
+    ``seeds`` (the main model over its training seeds), ``brain_age`` or ``stages`` (seconds per stage)."""
 
     option_spec = {"table": directives.unchanged_required}
 
@@ -344,6 +346,18 @@ class StudyTable(SphinxDirective):
                  cell(r["cohort"], r["training"], "mae"), cell(r["cohort"], r["training"], "r2")]
                 for r in study_rows("brain_age")]
         return table(["cohort", "training set", "seeds", "MAE (years)", "R2"], rows)
+
+    def _seeds(self) -> nodes.table:
+        def spread(cohort, output, metric):
+            return [value_node("seeds", cohort, output, f"{metric}_mean"), nodes.Text(" ± "),
+                    value_node("seeds", cohort, output, f"{metric}_std")]
+
+        rows = [[r["cohort"], r["output"], value_node("seeds", r["cohort"], r["output"], "seeds"),
+                 *(spread(r["cohort"], r["output"], m) for m in ("psnr", "change_r", "change_mae", "carried")),
+                 value_node("seeds", r["cohort"], r["output"], "copy_change_mae")]
+                for r in study_rows("seeds")]
+        return table(["cohort", "output", "seeds", "PSNR (dB)", "change r", "change MAE (mL)", "carried",
+                      "copy's MAE (mL)"], rows)
 
     def _stages(self) -> nodes.table:
         cohorts = list(machine())
