@@ -21,6 +21,7 @@ from conftest import make_tiny_run
 from neuroar.checkpoint import load_checkpoint, read_meta, save_checkpoint, weights_path
 from neuroar.config import load_config
 from neuroar.errors import NeuroARError
+from neuroar.files import atomic_path, write_text
 from neuroar.runs import tokenizer_checkpoint
 from neuroar.train.log import RunLog
 from neuroar.train.tokenizer import train_tokenizer
@@ -156,3 +157,16 @@ def test_a_resumed_log_drops_the_redone_rows_and_a_fresh_one_starts_with_its_own
     fresh.close()
     log = pd.read_csv(tmp_path / "model_train.csv")
     assert list(log.columns) == ["step", "l1", "change_l1"] and list(log["change_l1"]) == [0.3]
+
+
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path):
+    """Atomic writes go through a temporary file (created 0600): the result must still be readable by whoever
+    the user's umask lets read a new file, e.g. the rest of a lab's group."""
+    mask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "summary.md", "text")
+        with atomic_path(tmp_path / "weights.bin") as tmp:
+            tmp.write_bytes(b"\0")  # as a writer that opens the temporary path itself would
+        assert {(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {0o644}
+    finally:
+        os.umask(mask)

@@ -24,6 +24,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.removesuffix(suffix)}.", suffix=f".tmp{suffix}",
                                dir=path.parent)
+    os.fchmod(fd, _new_file_mode())  # mkstemp's 0600 would hide a run's outputs from the rest of a lab's group
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,6 +32,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    """The permissions `open` gives a new file under the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_text(path: str | Path, text: str) -> None:
