@@ -26,9 +26,9 @@ it took, a little more than one run at once. A process killed outright loses its
 
 Per cohort: NeuroAR, the same model trained again with other seeds (`seeds`: seed-K, other initial weights, batch
 order and change regressor on the same data and tokens, so that its spread is part of the result), its ablation
-without the earlier scan, NeuroAR conditioned on diagnosis as well (in a cohort with more than one diagnosis), LDM, latent StarGAN, copy, tokenizer-copy and the tokenizer-oracle, all on the
-same pairs. The models are the demo's (4 mm); the cohorts are three times the demo's and the training longer
-(`STUDY`).
+without the earlier scan, NeuroAR conditioned on diagnosis as well (in a cohort with more than one diagnosis),
+LDM, latent StarGAN, copy, tokenizer-copy and the tokenizer-oracle, all on the same pairs. The models are the
+demo's (4 mm); the cohorts are three times the demo's and the training longer (`STUDY`).
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ from neuroar import __version__
 from neuroar.config import load_config
 from neuroar.data.synth.aging import COHORTS
 from neuroar.data.synth.cohort import SynthOptions
+from neuroar.errors import NeuroARError
 from neuroar.evaluate import compare
 from neuroar.evaluate.brain_age import compare_with_real, holm_adjusted
-from neuroar.errors import NeuroARError
 from neuroar.files import write_json, write_text
 from neuroar.pipeline import run_cohort
 from neuroar.tables import markdown_table
@@ -110,7 +110,8 @@ def run_study(out_dir: str | Path = "runs/study", cohorts: Sequence[str] = tuple
         run_cohort(run_dir, config, options, variants(cohort, seed, seeds), retrain=retrain,
                    on_stage=functools.partial(_add_stage_seconds, run_dir))
     command = ["neuroar", "study", "--out", str(out_dir), "--cohorts", *cohorts, "--subjects", str(subjects),
-               "--visits", str(visits), "--seed", str(seed), *(["--seeds", str(seeds)] if seeds > 1 else []), *overrides]
+               "--visits", str(visits), "--seed", str(seed), *(["--seeds", str(seeds)] if seeds > 1 else []),
+               *overrides]
     return write_results(out_dir, cohorts, " ".join(command))
 
 
@@ -143,7 +144,8 @@ def write_results(out_dir: Path, cohorts: Sequence[str], command: str) -> Path:
         lines += [f"## {cohort}", "", f"`{run['command']}`", "", f"Machine: {json.dumps(run['machine'])}", "",
                   _markdown(models[models["cohort"] == cohort].drop(columns="cohort")), "",
                   f"Change: predicted against true change of the {region.replace('_', ' ')} (mL) over the test pairs.",
-                  "", *_seed_lines(spread[spread["cohort"] == cohort].drop(columns="cohort")), _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
+                  "", *_seed_lines(spread[spread["cohort"] == cohort].drop(columns="cohort")),
+                  _markdown(brain_age[brain_age["cohort"] == cohort].drop(columns="cohort")), "",
                   "Seconds per stage, longest first (summed over the invocations that ran the cohort; "
                   f"{sum(seconds.values()) / 60:.0f} min in all): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])), ""]
