@@ -85,6 +85,26 @@ def test_a_token_sees_only_its_own_and_coarser_scales(local):
         assert not torch.allclose(logits[:, end:], changed[:, end:], atol=1e-3)
 
 
+def test_local_scales_of_one_grid_read_their_own_earlier_input():
+    """Two local scales on one grid share the head's read of the context and the earlier scan only where that scan's
+    input is the same at both (`transformer.earlier` latent): with "tokens" it differs per scale, so perturbing the
+    last scale's earlier input must change the last scale's logits and leave the one before alone."""
+    scales = ((1, 1, 1), (2, 2, 2), (3, 4, 3), (3, 4, 3))
+    torch.manual_seed(0)
+    model = NeuroAR(TransformerConfig(depth=1, local_scales=2, earlier="tokens"), DIM, CODES, scales).eval()
+    nn_init_all(model)
+    target_BLC = torch.randn(2, model.ends[-1], DIM)
+    earlier_BLC = torch.randn(2, model.ends[-1], 2 * DIM)
+    earlier_BL = torch.randint(0, CODES, (2, model.ends[-1]))
+    ages = torch.tensor([70.0, 75.0]), torch.tensor([72.0, 80.0])
+    logits = model(target_BLC, earlier_BLC, earlier_BL, *ages)
+    changed = earlier_BLC.clone()
+    changed[:, model.starts[3]:] += 1.0
+    after = model(target_BLC, changed, earlier_BL, *ages)
+    assert torch.equal(logits[:, :model.starts[3]], after[:, :model.starts[3]])
+    assert not torch.allclose(logits[:, model.starts[3]:], after[:, model.starts[3]:], atol=1e-3)
+
+
 def test_attention_scale_by_scale_equals_a_block_causal_mask():
     """The per-scale attention against softmax attention written out with an explicit block-causal mask."""
     model, _ = build()

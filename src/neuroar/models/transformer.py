@@ -76,8 +76,8 @@ class NeuroAR(nn.Module):
         self.head_norm = nn.LayerNorm(width, elementwise_affine=not config.adaln, eps=1e-6)
         self.head_modulation = _modulation(width, 2) if config.adaln else None
         self.head = nn.Linear(width, codebook_size)
-        self.local = (LocalHead(channels, width, config.local_width, codebook_size, config.local_scales)
-                      if config.local_scales else None)
+        self.local = (LocalHead(latent_dim, channels - latent_dim, width, config.local_width, codebook_size,
+                                config.local_scales) if config.local_scales else None)
         levels_L = torch.cat([torch.full((n,), k) for k, n in enumerate(self.lengths)])
         self.register_buffer("levels", levels_L, persistent=False)
         # The cohort's mean latent change per year (transformer.mean_change) and the regressor of a scan's deviation
@@ -146,12 +146,12 @@ class NeuroAR(nn.Module):
         hidden_BnW = self._head_input(x_BnW, condition)
         logits = [self._with_copy(self.head(hidden_BnW), _part(earlier_tokens_BL, 0, n), self.levels[:n])]
         if self.local is not None:
-            context = self._local_context(hidden_BnW)
+            context, reads = self._local_context(hidden_BnW), {}
             for k in range(self.attended, len(self.scales)):
                 start, end = self.starts[k], self.ends[k]
                 logits.append(self._local_logits(k, context, target_inputs_BLC[:, start:end],
                                                  _part(earlier_BLC, start, end), _part(earlier_tokens_BL, start, end),
-                                                 condition))
+                                                 condition, reads))
         return torch.cat(logits, 1)
 
     def conditions(self, earlier_age_B: torch.Tensor, target_age_B: torch.Tensor, drop_B: torch.Tensor | None,
@@ -218,14 +218,18 @@ class NeuroAR(nn.Module):
         return hidden_BnW[:, -self.lengths[self.attended - 1]:].transpose(1, 2).reshape(len(hidden_BnW), -1, *grid)
 
     def _local_logits(self, k: int, context_BWdhw: torch.Tensor, target_BlC: torch.Tensor,
-                      earlier_BlC: torch.Tensor | None, unchanged_Bl: torch.Tensor | None, condition_BW: torch.Tensor
-                      ) -> torch.Tensor:
-        """Logits (B, l, V) of scale k (one of the last `config.local_scales`) from `LocalHead`."""
-        parts = [target_BlC] if self.config.earlier == "none" else [target_BlC, earlier_BlC]
-        inputs_BCdhw = torch.cat(parts, -1).transpose(1, 2).reshape(len(target_BlC), -1, *self.scales[k])
-        logits_BVdhw = self.local(k - self.attended, inputs_BCdhw, context_BWdhw, condition_BW)
-        levels_l = self.levels[self.starts[k]:self.ends[k]]
-        return self._with_copy(flatten(logits_BVdhw), unchanged_Bl, levels_l)
+                      earlier_BlC: torch.Tensor | None, unchanged_Bl: torch.Tensor | None, condition_BW: torch.Tensor,
+                      reads: dict) -> torch.Tensor:
+        """Logits (B, l, V) of scale k (one of the last `config.local_scales`) from `LocalHead`. `reads` keeps the
+        head's read of the context and the earlier scan (`LocalHead.read`) over the calls of one prediction: with
+        `transformer.earlier` latent or none it is the same for every local scale of one grid, so made once."""
+        grid = self.scales[k]
+        key = grid if self.config.earlier in ("latent", "none") else k
+        if key not in reads:
+            earlier = None if self.config.earlier == "none" else grid_of(earlier_BlC, grid)
+            reads[key] = self.local.read(context_BWdhw, earlier, grid)
+        logits_BlV = self.local(k - self.attended, grid_of(target_BlC, grid), reads[key], condition_BW)
+        return self._with_copy(logits_BlV, unchanged_Bl, self.levels[self.starts[k]:self.ends[k]])
 
     @torch.no_grad()
     def init_copy_logits(self, copy_rates: list[float]) -> None:
@@ -267,7 +271,7 @@ class NeuroAR(nn.Module):
         caches: list[dict[str, torch.Tensor]] | None = [{} for _ in self.blocks] if use_cache else None
         f_hat = None
         next_input = earlier_maps[0].new_zeros(len(earlier_maps[0]), quantizer.codebook.embedding_dim, *self.scales[0])
-        embedded, tokens, context, hidden_BlW = [], [], None, None
+        embedded, tokens, context, hidden_BlW, reads = [], [], None, None, {}
         for k, scale in enumerate(self.scales):
             start, end = self.starts[k], self.ends[k]
             if guided and k:
@@ -277,7 +281,7 @@ class NeuroAR(nn.Module):
                 if context is None:
                     context = self._local_context(hidden_BlW)
                 logits_BlV = self._local_logits(k, context, flatten(next_input), flatten(earlier_maps[k]),
-                                                unchanged_Bl, condition)
+                                                unchanged_Bl, condition, reads)
             else:
                 embedded.append(self._embed(flatten(next_input), flatten(earlier_maps[k]), unchanged_Bl, start, end))
                 if use_cache:  # this scale's queries see every cached key: no scale boundaries to keep
@@ -401,6 +405,11 @@ def _part(x: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
     return None if x is None else x[:, start:end]
 
 
+def grid_of(x_BlC: torch.Tensor, grid: Shape3) -> torch.Tensor:
+    """A scale's flattened tokens (B, l, C) as a grid (B, C, d, h, w): the inverse of `flatten`."""
+    return x_BlC.transpose(1, 2).reshape(len(x_BlC), -1, *grid)
+
+
 class LocalHead(nn.Module):
     """The logits of the finest scales (`transformer.local_scales`) from a small 3D convolutional network in
     place of attention: each token reads its 3x3x3 neighbourhood of the target's input and the earlier scan's,
@@ -408,13 +417,19 @@ class LocalHead(nn.Module):
     condition (ages, diagnosis) as AdaLN modulates the blocks. A scale's tokens are predicted together from the
     coarser ones either way (as in VAR); attention's reach over the whole scale is what is given up, and a
     cost that grows with the tokens, not their square, is what is gained: a 20x24x22 scale has 10,560 of them.
-    Its output starts at zero, so the model starts as the calibrated copy of `init_copy_logits` there too."""
+    Its output starts at zero, so the model starts as the calibrated copy of `init_copy_logits` there too.
 
-    def __init__(self, in_channels: int, width: int, hidden: int, codebook_size: int, scales: int):
+    The first convolution reads (target's input, earlier scan's input, context) concatenated; being linear, it is
+    computed as the sum of its target part and the rest (`read`), which the local scales of one grid share: the
+    finest scales' cost is then mostly their own input's and the layers after it."""
+
+    def __init__(self, target_channels: int, earlier_channels: int, width: int, hidden: int, codebook_size: int,
+                 scales: int):
         super().__init__()
+        self.target_channels = target_channels
         self.context = nn.Linear(width, hidden)
         self.level = nn.Embedding(scales, hidden)
-        self.inputs = nn.Conv3d(in_channels + hidden, hidden, 3, padding=1)
+        self.inputs = nn.Conv3d(target_channels + earlier_channels + hidden, hidden, 3, padding=1)
         self.norm = nn.GroupNorm(1, hidden, affine=False)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * hidden))  # shift and scale
         self.conv = nn.Conv3d(hidden, hidden, 3, padding=1)
@@ -425,17 +440,23 @@ class LocalHead(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, j: int, inputs_BCdhw: torch.Tensor, context_BWdhw: torch.Tensor, condition_BW: torch.Tensor
-                ) -> torch.Tensor:
-        """Logits (B, V, d, h, w) of the j-th local scale."""
-        grid = inputs_BCdhw.shape[2:]
+    def read(self, context_BWdhw: torch.Tensor, earlier_BCdhw: torch.Tensor | None, grid: Shape3) -> torch.Tensor:
+        """The first convolution's part (B, H, d, h, w) over the transformer's context, upsampled to `grid`, and the
+        earlier scan's input (None: the model reads none), bias included."""
         context = self.context(context_BWdhw.movedim(1, -1)).movedim(-1, 1)
         context = F.interpolate(context, size=grid, mode="trilinear", align_corners=False)
-        h = self.inputs(torch.cat([inputs_BCdhw, context.to(inputs_BCdhw.dtype)], 1))
-        h = h + self.level.weight[j][None, :, None, None, None]
+        parts = [context] if earlier_BCdhw is None else [earlier_BCdhw, context.to(earlier_BCdhw.dtype)]
+        return F.conv3d(torch.cat(parts, 1), self.inputs.weight[:, self.target_channels:], self.inputs.bias, padding=1)
+
+    def forward(self, j: int, target_BCdhw: torch.Tensor, read_BHdhw: torch.Tensor, condition_BW: torch.Tensor
+                ) -> torch.Tensor:
+        """Logits (B, l, V) of the j-th local scale from its target's input and `read`'s output."""
+        target = F.conv3d(target_BCdhw, self.inputs.weight[:, :self.target_channels], padding=1)
+        h = read_BHdhw + target.to(read_BHdhw.dtype) + self.level.weight[j][None, :, None, None, None]
         shift, scale = self.modulation(condition_BW)[:, :, None, None, None].chunk(2, 1)
         h = h + self.conv(F.silu(self.norm(h) * (1 + scale) + shift))
-        return self.out(F.silu(h))
+        # The 1x1x1 output convolution as a linear map over the tokens: logits come out (B, l, V) without a copy.
+        return F.linear(flatten(F.silu(h)), self.out.weight.flatten(1), self.out.bias)
 
 
 @torch.no_grad()
