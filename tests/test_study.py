@@ -18,6 +18,7 @@ from neuroar.study import brain_age_table, change_figure, run_study
 
 TINY_STUDY = ["data.spacing=4", "data.shape=[40,48,40]", "data.split_fractions=[0.6,0.2,0.2]",
               "tokenizer.downsample=8", "tokenizer.patch=8", "tokenizer.scales=[[1,1,1],[3,3,3],[5,6,5]]",
+              "tokenizer.codebook_per_scale=false", "transformer.local_scales=1",
               "train_tokenizer.steps=4",
               "train_transformer.steps=4", "train_transformer.batch_size=2", "train_transformer.change_steps=10",
               "train_autoencoder.steps=3",
