@@ -73,7 +73,8 @@ from neuroar.tables import markdown_table
 # adolescents' grey-matter loss (r 0.99) where the demo's carried 71-73 % (r 0.95-0.96), the elderly's ventricles
 # 99 % (TOKEN_SPACE_ELDERLY_STUDY.md); NeuroAR predicts the five from its convolutional head (`local_scales`).
 STUDY = ["tokenizer.scales=[[1,1,1],[3,4,3],[5,6,6],[10,12,11],[20,24,22],[20,24,22],[20,24,22],[20,24,22],[20,24,22]]",
-         "tokenizer.codebook_per_scale=true", "transformer.local_scales=5", "baselines=[ldm,stargan]", "data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=375",
+         "tokenizer.codebook_per_scale=true", "transformer.local_scales=5", "baselines=[ldm,stargan]",
+         "data.split_fractions=[0.6,0.2,0.2]", "train_transformer.steps=375",
          "train_transformer.val_every=375", "train_transformer.checkpoint_every=125", "train_autoencoder.steps=2400",
          "train_ldm.steps=600", "ldm.target=change", "train_stargan.steps=2000", "brain_age.seeds=5",
          "brain_age.steps=300"]
