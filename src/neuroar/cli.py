@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from neuroar import __version__
+from neuroar.allocator import reuse_freed_memory
 from neuroar.errors import NeuroARError
 
 
 def run() -> None:
     """The `neuroar` program (`neuroar ...`, `python -m neuroar ...`, `torchrun ... -m neuroar ...`)."""
+    reuse_freed_memory()  # a program that trains, not a library inside someone else's process
     code = main()
     from neuroar import distributed  # torch only now: `neuroar --help` stays quick
 
