@@ -1,11 +1,12 @@
 """Memory of freed tensors kept for the next step, where the C library is glibc (Linux).
 
-glibc serves every allocation above 32 MiB with a mapping of its own and hands it back to the kernel when it is
-freed. A training step allocates and frees the same large tensors every time (the logits of one 20x24x22 scale,
-10,560 positions x 512 codes x batch 4, are 86 MB), so every step pays a page fault per 4 KiB page and the kernel's
-zeroing of each page again: about a fifth of the study's NeuroAR CPU time (`benchmarks/DEMO_BUDGET.md`). Served
-from the heap instead, and freed memory kept there, the next step reuses it. The price is a higher peak of
-resident memory (freed memory is not handed back).
+glibc serves every allocation above its threshold (128 KiB, rising to at most 32 MiB) with a mapping of its own
+and hands it back to the kernel when it is freed. A training step allocates and frees the same large tensors
+every time (the logits of one 20x24x22 scale, 10,560 positions x 512 codes x batch 4, are 86 MB), so every step
+pays a page fault per 4 KiB page and the kernel's zeroing of each page again: about a fifth of the study's NeuroAR
+CPU time (`benchmarks/DEMO_BUDGET.md`). Served from the heap instead, and freed memory kept there, the next step
+reuses it (measured: `benchmarks/NEUROAR_STEP.md`). The price is a higher peak of resident memory (freed memory
+is not handed back).
 """
 
 from __future__ import annotations
